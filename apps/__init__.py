@@ -1,0 +1,1 @@
+"""Science campaigns built on tpmflow."""

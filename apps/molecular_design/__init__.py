@@ -1,0 +1,1 @@
+"""TPM-steered molecular design: the main job (`make demo`)."""

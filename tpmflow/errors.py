@@ -1,0 +1,91 @@
+"""One error hierarchy shared by gateway and client.
+
+Each class carries the HTTP status the gateway answers with, so a client can raise the same class
+from an error body ``{"error": {"type", "message", "item"?}}``.
+"""
+
+from __future__ import annotations
+
+
+class TpmflowError(Exception):
+    """Base class of every error tpmflow raises on purpose."""
+
+    status_code: int = 500
+
+    def __init__(self, message: str, *, item: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.item = item
+
+    def to_body(self) -> dict[str, object]:
+        """The JSON error body the gateway sends."""
+        error: dict[str, object] = {"type": type(self).__name__, "message": self.message}
+        if self.item is not None:
+            error["item"] = self.item
+        return {"error": error}
+
+
+class InvalidRequest(TpmflowError):
+    """The request is malformed or out of bounds (HTTP 400)."""
+
+    status_code = 400
+
+
+class AdapterInputError(InvalidRequest):
+    """One item of a batch could not be encoded; ``item`` names its index. The rest still completes."""
+
+
+class Unauthorized(TpmflowError):
+    """Missing, unknown or revoked token (HTTP 401)."""
+
+    status_code = 401
+
+
+class Forbidden(TpmflowError):
+    """The principal lacks the permission this endpoint needs (HTTP 403)."""
+
+    status_code = 403
+
+
+class QuotaExceeded(TpmflowError):
+    """The principal's or project's quota is spent (HTTP 429)."""
+
+    status_code = 429
+
+
+class Overloaded(TpmflowError):
+    """The admission queue is full; retry after ``retry_after`` seconds (HTTP 503)."""
+
+    status_code = 503
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, item: int | None = None) -> None:
+        super().__init__(message, item=item)
+        self.retry_after = retry_after
+
+
+class ReplicaFailed(TpmflowError):
+    """No replica could complete the request within its timeout (HTTP 502)."""
+
+    status_code = 502
+
+
+class ModelNotFound(TpmflowError):
+    """A named local model is not in the cache (build it first)."""
+
+    status_code = 404
+
+
+ERROR_CLASSES: dict[str, type[TpmflowError]] = {
+    cls.__name__: cls
+    for cls in (
+        TpmflowError,
+        InvalidRequest,
+        AdapterInputError,
+        Unauthorized,
+        Forbidden,
+        QuotaExceeded,
+        Overloaded,
+        ReplicaFailed,
+        ModelNotFound,
+    )
+}
