@@ -15,3 +15,86 @@ def tpmflow_home() -> Path:
 def models_dir() -> Path:
     """Directory holding locally built models, one sub-directory each."""
     return tpmflow_home() / "models"
+
+
+# -- pool configuration (YAML) ---------------------------------------------------------------------
+
+from typing import Literal  # noqa: E402
+
+import yaml  # noqa: E402
+from pydantic import BaseModel, Field  # noqa: E402
+
+from tpmflow.payload import StoreConfig  # noqa: E402
+
+
+class EngineConfig(BaseModel):
+    """vLLM engine arguments passed through to every replica."""
+
+    dtype: str = "float32"
+    max_model_len: int = 1024
+    enforce_eager: bool = Field(True, description="tpmflow's hooks need eager mode")
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
+    gpu_memory_utilization: float | None = None
+    max_num_seqs: int | None = None
+    kv_cache_space_gib: int = Field(1, description="VLLM_CPU_KVCACHE_SPACE on vLLM's CPU build")
+    cpu_threads_bind: list[str] | Literal["auto"] = Field(
+        "auto", description="VLLM_CPU_OMP_THREADS_BIND per replica ('auto' splits this node's cores)")
+    extra_args: list[str] = Field(default_factory=list, description="more `vllm serve` flags, verbatim")
+
+
+class GatewayConfig(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(0, description="0 picks a free port")
+    max_inflight: int = Field(64, description="requests forwarded to replicas at once")
+    queue_limit: int = Field(512, description="requests waiting beyond max_inflight before 503")
+    request_timeout_s: float = 120.0
+    max_tokens_limit: int = 4096
+    max_n: int = 16
+    max_body_bytes: int = Field(8 << 20, description="largest inline request body; bigger data goes by reference")
+    heartbeat_timeout_s: float = 5.0
+
+
+class LaunchConfig(BaseModel):
+    kind: Literal["local", "parsl"] = "local"
+    parsl_executor: str = "tpm"
+    restart: bool = True
+    start_timeout_s: float = 300.0
+
+
+class ServiceClass(BaseModel):
+    """Scheduling priority (vLLM: lower runs earlier); limits and SLOs come with the facility issue."""
+
+    priority: int = 0
+
+
+class PoolConfig(BaseModel):
+    """One pool: a model, N replicas, a gateway, a store and a ledger."""
+
+    name: str = "local"
+    model: str = Field(description="a model in the tpmflow cache (e.g. tiny-llama) or a path to an HF folder")
+    served_model_name: str | None = None
+    replicas: int = Field(1, ge=1)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    launcher: LaunchConfig = Field(default_factory=LaunchConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite under $TPMFLOW_HOME")
+    service_classes: dict[str, ServiceClass] = Field(
+        default_factory=lambda: {"interactive": ServiceClass(priority=0), "batch": ServiceClass(priority=10)})
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> PoolConfig:
+        return cls.model_validate(yaml.safe_load(Path(path).read_text()) or {})
+
+    def model_dir(self) -> Path:
+        path = Path(self.model).expanduser()
+        if path.is_dir():
+            return path
+        from tpmflow.models.catalog import model_path
+
+        return model_path(self.model)
+
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model).name

@@ -31,6 +31,12 @@ class InvalidRequest(TpmflowError):
     status_code = 400
 
 
+class PayloadTooLarge(InvalidRequest):
+    """The inline body or payload exceeds the configured limit; send it by reference (HTTP 413)."""
+
+    status_code = 413
+
+
 class AdapterInputError(InvalidRequest):
     """One item of a batch could not be encoded; ``item`` names its index. The rest still completes."""
 
@@ -80,6 +86,7 @@ ERROR_CLASSES: dict[str, type[TpmflowError]] = {
     for cls in (
         TpmflowError,
         InvalidRequest,
+        PayloadTooLarge,
         AdapterInputError,
         Unauthorized,
         Forbidden,

@@ -1,0 +1,11 @@
+"""Principals, tokens, permissions, service classes and the request ledger (SQLAlchemy).
+
+SQLite in WAL mode under ``$TPMFLOW_HOME`` by default (never on NFS or Lustre); a facility points
+``database_url`` at PostgreSQL.
+"""
+
+from tpmflow.access.db import AccessDB, default_database_url
+from tpmflow.access.ledger import LedgerRow, LedgerWriter
+from tpmflow.access.principals import PERMISSIONS, Principal
+
+__all__ = ["AccessDB", "default_database_url", "LedgerRow", "LedgerWriter", "PERMISSIONS", "Principal"]

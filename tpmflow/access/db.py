@@ -1,0 +1,153 @@
+"""``AccessDB``: principals, tokens, payload quotas and ledger queries over one SQLAlchemy engine."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from typing import Any
+
+from sqlalchemy import create_engine, event, func, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from tpmflow.access.principals import PERMISSIONS, Principal
+from tpmflow.access.tables import Base, LedgerEntry, PayloadRow, PrincipalRow, TokenRow
+from tpmflow.errors import InvalidRequest, QuotaExceeded, Unauthorized
+
+TOKEN_PREFIX = "tpm_"
+
+
+def default_database_url() -> str:
+    from tpmflow.config import tpmflow_home
+
+    home = tpmflow_home()
+    home.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{home / 'access.db'}"
+
+
+def hash_token(token: str) -> str:
+    # Tokens are 256-bit random strings, so a fast hash is enough (no dictionary to attack).
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=5000")
+    cur.close()
+
+
+class AccessDB:
+    """The facility's ledger and identity store."""
+
+    def __init__(self, url: str | None = None) -> None:
+        self.url = url or default_database_url()
+        self.engine: Engine = create_engine(self.url, pool_pre_ping=True)
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+
+    # -- principals and tokens ---------------------------------------------------------------
+
+    def ensure_principal(self, name: str, project: str = "default", permissions: set[str] | None = None,
+                         service_class: str = "interactive") -> Principal:
+        """Create the principal if needed (its permissions and class are updated when given)."""
+        perms = set(permissions or {"generate", "embed"})
+        unknown = perms - PERMISSIONS
+        if unknown:
+            raise InvalidRequest(f"unknown permissions {sorted(unknown)}; choose from {sorted(PERMISSIONS)}")
+        with Session(self.engine) as s, s.begin():
+            row = s.get(PrincipalRow, name)
+            if row is None:
+                row = PrincipalRow(name=name, project=project, permissions=",".join(sorted(perms)),
+                                   service_class=service_class, cache_salt=secrets.token_hex(16), created=time.time())
+                s.add(row)
+            else:
+                row.project, row.permissions, row.service_class = project, ",".join(sorted(perms)), service_class
+            return _principal(row)
+
+    def create_token(self, principal: str) -> str:
+        """A new bearer token for ``principal``; only its hash is stored, so show it once."""
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        with Session(self.engine) as s, s.begin():
+            if s.get(PrincipalRow, principal) is None:
+                raise InvalidRequest(f"no principal named {principal!r}")
+            s.add(TokenRow(principal=principal, token_hash=hash_token(token), prefix=token[:10], created=time.time()))
+        return token
+
+    def authenticate(self, token: str | None) -> Principal:
+        if not token:
+            raise Unauthorized("missing bearer token")
+        with Session(self.engine) as s:
+            found = s.execute(
+                select(TokenRow, PrincipalRow).join(PrincipalRow, TokenRow.principal == PrincipalRow.name)
+                .where(TokenRow.token_hash == hash_token(token))
+            ).first()
+        if found is None:
+            raise Unauthorized("unknown token")
+        tok, principal = found
+        if tok.revoked is not None:
+            raise Unauthorized("token has been revoked")
+        return _principal(principal)
+
+    def revoke(self, token_or_prefix: str) -> int:
+        """Revoke a token given in full or by the prefix ``tokens list`` shows; returns how many."""
+        with Session(self.engine) as s, s.begin():
+            rows = s.scalars(select(TokenRow).where(
+                (TokenRow.token_hash == hash_token(token_or_prefix)) | (TokenRow.prefix == token_or_prefix)
+            )).all()
+            for row in rows:
+                row.revoked = row.revoked or time.time()
+            return len(rows)
+
+    def list_tokens(self) -> list[dict[str, Any]]:
+        with Session(self.engine) as s:
+            rows = s.execute(select(TokenRow, PrincipalRow).join(PrincipalRow, TokenRow.principal == PrincipalRow.name)
+                             .order_by(TokenRow.id)).all()
+        return [{"prefix": t.prefix, "principal": p.name, "project": p.project, "permissions": p.permissions,
+                 "service_class": p.service_class, "created": t.created, "revoked": t.revoked} for t, p in rows]
+
+    # -- payload quotas ------------------------------------------------------------------------
+
+    def register_payload(self, key: str, principal: str, nbytes: int, expires: float, quota_bytes: int) -> None:
+        """Count a signed payload against the principal's byte quota (expired ones no longer count)."""
+        now = time.time()
+        with Session(self.engine) as s, s.begin():
+            live = s.scalar(select(func.coalesce(func.sum(PayloadRow.nbytes), 0))
+                            .where(PayloadRow.principal == principal, PayloadRow.expires > now)) or 0
+            if s.get(PayloadRow, key) is None:
+                if live + nbytes > quota_bytes:
+                    raise QuotaExceeded(f"payload store quota: {live + nbytes} bytes > {quota_bytes} for {principal}")
+                s.add(PayloadRow(key=key, principal=principal, nbytes=nbytes, expires=expires))
+
+    # -- usage ---------------------------------------------------------------------------------
+
+    def usage(self, by: str = "principal", principal: str | None = None) -> list[dict[str, Any]]:
+        """Totals from the ledger grouped by ``principal`` or ``project``."""
+        col = LedgerEntry.project if by == "project" else LedgerEntry.principal
+        query = select(
+            col, func.count(), func.sum(LedgerEntry.prompt_tokens), func.sum(LedgerEntry.output_tokens),
+            func.sum(LedgerEntry.payload_bytes_in), func.sum(LedgerEntry.payload_bytes_out),
+            func.sum(LedgerEntry.activation_bytes),
+        ).group_by(col).order_by(col)
+        if principal is not None:
+            query = query.where(LedgerEntry.principal == principal)
+        with Session(self.engine) as s:
+            rows = s.execute(query).all()
+        keys = (by, "requests", "prompt_tokens", "output_tokens", "payload_bytes_in", "payload_bytes_out",
+                "activation_bytes")
+        return [dict(zip(keys, (r[0], *(int(v or 0) for v in r[1:])), strict=True)) for r in rows]
+
+    def ledger_rows(self, **where: Any) -> list[LedgerEntry]:
+        with Session(self.engine) as s:
+            query = select(LedgerEntry)
+            for k, v in where.items():
+                query = query.where(getattr(LedgerEntry, k) == v)
+            return list(s.scalars(query).all())
+
+
+def _principal(row: PrincipalRow) -> Principal:
+    return Principal(name=row.name, project=row.project, permissions=frozenset(row.permissions.split(",")),
+                     service_class=row.service_class, cache_salt=row.cache_salt)

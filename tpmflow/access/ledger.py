@@ -1,0 +1,110 @@
+"""The request ledger: one row per attempt, written in batches off the request path."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+from sqlalchemy.orm import Session
+
+from tpmflow.access.tables import LedgerEntry
+
+log = logging.getLogger("tpmflow.ledger")
+
+
+@dataclass
+class LedgerRow:
+    request_id: str
+    principal: str
+    project: str
+    service_class: str
+    endpoint: str
+    model: str
+    content_hash: str
+    status: int
+    replica_id: str | None = None
+    retry_of: str | None = None
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    payload_bytes_in: int = 0
+    payload_bytes_out: int = 0
+    activation_bytes: int = 0
+    queue_ms: float = 0.0
+    engine_ms: float = 0.0
+    error_type: str | None = None
+    created: float = field(default_factory=time.time)
+
+
+class LedgerWriter:
+    """Queue rows from the event loop; a thread writes them in batches (idempotent upserts)."""
+
+    def __init__(self, engine: object, flush_interval_s: float = 0.25, batch: int = 500) -> None:
+        self._engine = engine
+        self._queue: queue.Queue[LedgerRow | None] = queue.Queue()
+        self._interval = flush_interval_s
+        self._batch = batch
+        self._written = 0
+        self._thread = threading.Thread(target=self._run, name="tpmflow-ledger", daemon=True)
+        self._thread.start()
+
+    def record(self, row: LedgerRow) -> None:
+        self._queue.put(row)
+
+    @property
+    def written(self) -> int:
+        return self._written
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Block until every row queued so far is in the database."""
+        done = threading.Event()
+        marker = _FlushMarker(done)
+        self._queue.put(marker)  # type: ignore[arg-type]
+        done.wait(timeout)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            rows: list[LedgerRow] = []
+            markers: list[_FlushMarker] = []
+            try:
+                item = self._queue.get(timeout=self._interval)
+            except queue.Empty:
+                continue
+            while True:
+                if item is None:
+                    stop = True
+                elif isinstance(item, _FlushMarker):
+                    markers.append(item)
+                else:
+                    rows.append(item)
+                if len(rows) >= self._batch:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if rows:
+                self._write(rows)
+            for m in markers:
+                m.done.set()
+
+    def _write(self, rows: list[LedgerRow]) -> None:
+        try:
+            with Session(self._engine) as session, session.begin():  # type: ignore[arg-type]
+                for row in rows:
+                    session.merge(LedgerEntry(**asdict(row)))
+            self._written += len(rows)
+        except Exception:  # noqa: BLE001 - the ledger must never take the gateway down
+            log.exception("ledger write of %d rows failed", len(rows))
+
+
+@dataclass
+class _FlushMarker:
+    done: threading.Event

@@ -1,0 +1,67 @@
+"""The tables: principals, their tokens (hashed), signed payloads (for byte quotas), the ledger."""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Float, ForeignKey, Integer, String
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class PrincipalRow(Base):
+    __tablename__ = "principals"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    project: Mapped[str] = mapped_column(String(64), index=True)
+    permissions: Mapped[str] = mapped_column(String(128))  # comma-separated, sorted
+    service_class: Mapped[str] = mapped_column(String(32))
+    cache_salt: Mapped[str] = mapped_column(String(64))
+    created: Mapped[float] = mapped_column(Float)
+
+
+class TokenRow(Base):
+    __tablename__ = "tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    principal: Mapped[str] = mapped_column(ForeignKey("principals.name"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created: Mapped[float] = mapped_column(Float)
+    revoked: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class PayloadRow(Base):
+    __tablename__ = "payloads"
+
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    principal: Mapped[str] = mapped_column(String(64), index=True)
+    nbytes: Mapped[int] = mapped_column(BigInteger)
+    expires: Mapped[float] = mapped_column(Float, index=True)
+
+
+class LedgerEntry(Base):
+    """One row per request attempt, keyed by request id (a retried attempt gets ``<id>.rN``)."""
+
+    __tablename__ = "ledger"
+
+    request_id: Mapped[str] = mapped_column(String(96), primary_key=True)
+    retry_of: Mapped[str | None] = mapped_column(String(96), nullable=True)
+    principal: Mapped[str] = mapped_column(String(64), index=True)
+    project: Mapped[str] = mapped_column(String(64), index=True)
+    service_class: Mapped[str] = mapped_column(String(32))
+    endpoint: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(128))
+    content_hash: Mapped[str] = mapped_column(String(80))
+    replica_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    payload_bytes_in: Mapped[int] = mapped_column(BigInteger, default=0)
+    payload_bytes_out: Mapped[int] = mapped_column(BigInteger, default=0)
+    activation_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    queue_ms: Mapped[float] = mapped_column(Float, default=0.0)
+    engine_ms: Mapped[float] = mapped_column(Float, default=0.0)
+    status: Mapped[int] = mapped_column(Integer)
+    error_type: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created: Mapped[float] = mapped_column(Float, index=True)

@@ -1,0 +1,367 @@
+"""``Client`` and ``AsyncClient``: the same methods, like httpx's pair.
+
+Inputs above the pool's inline limit go into the pool's ProxyStore store and only a signed JSON
+reference crosses the wire; large outputs come back as references, resolved lazily to numpy.
+Failures raise the typed errors of ``tpmflow.errors``; 503s are retried with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+
+from tpmflow.errors import ERROR_CLASSES, InvalidRequest, Overloaded, TpmflowError
+from tpmflow.payload import PayloadStore, Reference, StoreConfig, encode_payload
+from tpmflow.schema import InlineArray
+
+_BY_STATUS: dict[int, str] = {400: "InvalidRequest", 401: "Unauthorized", 403: "Forbidden", 404: "ModelNotFound",
+                              413: "PayloadTooLarge", 429: "QuotaExceeded", 502: "ReplicaFailed", 503: "Overloaded",
+                              504: "ReplicaFailed"}
+
+
+def raise_for_error(resp: httpx.Response) -> None:
+    """Turn an error response into the same typed exception the gateway raised."""
+    if resp.status_code < 400:
+        return
+    try:
+        err = resp.json().get("error", {})
+    except ValueError:
+        err = {}
+    if not isinstance(err, dict):
+        err = {"message": str(err)}
+    name = str(err.get("type", ""))
+    cls = ERROR_CLASSES.get(name) or ERROR_CLASSES.get(_BY_STATUS.get(resp.status_code, ""), TpmflowError)
+    message = str(err.get("message") or resp.text[:500])
+    if cls is Overloaded:
+        raise Overloaded(message, retry_after=float(resp.headers.get("Retry-After", "1")))
+    raise cls(message, item=err.get("item"))
+
+
+class LazyArray:
+    """An array that may still be in the pool's store; ``numpy()`` fetches and checks it once."""
+
+    def __init__(self, payload: dict[str, Any], store: PayloadStore | None) -> None:
+        self._payload = payload
+        self._store = store
+        self._value: np.ndarray | None = None
+
+    @property
+    def reference(self) -> Reference | None:
+        return Reference.model_validate(self._payload) if "sig" in self._payload else None
+
+    def numpy(self) -> np.ndarray:
+        if self._value is None:
+            ref = self.reference
+            if ref is None:
+                self._value = InlineArray.model_validate(self._payload).to_numpy()
+            else:
+                if self._store is None:
+                    raise InvalidRequest("this client has no store access to resolve references")
+                value = self._store.get(ref)
+                if not isinstance(value, np.ndarray):
+                    raise InvalidRequest("reference does not hold an array")
+                self._value = value
+        return self._value
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        arr = self.numpy()
+        return arr.astype(dtype) if dtype is not None else arr
+
+
+@dataclass
+class Generation:
+    text: str
+    finish_reason: str | None
+    usage: dict[str, Any]
+    request_id: str
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Embeddings:
+    """Per-input final hidden states; ``numpy()`` stacks pooled vectors into [n, hidden]."""
+
+    items: list[LazyArray]
+    n_tokens: list[int]
+    usage: dict[str, Any]
+    provenance: dict[str, Any]
+
+    def numpy(self) -> np.ndarray:
+        return np.stack([item.numpy() for item in self.items])
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.items[i].numpy()
+
+
+def _completion_body(prompt: str | Sequence[str], max_tokens: int, temperature: float, seed: int | None,
+                     extra: dict[str, Any]) -> dict[str, Any]:
+    body: dict[str, Any] = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, **extra}
+    if seed is not None:
+        body["seed"] = seed
+    return body
+
+
+def _generations(data: dict[str, Any], request_id: str) -> list[Generation]:
+    usage = data.get("usage") or {}
+    choices = sorted(data.get("choices", []), key=lambda c: c.get("index", 0))
+    return [Generation(c.get("text", ""), c.get("finish_reason"), usage, request_id) for c in choices]
+
+
+class _Base:
+    def __init__(self, url: str, token: str | None, timeout: float, retries: int, backoff_s: float) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self._store: PayloadStore | None = None
+        self._store_info: dict[str, Any] | None = None
+
+    def _headers(self, request_id: str) -> dict[str, str]:
+        headers = {"X-Request-Id": request_id}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        return headers
+
+    def _delay(self, attempt: int, exc: Overloaded) -> float:
+        return max(exc.retry_after, self.backoff_s * (2 ** attempt)) if exc.retry_after else self.backoff_s * 2 ** attempt
+
+    def _make_store(self, info: dict[str, Any]) -> PayloadStore:
+        self._store_info = info
+        cfg = StoreConfig(connector=info["connector"], path=info.get("path"),
+                          redis_host=info.get("redis_host", "127.0.0.1"), redis_port=info.get("redis_port", 6379),
+                          inline_limit_bytes=info["inline_limit_bytes"], max_payload_bytes=info["max_payload_bytes"])
+        return PayloadStore(cfg)
+
+    def _embeddings(self, data: dict[str, Any]) -> Embeddings:
+        items = sorted(data["data"], key=lambda d: d["index"])
+        return Embeddings([LazyArray(d["embedding"], self._store) for d in items], [d["n_tokens"] for d in items],
+                          data.get("usage", {}), data.get("provenance", {}))
+
+
+class Client(_Base):
+    """Synchronous client. ``submit_*`` variants return ``concurrent.futures.Future`` so a thinker
+    agent never blocks its others."""
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 120.0, retries: int = 4,
+                 backoff_s: float = 0.25, max_workers: int = 16) -> None:
+        super().__init__(url, token, timeout, retries, backoff_s)
+        self._http = httpx.Client(timeout=timeout)
+        self._pool: ThreadPoolExecutor | None = None
+        self._max_workers = max_workers
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self._http.close()
+
+    def _request(self, method: str, path: str, json: Any = None, params: dict[str, Any] | None = None,
+                 request_id: str | None = None) -> dict[str, Any]:
+        rid = request_id or uuid.uuid4().hex
+        for attempt in range(self.retries + 1):
+            try:
+                resp = self._http.request(method, self.url + path, json=json, params=params,
+                                          headers=self._headers(rid))
+            except httpx.TimeoutException as exc:
+                raise TpmflowError(f"no answer from {self.url} within {self.timeout} s") from exc
+            try:
+                raise_for_error(resp)
+            except Overloaded as exc:
+                if attempt == self.retries:
+                    raise
+                time.sleep(self._delay(attempt, exc))
+                continue
+            return dict(resp.json())
+        raise AssertionError("unreachable")
+
+    def _ensure_store(self) -> PayloadStore:
+        if self._store is None:
+            self._store = self._make_store(self._request("GET", "/v1/tpmflow/store"))
+        return self._store
+
+    # -- API -----------------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        resp = self._http.get(self.url + "/health")
+        return dict(resp.json())
+
+    def models(self) -> list[str]:
+        return [m["id"] for m in self._request("GET", "/v1/models")["data"]]
+
+    def usage(self, by: str = "principal") -> list[dict[str, Any]]:
+        return list(self._request("GET", "/v1/tpmflow/usage", params={"by": by})["usage"])
+
+    def generate(self, prompt: str | Sequence[str] | None = None, *, max_tokens: int = 16, temperature: float = 1.0,
+                 seed: int | None = None, prompt_embeds: np.ndarray | Reference | None = None,
+                 request_id: str | None = None, **extra: Any) -> Generation | list[Generation]:
+        """Text in, text out (one prompt → one ``Generation``; a list → a list). With
+        ``prompt_embeds`` ([n_tokens, hidden] floats) the model starts from vectors instead of text."""
+        rid = request_id or uuid.uuid4().hex
+        if prompt_embeds is not None:
+            body = {"prompt_embeds": self._array_payload(prompt_embeds), "max_tokens": max_tokens,
+                    "temperature": temperature, "seed": seed, **extra}
+            data = self._request("POST", "/v1/tpmflow/generate_embeds", json=body, request_id=rid)
+            return Generation(data["text"], data.get("finish_reason"), data["usage"], rid, data.get("provenance", {}))
+        if prompt is None:
+            raise InvalidRequest("give a prompt or prompt_embeds")
+        data = self._request("POST", "/v1/completions", json=_completion_body(prompt, max_tokens, temperature, seed,
+                                                                               extra), request_id=rid)
+        gens = _generations(data, rid)
+        return gens[0] if isinstance(prompt, str) else gens
+
+    def embed(self, inputs: str | Sequence[str], *, pooling: str = "mean", request_id: str | None = None) -> Embeddings:
+        """Final hidden states (after the final norm) of each input: pooled ``mean``/``last`` or per token ``none``."""
+        self._ensure_store()
+        items = [inputs] if isinstance(inputs, str) else list(inputs)
+        data = self._request("POST", "/v1/tpmflow/embed", json={"input": items, "pooling": pooling},
+                             request_id=request_id)
+        return self._embeddings(data)
+
+    def put(self, value: np.ndarray | bytes) -> Reference:
+        """Write a payload into the pool's store and have the gateway sign a reference to it."""
+        store = self._ensure_store()
+        assert self._store_info is not None
+        ref = store.put(self._store_info["principal"], value)
+        signed = self._request("POST", "/v1/tpmflow/payloads/sign",
+                               json={"key": ref.key, "kind": ref.kind, "nbytes": ref.nbytes, "digest": ref.digest})
+        return Reference.model_validate(signed)
+
+    def digest(self, ref: Reference) -> dict[str, Any]:
+        """Ask a replica to resolve a reference and report its digest (proves the transfer)."""
+        return self._request("POST", "/v1/tpmflow/digest", json={"ref": ref.model_dump()})
+
+    def _array_payload(self, value: np.ndarray | Reference) -> dict[str, Any]:
+        if isinstance(value, Reference):
+            return value.model_dump()
+        limit = self._ensure_store().config.inline_limit_bytes
+        if value.nbytes > limit:
+            return self.put(value).model_dump()
+        encode_payload(value)  # same dtype rules as by reference
+        return InlineArray.from_numpy(value).model_dump()
+
+    # -- futures ---------------------------------------------------------------------------------
+
+    def _submit(self, fn: Any, *args: Any, **kwargs: Any) -> Future[Any]:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._max_workers, thread_name_prefix="tpmflow-client")
+        return self._pool.submit(fn, *args, **kwargs)
+
+    def submit_generate(self, *args: Any, **kwargs: Any) -> Future[Any]:
+        return self._submit(self.generate, *args, **kwargs)
+
+    def submit_embed(self, *args: Any, **kwargs: Any) -> Future[Any]:
+        return self._submit(self.embed, *args, **kwargs)
+
+
+class AsyncClient(_Base):
+    """Asynchronous client with the same methods as ``Client``."""
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 120.0, retries: int = 4,
+                 backoff_s: float = 0.25) -> None:
+        super().__init__(url, token, timeout, retries, backoff_s)
+        self._http = httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=512))
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _request(self, method: str, path: str, json: Any = None, params: dict[str, Any] | None = None,
+                       request_id: str | None = None) -> dict[str, Any]:
+        rid = request_id or uuid.uuid4().hex
+        for attempt in range(self.retries + 1):
+            try:
+                resp = await self._http.request(method, self.url + path, json=json, params=params,
+                                                headers=self._headers(rid))
+            except httpx.TimeoutException as exc:
+                raise TpmflowError(f"no answer from {self.url} within {self.timeout} s") from exc
+            try:
+                raise_for_error(resp)
+            except Overloaded as exc:
+                if attempt == self.retries:
+                    raise
+                await asyncio.sleep(self._delay(attempt, exc))
+                continue
+            return dict(resp.json())
+        raise AssertionError("unreachable")
+
+    async def _ensure_store(self) -> PayloadStore:
+        if self._store is None:
+            self._store = self._make_store(await self._request("GET", "/v1/tpmflow/store"))
+        return self._store
+
+    async def health(self) -> dict[str, Any]:
+        return dict((await self._http.get(self.url + "/health")).json())
+
+    async def models(self) -> list[str]:
+        return [m["id"] for m in (await self._request("GET", "/v1/models"))["data"]]
+
+    async def usage(self, by: str = "principal") -> list[dict[str, Any]]:
+        return list((await self._request("GET", "/v1/tpmflow/usage", params={"by": by}))["usage"])
+
+    async def generate(self, prompt: str | Sequence[str] | None = None, *, max_tokens: int = 16,
+                       temperature: float = 1.0, seed: int | None = None,
+                       prompt_embeds: np.ndarray | Reference | None = None, request_id: str | None = None,
+                       **extra: Any) -> Generation | list[Generation]:
+        rid = request_id or uuid.uuid4().hex
+        if prompt_embeds is not None:
+            body = {"prompt_embeds": await self._array_payload(prompt_embeds), "max_tokens": max_tokens,
+                    "temperature": temperature, "seed": seed, **extra}
+            data = await self._request("POST", "/v1/tpmflow/generate_embeds", json=body, request_id=rid)
+            return Generation(data["text"], data.get("finish_reason"), data["usage"], rid, data.get("provenance", {}))
+        if prompt is None:
+            raise InvalidRequest("give a prompt or prompt_embeds")
+        data = await self._request("POST", "/v1/completions",
+                                   json=_completion_body(prompt, max_tokens, temperature, seed, extra), request_id=rid)
+        gens = _generations(data, rid)
+        return gens[0] if isinstance(prompt, str) else gens
+
+    async def embed(self, inputs: str | Sequence[str], *, pooling: str = "mean",
+                    request_id: str | None = None) -> Embeddings:
+        await self._ensure_store()
+        items = [inputs] if isinstance(inputs, str) else list(inputs)
+        data = await self._request("POST", "/v1/tpmflow/embed", json={"input": items, "pooling": pooling},
+                                   request_id=request_id)
+        return self._embeddings(data)
+
+    async def put(self, value: np.ndarray | bytes) -> Reference:
+        store = await self._ensure_store()
+        assert self._store_info is not None
+        ref = await asyncio.to_thread(store.put, self._store_info["principal"], value)
+        signed = await self._request("POST", "/v1/tpmflow/payloads/sign",
+                                     json={"key": ref.key, "kind": ref.kind, "nbytes": ref.nbytes,
+                                           "digest": ref.digest})
+        return Reference.model_validate(signed)
+
+    async def digest(self, ref: Reference) -> dict[str, Any]:
+        return await self._request("POST", "/v1/tpmflow/digest", json={"ref": ref.model_dump()})
+
+    async def _array_payload(self, value: np.ndarray | Reference) -> dict[str, Any]:
+        if isinstance(value, Reference):
+            return value.model_dump()
+        limit = (await self._ensure_store()).config.inline_limit_bytes
+        if value.nbytes > limit:
+            return (await self.put(value)).model_dump()
+        encode_payload(value)
+        return InlineArray.from_numpy(value).model_dump()

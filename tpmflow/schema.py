@@ -1,0 +1,141 @@
+"""Wire models shared by client, gateway and replica (validated at every edge)."""
+
+from __future__ import annotations
+
+import base64
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, Field, field_validator
+
+from tpmflow.errors import InvalidRequest
+from tpmflow.payload import ALLOWED_DTYPES, Reference
+
+MAX_BATCH = 256
+
+
+class InlineArray(BaseModel):
+    """A small array inline: dtype, shape and little-endian bytes in base64."""
+
+    dtype: str
+    shape: list[int]
+    b64: str
+
+    @classmethod
+    def from_numpy(cls, array: np.ndarray) -> InlineArray:
+        array = np.ascontiguousarray(array)
+        little = array.astype(array.dtype.newbyteorder("<"), copy=False)
+        return cls(dtype=array.dtype.name, shape=list(array.shape), b64=base64.b64encode(little.tobytes()).decode())
+
+    def to_numpy(self) -> np.ndarray:
+        if self.dtype not in ALLOWED_DTYPES:
+            raise InvalidRequest(f"dtype {self.dtype!r} is not allowed; use one of {sorted(ALLOWED_DTYPES)}")
+        if any(d < 0 for d in self.shape):
+            raise InvalidRequest("array shape has a negative dimension")
+        raw = base64.b64decode(self.b64, validate=True)
+        dtype = np.dtype(self.dtype).newbyteorder("<")
+        expected = int(np.prod(self.shape, dtype=np.int64)) * dtype.itemsize
+        if len(raw) != expected:
+            raise InvalidRequest(f"array bytes ({len(raw)}) do not match shape {self.shape} of {self.dtype}")
+        return np.frombuffer(raw, dtype=dtype).reshape(self.shape).astype(dtype.newbyteorder("="))
+
+
+ArrayPayload = InlineArray | Reference
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    payload_bytes_in: int = 0
+    payload_bytes_out: int = 0
+    activation_bytes: int = 0
+
+
+class Provenance(BaseModel):
+    """What a rerun needs to reproduce a result."""
+
+    request_id: str
+    model: str
+    content_hash: str
+    replica_id: str
+    engine: str
+    sampling: dict[str, object] = Field(default_factory=dict)
+    started: float
+    finished: float
+
+
+class EmbedRequest(BaseModel):
+    """Final hidden states of each input (after the final norm), pooled or per token."""
+
+    model: str | None = None
+    input: list[str] | list[list[int]] = Field(min_length=1, max_length=MAX_BATCH)
+    pooling: Literal["mean", "last", "none"] = "mean"
+
+    @field_validator("input")
+    @classmethod
+    def _non_empty_items(cls, items: list[str] | list[list[int]]) -> list[str] | list[list[int]]:
+        for i, item in enumerate(items):
+            if len(item) == 0:
+                raise ValueError(f"input item {i} is empty")
+        return items
+
+
+class EmbedItem(BaseModel):
+    index: int
+    n_tokens: int
+    embedding: ArrayPayload
+
+
+class EmbedResponse(BaseModel):
+    data: list[EmbedItem]
+    usage: Usage
+    provenance: Provenance
+
+
+class EmbedsGenerateRequest(BaseModel):
+    """Generate from ``prompt_embeds`` (float [n_tokens, hidden]) instead of text."""
+
+    model: str | None = None
+    prompt_embeds: ArrayPayload
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=10.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+
+
+class GenerateResult(BaseModel):
+    text: str
+    finish_reason: str | None
+    usage: Usage
+    provenance: Provenance
+
+
+class DigestRequest(BaseModel):
+    ref: Reference
+
+
+class DigestResponse(BaseModel):
+    digest: str
+    nbytes: int
+    kind: str
+    shape: list[int] | None = None
+    dtype: str | None = None
+
+
+class SignRequest(BaseModel):
+    """Ask the gateway to sign a payload the caller wrote into the store."""
+
+    key: str
+    kind: Literal["ndarray", "bytes"]
+    nbytes: int = Field(ge=0)
+    digest: str
+
+
+class ReplicaInfo(BaseModel):
+    replica_id: str
+    url: str
+    model: str
+    content_hash: str
+    engine: str
+    hidden_size: int
+    max_model_len: int
