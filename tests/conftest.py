@@ -44,6 +44,36 @@ def tiny_llm(tiny_model_dir: Path) -> Iterator[Any]:
     """vLLM's offline engine (CPU build) over the tiny model, shared by the session."""
     from tpmflow.models.offline_engine import open_offline_engine
 
-    llm = open_offline_engine(tiny_model_dir)
+    llm = open_offline_engine(tiny_model_dir, worker_extension_cls="tpmflow.engine.hooks.TpmflowWorkerExtension")
     yield llm
     del llm
+
+
+@pytest.fixture(scope="session")
+def pool(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real pool: gateway + 2 replicas of the tiny model on vLLM's CPU build, shared by the session.
+
+    Its ledger (SQLite) and payload store live in a temporary directory.
+    """
+    from tpmflow.config import GatewayConfig, PoolConfig
+    from tpmflow.payload import StoreConfig
+    from tpmflow.pool import Pool
+
+    root = tmp_path_factory.mktemp("pool")
+    cfg = PoolConfig(
+        model=str(tiny_model_dir),
+        served_model_name="tiny-llama",
+        replicas=2,
+        gateway=GatewayConfig(request_timeout_s=60, max_inflight=64, queue_limit=512),
+        store=StoreConfig(path=str(root / "store"), inline_limit_bytes=256 << 10, max_payload_bytes=96 << 20),
+        database_url=f"sqlite:///{root / 'access.db'}",
+    )
+    cfg.engine.max_model_len = 1024
+    with Pool(cfg) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def client(pool: Any) -> Iterator[Any]:
+    with pool.client() as c:
+        yield c

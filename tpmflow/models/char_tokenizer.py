@@ -11,6 +11,11 @@ from pathlib import Path
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
+# A plain chat template so vLLM's /v1/chat/completions works on the local models.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
 PRINTABLE_ASCII = "\t\n" + "".join(chr(c) for c in range(32, 127))
 
 
@@ -43,4 +48,5 @@ def build_char_tokenizer(alphabet: Iterable[str], out_dir: Path, model_max_lengt
         model_max_length=model_max_length,
         clean_up_tokenization_spaces=False,
     )
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(out_dir))

@@ -166,6 +166,7 @@ class Gateway:
             queue_ms=call.queue_ms, engine_ms=engine_ms, status=status, error_type=error_type,
         ))
         self.metrics.requests.labels(call.endpoint, p.service_class, str(status)).inc()
+        self.metrics.latency.labels(call.endpoint).observe(time.monotonic() - call.started)
         if error_type:
             self.metrics.errors.labels(call.endpoint, p.service_class, error_type).inc()
         self.metrics.tokens.labels("prompt").inc(prompt)
@@ -341,17 +342,18 @@ class Gateway:
     # -- the app ---------------------------------------------------------------------------------
 
     def _build_app(self) -> FastAPI:
-        app = FastAPI(title="tpmflow gateway", docs_url="/docs")
+        @asynccontextmanager
+        async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+            yield
+            if self._http is not None:
+                await self._http.aclose()
+
+        app = FastAPI(title="tpmflow gateway", docs_url="/docs", lifespan=lifespan)
 
         @app.exception_handler(TpmflowError)
         async def _typed(_: Request, exc: TpmflowError) -> JSONResponse:
             headers = {"Retry-After": str(int(max(1, exc.retry_after)))} if isinstance(exc, Overloaded) else None
             return JSONResponse(exc.to_body(), status_code=exc.status_code, headers=headers)
-
-        @app.on_event("shutdown")
-        async def _close() -> None:
-            if self._http is not None:
-                await self._http.aclose()
 
         @app.get("/health")
         async def health() -> JSONResponse:

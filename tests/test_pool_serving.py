@@ -1,0 +1,160 @@
+"""Query-only and embedding modes through a real pool (gateway + 2 vLLM CPU replicas)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from tpmflow.client import AsyncClient, Client
+from tpmflow.models.card import read_card
+
+LONG_PROMPT = "In a steering campaign the thinker asks the shared model many questions. " * 6
+
+
+def _transformers_hidden(model_dir: Path, text: str) -> np.ndarray:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    with torch.no_grad():
+        out = model(tok(text, return_tensors="pt").input_ids, output_hidden_states=True)
+    return out.hidden_states[-1][0].numpy()  # after the final norm
+
+
+def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def test_health_models_and_provenance(client: Client, tiny_model_dir: Path) -> None:
+    health = client.health()
+    assert health["status"] == "ok" and len(health["replicas"]) == 2
+    assert client.models() == ["tiny-llama"]
+    emb = client.embed("provenance")
+    assert emb.provenance["content_hash"] == read_card(tiny_model_dir).content_hash
+    assert emb.provenance["engine"].startswith("vllm ")
+
+
+def test_generate_through_client(client: Client) -> None:
+    out = client.generate("The pool", max_tokens=8, temperature=0.0)
+    assert out.usage["completion_tokens"] == 8 and out.finish_reason == "length"
+    outs = client.generate(["a", "bb", "ccc"], max_tokens=3, temperature=0.0)
+    # One usage for the whole batch: <s>a + <s>bb + <s>ccc = 2 + 3 + 4 prompt tokens.
+    assert [o.usage["prompt_tokens"] for o in outs] == [9, 9, 9]
+    assert len(outs) == 3
+
+
+def test_embed_matches_transformers_and_ignores_the_prefix_cache(pool: Any, client: Client,
+                                                                  tiny_model_dir: Path) -> None:
+    # Warm both replicas' prefix caches with the prompt (requests alternate between idle replicas).
+    for _ in range(4):
+        client.generate(LONG_PROMPT, max_tokens=1, temperature=0.0)
+    hits = 0.0
+    for replica in pool.gateway.registry.live():
+        text = httpx.get(replica.info.url + "/metrics").text
+        hits += sum(float(line.split()[-1]) for line in text.splitlines()
+                    if line.startswith("vllm:prefix_cache_hits_total"))
+    assert hits > 0, "the prefix was never cached, so this test would not exercise the cached path"
+    text = LONG_PROMPT + "and the tail differs."
+    cached = client.embed(text, pooling="none")[0]
+    again = client.embed(text, pooling="none")[0]
+    reference = _transformers_hidden(tiny_model_dir, text)
+    assert cached.shape == reference.shape
+    assert _rel_err(cached, reference) <= 1e-4
+    assert _rel_err(again, reference) <= 1e-4
+    pooled = client.embed([text], pooling="mean").numpy()[0]
+    assert _rel_err(pooled, reference.mean(axis=0)) <= 1e-4
+    last = client.embed([text], pooling="last").numpy()[0]
+    assert _rel_err(last, reference[-1]) <= 1e-4
+
+
+def test_large_per_token_output_comes_back_by_reference(client: Client, tiny_model_dir: Path) -> None:
+    text = "x" * 700  # 701 positions x 128 floats = 359 KB > the fixture's 256 KiB inline limit
+    emb = client.embed(text, pooling="none")
+    assert emb.items[0].reference is not None
+    assert emb.usage["payload_bytes_out"] == emb.items[0].reference.nbytes
+    assert _rel_err(emb[0], _transformers_hidden(tiny_model_dir, text)) <= 1e-4
+
+
+def test_seeded_sampling_is_deterministic(client: Client) -> None:
+    a = client.generate("Seeds:", max_tokens=24, temperature=1.0, seed=123)
+    b = client.generate("Seeds:", max_tokens=24, temperature=1.0, seed=123)
+    c = client.generate("Seeds:", max_tokens=24, temperature=1.0, seed=124)
+    assert a.text == b.text
+    assert a.text != c.text
+
+
+def test_prompt_embeds_inline_and_by_reference_match_text(client: Client, tiny_model_dir: Path) -> None:
+    from safetensors.numpy import load_file
+    from transformers import AutoTokenizer
+
+    table = load_file(str(tiny_model_dir / "model.safetensors"))["model.embed_tokens.weight"]
+    ids = AutoTokenizer.from_pretrained(str(tiny_model_dir))("Embeds in")["input_ids"]
+    from_text = client.generate("Embeds in", max_tokens=8, temperature=0.0)
+    inline = client.generate(prompt_embeds=table[ids], max_tokens=8, temperature=0.0)
+    by_ref = client.generate(prompt_embeds=client.put(table[ids].copy()), max_tokens=8, temperature=0.0)
+    assert inline.text == from_text.text == by_ref.text
+    assert by_ref.usage["payload_bytes_in"] > 0
+
+
+def test_async_client_and_futures(pool: Any) -> None:
+    async def run() -> tuple[Any, Any]:
+        async with AsyncClient(pool.url, token=pool.token) as ac:
+            gen = await ac.generate("async", max_tokens=4, temperature=0.0)
+            emb = await ac.embed(["a", "b"])
+            return gen, emb
+
+    gen, emb = asyncio.run(run())
+    assert gen.usage["completion_tokens"] == 4 and emb.numpy().shape == (2, 128)
+    with pool.client() as c:
+        futures = [c.submit_generate(f"f{i}", max_tokens=2) for i in range(6)] + [c.submit_embed("fut")]
+        results = [f.result(timeout=60) for f in futures]
+    assert all(r is not None for r in results)
+
+
+def test_openai_package_completions_chat_and_stream(pool: Any) -> None:
+    from openai import OpenAI
+
+    oa = OpenAI(base_url=pool.url + "/v1", api_key=pool.token)
+    comp = oa.completions.create(model="tiny-llama", prompt="OpenAI", max_tokens=5, temperature=0)
+    assert comp.usage.completion_tokens == 5
+    chat = oa.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "hi"}],
+                                      max_tokens=5, temperature=0)
+    assert chat.choices[0].message.content is not None
+    chunks = list(oa.completions.create(model="tiny-llama", prompt="stream", max_tokens=6, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices)
+    usage = [c.usage for c in chunks if c.usage]
+    assert usage and usage[-1].completion_tokens == 6  # the gateway forces usage on streams
+    pool.ledger.flush()
+    streamed = [r for r in pool.access.ledger_rows(endpoint="completions") if r.output_tokens == 6]
+    assert streamed, "the streamed request's tokens reached the ledger"
+
+
+def test_gateway_injects_salt_and_strips_client_values(pool: Any) -> None:
+    body = {"model": "tiny-llama", "prompt": "salt", "max_tokens": 2, "cache_salt": "stolen", "priority": -100}
+    validated = pool.gateway._validate_openai(dict(body), chat=False)
+    assert "cache_salt" not in validated and "priority" not in validated
+    resp = httpx.post(pool.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {pool.token}"})
+    assert resp.status_code == 200, resp.text
+
+
+def test_metrics_exposes_prometheus_series(pool: Any, client: Client) -> None:
+    client.generate("metrics", max_tokens=2)
+    text = httpx.get(pool.url + "/metrics").text
+    for name in ("tpmflow_requests_total", "tpmflow_request_latency_seconds_bucket", "tpmflow_queue_depth",
+                 "tpmflow_tokens_total", "tpmflow_replica_inflight", "tpmflow_replicas_live"):
+        assert name in text, name
+
+
+def test_usage_endpoint_reports_this_principal(client: Client) -> None:
+    rows = client.usage()
+    assert rows and rows[0]["requests"] > 0 and rows[0]["prompt_tokens"] > 0
+    assert json.dumps(rows)
+    with pytest.raises(Exception):
+        client.usage(by="nonsense")
