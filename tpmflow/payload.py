@@ -26,7 +26,7 @@ import blake3
 import numpy as np
 from pydantic import BaseModel, Field
 
-from tpmflow.errors import Forbidden, InvalidRequest
+from tpmflow.errors import Forbidden, InvalidRequest, PayloadTooLarge
 
 PayloadKind = Literal["ndarray", "bytes"]
 # Keys come from requests: only names a connector itself would make are accepted (no "../").
@@ -170,7 +170,7 @@ class PayloadStore:
         """Write a payload; returns an unsigned reference (the gateway or a replica signs it)."""
         data, kind = encode_payload(obj)
         if len(data) > self.config.max_payload_bytes:
-            raise InvalidRequest(f"payload of {len(data)} bytes exceeds the limit of {self.config.max_payload_bytes}")
+            raise PayloadTooLarge(f"payload of {len(data)} bytes exceeds the limit of {self.config.max_payload_bytes}")
         key = self._connector(principal).put(data)
         name = key.filename if self.config.connector == "file" else key.redis_key
         return Reference(connector=self.config.connector, key=name, principal=principal, kind=kind,
@@ -182,8 +182,11 @@ class PayloadStore:
     def get_bytes(self, ref: Reference) -> bytes:
         """Fetch and integrity-check a payload's bytes (size and blake3 digest)."""
         if ref.nbytes > self.config.max_payload_bytes:
-            raise InvalidRequest(f"payload of {ref.nbytes} bytes exceeds the limit of {self.config.max_payload_bytes}")
-        data = self._connector(ref.principal).get(self._key(ref))
+            raise PayloadTooLarge(f"payload of {ref.nbytes} bytes exceeds the limit of {self.config.max_payload_bytes}")
+        try:
+            data = self._connector(ref.principal).get(self._key(ref))
+        except OSError:  # half-deleted (marker without data) counts as missing
+            data = None
         if data is None:
             raise InvalidRequest(f"payload {ref.key} is missing from the store (expired or evicted)")
         data = bytes(data)
