@@ -1,0 +1,128 @@
+"""The pool under load: concurrency, admission, a 50 MB payload by reference, and a replica killed mid-load."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from tpmflow.client import AsyncClient, Client
+from tpmflow.errors import ReplicaFailed
+from tpmflow.payload import digest_of, encode_payload
+
+
+def test_200_concurrent_requests_get_200_answers_and_200_ledger_rows(pool: Any) -> None:
+    ids = [f"load-{i:03d}" for i in range(200)]
+
+    async def run() -> list[Any]:
+        async with AsyncClient(pool.url, token=pool.token, timeout=120) as ac:
+            return await asyncio.gather(*(ac.generate(f"q{i}", max_tokens=4, temperature=0.0, request_id=rid)
+                                          for i, rid in enumerate(ids)))
+
+    answers = asyncio.run(run())
+    assert len(answers) == 200 and all(a.usage["completion_tokens"] == 4 for a in answers)
+    pool.ledger.flush()
+    rows = {r.request_id: r for r in pool.access.ledger_rows() if r.request_id.startswith("load-")}
+    assert sorted(rows) == ids
+    assert all(r.status == 200 and r.output_tokens == 4 and r.principal == "pool-admin" for r in rows.values())
+
+
+def test_admission_beyond_the_queue_is_503_with_retry_after(pool: Any) -> None:
+    """A second gateway over the same replicas, with room for 1 in flight and 1 waiting."""
+    import uvicorn
+
+    from tpmflow.payload import PayloadStore
+    from tpmflow.pool.gateway import Gateway
+    from tpmflow.pool.launch import free_port
+
+    cfg = pool.cfg.model_copy(deep=True)
+    cfg.gateway.max_inflight, cfg.gateway.queue_limit = 1, 1
+    gw = Gateway(cfg, pool.access, pool.ledger, PayloadStore(cfg.store), pool.secret)
+    for replica in pool.gateway.registry.live():
+        gw.registry.heartbeat(replica.info)
+    gw.registry.timeout = 1e9  # this test gateway gets no heartbeats of its own
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(gw.app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        async def burst() -> list[httpx.Response]:
+            body = {"model": "tiny-llama", "prompt": "busy", "max_tokens": 48, "ignore_eos": True}
+            headers = {"Authorization": f"Bearer {pool.token}"}
+            async with httpx.AsyncClient(timeout=60) as http:
+                return await asyncio.gather(*(http.post(f"http://127.0.0.1:{port}/v1/completions", json=body,
+                                                        headers=headers) for _ in range(8)))
+
+        responses = asyncio.run(burst())
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    codes = sorted(r.status_code for r in responses)
+    assert codes.count(200) >= 2 and 503 in codes, codes
+    rejected = next(r for r in responses if r.status_code == 503)
+    assert rejected.headers["Retry-After"] == "1" and rejected.json()["error"]["type"] == "Overloaded"
+
+
+def test_50_mb_array_by_reference(pool: Any, client: Client) -> None:
+    array = np.random.default_rng(0).random(50_000_000 // 4, dtype=np.float32)
+    ref = client.put(array)
+    assert ref.nbytes >= 50_000_000 and ref.sig
+    answer = client.digest(ref)
+    assert answer["digest"] == ref.digest == digest_of(encode_payload(array)[0])
+    assert answer["shape"] == [array.size] and answer["dtype"] == "float32"
+    pool.ledger.flush()
+    rows = [r for r in pool.access.ledger_rows(endpoint="digest") if r.payload_bytes_in >= 50_000_000]
+    assert rows, "the ledger records the 50 MB that came in by reference"
+
+
+def test_replica_killed_under_load(pool: Any) -> None:
+    timeout = pool.cfg.gateway.request_timeout_s
+    restarts_before = pool.launcher.replicas["replica-0"].restarts
+
+    async def load() -> list[Any]:
+        async with AsyncClient(pool.url, token=pool.token, timeout=timeout + 30, retries=0) as ac:
+            async def one(i: int) -> Any:
+                try:
+                    return await ac.generate(f"kill{i}", max_tokens=32, temperature=0.0, ignore_eos=True)
+                except ReplicaFailed as exc:
+                    return exc
+
+            tasks = [asyncio.ensure_future(one(i)) for i in range(40)]
+            await asyncio.sleep(0.5)
+            pool.launcher.kill("replica-0")
+            # None may hang: everything settles within the request timeout (plus slack).
+            return await asyncio.wait_for(asyncio.gather(*tasks), timeout + 20)
+
+    started = time.monotonic()
+    results = asyncio.run(load())
+    assert time.monotonic() - started < timeout + 20
+    answered = [r for r in results if not isinstance(r, Exception)]
+    failed = [r for r in results if isinstance(r, ReplicaFailed)]
+    assert len(answered) + len(failed) == 40
+    assert len(answered) >= 20, f"only {len(answered)} answered; the survivor should carry the load"
+
+    with pool.client() as c:  # the survivor keeps serving
+        assert all(c.generate(f"after{i}", max_tokens=2).usage["completion_tokens"] == 2 for i in range(4))
+
+    deadline = time.monotonic() + 180  # the launcher restarts the replica; it registers again
+    while time.monotonic() < deadline:
+        live = {r.info.replica_id: r for r in pool.gateway.registry.live()}
+        if "replica-0" in live and pool.launcher.replicas["replica-0"].restarts > restarts_before:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("replica-0 was not restarted within 180 s:\n" + pool.launcher.log_tail("replica-0"))
+    with pool.client() as c:
+        for i in range(8):
+            c.generate(f"back{i}", max_tokens=2)
+    assert pool.gateway.registry.replicas["replica-0"].served > 0, "the restarted replica serves again"
+    pool.ledger.flush()
+    retried = [r for r in pool.access.ledger_rows() if r.retry_of is not None]
+    assert all(r.request_id.startswith(r.retry_of.split(".r")[0]) for r in retried)
