@@ -15,7 +15,122 @@ app = typer.Typer(help="tpmflow: a co-located vLLM model pool for Parsl / Colmen
                   no_args_is_help=True, add_completion=False)
 models_app = typer.Typer(help="Build and list the locally built models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+tokens_app = typer.Typer(help="Create, list and revoke bearer tokens of principals.", no_args_is_help=True)
+app.add_typer(tokens_app, name="tokens")
 console = Console()
+
+ConfigOption = Annotated[
+    str | None, typer.Option("--config", help="Pool config whose database_url to use (default: local SQLite).")]
+DatabaseOption = Annotated[str | None, typer.Option("--database-url", help="SQLAlchemy URL of the ledger.")]
+
+
+def _access(config: str | None, database_url: str | None):  # type: ignore[no-untyped-def]
+    from tpmflow.access import AccessDB
+    from tpmflow.config import PoolConfig
+
+    url = database_url or (PoolConfig.from_yaml(config).database_url if config else None)
+    return AccessDB(url)
+
+
+@app.command()
+def serve(
+    config: Annotated[str, typer.Option("--config", help="Pool config YAML.")] = "configs/local.yaml",
+    replicas: Annotated[int | None, typer.Option(help="Override the number of replicas.")] = None,
+) -> None:
+    """Start a pool (gateway + replicas) and serve until Ctrl-C; prints the URL and a token."""
+    import signal
+    import threading
+
+    from tpmflow.config import PoolConfig
+    from tpmflow.pool import Pool
+
+    cfg = PoolConfig.from_yaml(config)
+    if replicas is not None:
+        cfg.replicas = replicas
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with console.status(f"starting {cfg.replicas} replica(s) of {cfg.model_name()}…"):
+        pool = Pool(cfg)
+        pool.__enter__()
+    try:
+        console.print(f"[bold green]tpmflow pool ready[/] at {pool.url}  (model {cfg.model_name()}, "
+                      f"{cfg.replicas} replica(s))")
+        console.print(f"admin token (shown once): {pool.token}")
+        console.print(f"try: curl -s {pool.url}/v1/completions -H 'Authorization: Bearer {pool.token}' "
+                      f"-H 'Content-Type: application/json' -d '{{\"prompt\": \"C\", \"max_tokens\": 16}}'")
+        print(f"TPMFLOW_URL={pool.url}", flush=True)
+        print(f"TPMFLOW_TOKEN={pool.token}", flush=True)
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        console.print("stopping the pool…")
+        pool.stop()
+
+
+@tokens_app.command("create")
+def tokens_create(
+    principal: Annotated[str, typer.Argument(help="Principal name (created if new).")],
+    project: Annotated[str, typer.Option(help="Project that is charged.")] = "default",
+    permissions: Annotated[str, typer.Option(help="Comma-separated: generate, embed, probe, admin.")] = "generate,embed",
+    service_class: Annotated[str, typer.Option(help="Scheduling class (see the pool config).")] = "interactive",
+    config: ConfigOption = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Create a token for a principal; the token is printed once and stored only as a hash."""
+    access = _access(config, database_url)
+    perms = {p.strip() for p in permissions.split(",") if p.strip()}
+    access.ensure_principal(principal, project, perms, service_class)
+    print(access.create_token(principal))
+
+
+@tokens_app.command("list")
+def tokens_list(config: ConfigOption = None, database_url: DatabaseOption = None) -> None:
+    """List tokens by prefix with their principal, project, permissions and state."""
+    import datetime as dt
+
+    table = Table(title="tokens")
+    table.add_column("prefix", no_wrap=True, min_width=10)
+    for col in ("principal", "project", "permissions", "class", "created", "state"):
+        table.add_column(col)
+    for t in _access(config, database_url).list_tokens():
+        created = dt.datetime.fromtimestamp(t["created"]).strftime("%Y-%m-%d %H:%M")
+        table.add_row(t["prefix"], t["principal"], t["project"], t["permissions"], t["service_class"], created,
+                      "[red]revoked[/]" if t["revoked"] else "active")
+    console.print(table)
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(
+    token: Annotated[str, typer.Argument(help="The token, or the prefix `tokens list` shows.")],
+    config: ConfigOption = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Revoke a token; requests with it get 401 from then on."""
+    n = _access(config, database_url).revoke(token)
+    if n == 0:
+        console.print(f"[red]no token matches {token!r}[/]")
+        raise typer.Exit(1)
+    console.print(f"revoked {n} token(s)")
+
+
+@app.command()
+def usage(
+    by: Annotated[str, typer.Option(help="Group by 'principal' or 'project'.")] = "principal",
+    config: ConfigOption = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Requests, tokens and payload bytes from the ledger, per principal or per project."""
+    rows = _access(config, database_url).usage(by=by)
+    table = Table(title=f"usage by {by}")
+    for col in (by, "requests", "prompt tokens", "output tokens", "bytes in", "bytes out", "activation bytes"):
+        table.add_column(col, justify="right" if col != by else "left")
+    for r in rows:
+        table.add_row(str(r[by]), *(f"{r[k]:,}" for k in ("requests", "prompt_tokens", "output_tokens",
+                                                          "payload_bytes_in", "payload_bytes_out",
+                                                          "activation_bytes")))
+    console.print(table)
 
 
 @app.command()
@@ -125,5 +240,16 @@ def list_models() -> None:
     console.print(table)
 
 
+def main() -> None:
+    """Console entry point: tpmflow's own errors print as one line, not a traceback."""
+    from tpmflow.errors import TpmflowError
+
+    try:
+        app()
+    except TpmflowError as exc:
+        Console(stderr=True).print(f"[red]{type(exc).__name__}:[/] {exc.message}")
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -1,0 +1,117 @@
+"""Principals, tokens, payload quotas and the ledger on SQLite (WAL) and on PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from tpmflow.access import AccessDB, LedgerRow, LedgerWriter
+from tpmflow.errors import InvalidRequest, QuotaExceeded, Unauthorized
+
+POSTGRES_URL = os.environ.get("TPMFLOW_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def _postgres_or_fail() -> str:
+    """PostgreSQL is a facility's ledger. CI must have it (.ci/run starts it); elsewhere skip loudly."""
+    from sqlalchemy import create_engine
+
+    try:
+        with create_engine(POSTGRES_URL).connect() as conn:
+            conn.execute(text("select 1"))
+    except Exception as exc:  # noqa: BLE001
+        message = f"PostgreSQL not reachable at {POSTGRES_URL}: {exc}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip("LOUD SKIP: " + message)
+    return POSTGRES_URL
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def access(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AccessDB]:
+    if request.param == "sqlite":
+        yield AccessDB(f"sqlite:///{tmp_path / 'access.db'}")
+        return
+    db = AccessDB(_postgres_or_fail())
+    yield db
+    db.engine.dispose()
+
+
+def _name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"  # PostgreSQL's database is shared between runs
+
+
+def test_sqlite_uses_wal(tmp_path: Path) -> None:
+    db = AccessDB(f"sqlite:///{tmp_path / 'wal.db'}")
+    with db.engine.connect() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+
+
+def test_tokens_are_stored_hashed_and_can_be_revoked(access: AccessDB) -> None:
+    name = _name("alice")
+    access.ensure_principal(name, "chem", {"generate", "probe"}, "batch")
+    token = access.create_token(name)
+    with access.engine.connect() as conn:
+        stored = [r[0] for r in conn.execute(text("select token_hash from tokens"))]
+    assert token not in stored and all(len(h) == 64 for h in stored)
+    who = access.authenticate(token)
+    assert who.name == name and who.project == "chem" and who.service_class == "batch"
+    assert who.can("probe") and not who.can("embed")
+    assert access.revoke(token[:10]) == 1
+    with pytest.raises(Unauthorized, match="revoked"):
+        access.authenticate(token)
+    with pytest.raises(Unauthorized):
+        access.authenticate("tpm_not-a-token")
+    with pytest.raises(Unauthorized):
+        access.authenticate(None)
+
+
+def test_unknown_permission_and_principal(access: AccessDB) -> None:
+    with pytest.raises(InvalidRequest):
+        access.ensure_principal(_name("x"), permissions={"launch-missiles"})
+    with pytest.raises(InvalidRequest):
+        access.create_token(_name("nobody"))
+
+
+def test_each_principal_gets_its_own_cache_salt(access: AccessDB) -> None:
+    a = access.ensure_principal(_name("a"))
+    b = access.ensure_principal(_name("b"))
+    assert a.cache_salt != b.cache_salt and len(a.cache_salt) == 32
+
+
+def test_ledger_batches_upserts_and_sums(access: AccessDB) -> None:
+    name, project = _name("meter"), _name("proj")
+    writer = LedgerWriter(access.engine, flush_interval_s=0.05)
+    ids = [_name("req") for _ in range(50)]
+    for rid in ids:
+        writer.record(LedgerRow(request_id=rid, principal=name, project=project, service_class="interactive",
+                                endpoint="completions", model="m", content_hash="blake3:x", status=200,
+                                prompt_tokens=3, output_tokens=5, payload_bytes_in=7))
+    # A retried attempt of the same request id is idempotent: the row is replaced, not duplicated.
+    writer.record(LedgerRow(request_id=ids[0], principal=name, project=project, service_class="interactive",
+                            endpoint="completions", model="m", content_hash="blake3:x", status=200,
+                            prompt_tokens=3, output_tokens=5, payload_bytes_in=7))
+    writer.flush()
+    writer.close()
+    mine = [r for r in access.usage("principal") if r["principal"] == name]
+    assert mine == [{"principal": name, "requests": 50, "prompt_tokens": 150, "output_tokens": 250,
+                     "payload_bytes_in": 350, "payload_bytes_out": 0, "activation_bytes": 0}]
+    assert [r["requests"] for r in access.usage("project") if r["project"] == project] == [50]
+
+
+def test_payload_byte_quota(access: AccessDB) -> None:
+    name = _name("quota")
+    access.ensure_principal(name)
+    later = time.time() + 60
+    access.register_payload(_name("k"), name, 600, later, quota_bytes=1000)
+    with pytest.raises(QuotaExceeded):
+        access.register_payload(_name("k"), name, 600, later, quota_bytes=1000)
+    access.register_payload(_name("k"), name, 400, later, quota_bytes=1000)  # exactly at the quota
+    other = _name("quota")
+    access.ensure_principal(other)
+    access.register_payload(_name("k"), other, 900, later, quota_bytes=1000)  # quotas are per principal
