@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ from tpmflow.config import models_dir
 from tpmflow.models.catalog import DEMO_MODEL, TINY_MODEL
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# Parsl's HTEX workers and replica children must find the venv's executables (as `make` arranges).
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 @pytest.fixture(scope="session")

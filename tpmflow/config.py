@@ -57,8 +57,12 @@ class GatewayConfig(BaseModel):
 
 
 class LaunchConfig(BaseModel):
+    """How replicas start: ``local`` subprocesses, or long-running apps on a Parsl executor."""
+
     kind: Literal["local", "parsl"] = "local"
-    parsl_executor: str = "tpm"
+    parsl_executor: str = Field("tpm", description="label of the Parsl executor that runs replicas")
+    replica_host: str = Field("127.0.0.1", description="interface replicas listen on (cluster: the internal one)")
+    orphan_grace_s: float = Field(30.0, description="a Parsl-run replica stops after its gateway is gone this long")
     restart: bool = True
     start_timeout_s: float = 300.0
 

@@ -80,10 +80,15 @@ class Pool:
             if time.monotonic() > deadline or not self._thread.is_alive():
                 raise RuntimeError(f"gateway did not start on {self.url}")
             time.sleep(0.05)
-        if cfg.launcher.kind != "local":
-            raise NotImplementedError("only the local launcher is available in this release")
         log_dir = tpmflow_home() / "logs" / f"pool-{port}"
-        self.launcher = LocalLauncher(cfg, self.url, self.secret, log_dir, on_restart=self.gateway.note_restart)
+        if cfg.launcher.kind == "parsl":
+            from tpmflow.pool.parsl_launcher import ParslLauncher
+
+            self.launcher = ParslLauncher(cfg, self.url, self.secret, log_dir, on_restart=self.gateway.note_restart,
+                                          host=cfg.launcher.replica_host, orphan_grace_s=cfg.launcher.orphan_grace_s)
+        else:
+            self.launcher = LocalLauncher(cfg, self.url, self.secret, log_dir, on_restart=self.gateway.note_restart,
+                                          host=cfg.launcher.replica_host)
         atexit.register(self.stop)
         self.launcher.start()
         self.wait_ready(timeout_s or cfg.launcher.start_timeout_s)
@@ -113,10 +118,10 @@ class Pool:
         return Client(self.url, token=token or self.token, **kwargs)
 
     def stop(self) -> None:
-        if self.launcher is not None:
-            self.launcher.stop()
-            self.launcher = None
-        if self._server is not None:
+        launcher, self.launcher = self.launcher, None
+        if launcher is not None:
+            launcher.stop()
+        if self._server is not None:  # Parsl-launched replicas stop themselves once this is gone
             self._server.should_exit = True
             if self._thread is not None:
                 self._thread.join(timeout=10)
