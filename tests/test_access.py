@@ -89,18 +89,51 @@ def test_ledger_batches_upserts_and_sums(access: AccessDB) -> None:
     writer = LedgerWriter(access.engine, flush_interval_s=0.05)
     ids = [_name("req") for _ in range(50)]
     for rid in ids:
-        writer.record(LedgerRow(request_id=rid, principal=name, project=project, service_class="interactive",
-                                endpoint="completions", model="m", content_hash="blake3:x", status=200,
-                                prompt_tokens=3, output_tokens=5, payload_bytes_in=7))
+        writer.record(
+            LedgerRow(
+                request_id=rid,
+                principal=name,
+                project=project,
+                service_class="interactive",
+                endpoint="completions",
+                model="m",
+                content_hash="blake3:x",
+                status=200,
+                prompt_tokens=3,
+                output_tokens=5,
+                payload_bytes_in=7,
+            )
+        )
     # A retried attempt of the same request id is idempotent: the row is replaced, not duplicated.
-    writer.record(LedgerRow(request_id=ids[0], principal=name, project=project, service_class="interactive",
-                            endpoint="completions", model="m", content_hash="blake3:x", status=200,
-                            prompt_tokens=3, output_tokens=5, payload_bytes_in=7))
+    writer.record(
+        LedgerRow(
+            request_id=ids[0],
+            principal=name,
+            project=project,
+            service_class="interactive",
+            endpoint="completions",
+            model="m",
+            content_hash="blake3:x",
+            status=200,
+            prompt_tokens=3,
+            output_tokens=5,
+            payload_bytes_in=7,
+        )
+    )
     writer.flush()
     writer.close()
     mine = [r for r in access.usage("principal") if r["principal"] == name]
-    assert mine == [{"principal": name, "requests": 50, "prompt_tokens": 150, "output_tokens": 250,
-                     "payload_bytes_in": 350, "payload_bytes_out": 0, "activation_bytes": 0}]
+    assert mine == [
+        {
+            "principal": name,
+            "requests": 50,
+            "prompt_tokens": 150,
+            "output_tokens": 250,
+            "payload_bytes_in": 350,
+            "payload_bytes_out": 0,
+            "activation_bytes": 0,
+        }
+    ]
     assert [r["requests"] for r in access.usage("project") if r["project"] == project] == [50]
 
 

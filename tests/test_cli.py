@@ -15,8 +15,9 @@ def tpmflow(*args: str, home: Path | None = None, timeout: float = 300) -> subpr
     env = dict(os.environ)
     if home is not None:
         env["TPMFLOW_HOME"] = str(home)
-    return subprocess.run([sys.executable, "-m", "tpmflow.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "tpmflow.cli", *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
 
 
 def test_version() -> None:

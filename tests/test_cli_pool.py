@@ -21,8 +21,13 @@ def _env(home: Path) -> dict[str, str]:
 
 def test_tokens_and_usage_commands(tmp_path: Path) -> None:
     env = _env(tmp_path)
-    token = subprocess.run([*CLI, "tokens", "create", "carol", "--project", "beamline", "--permissions",
-                            "generate,probe"], env=env, capture_output=True, text=True, check=True).stdout.strip()
+    token = subprocess.run(
+        [*CLI, "tokens", "create", "carol", "--project", "beamline", "--permissions", "generate,probe"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert token.startswith("tpm_")
     listing = subprocess.run([*CLI, "tokens", "list"], env=env, capture_output=True, text=True, check=True).stdout
     assert token[:10] in listing and "carol" in listing and "active" in listing
@@ -31,8 +36,9 @@ def test_tokens_and_usage_commands(tmp_path: Path) -> None:
     assert "revoked" in subprocess.run([*CLI, "tokens", "list"], env=env, capture_output=True, text=True).stdout
     missing = subprocess.run([*CLI, "tokens", "revoke", "tpm_nothing"], env=env, capture_output=True, text=True)
     assert missing.returncode == 1
-    bad = subprocess.run([*CLI, "tokens", "create", "dave", "--permissions", "fly"], env=env, capture_output=True,
-                         text=True)
+    bad = subprocess.run(
+        [*CLI, "tokens", "create", "dave", "--permissions", "fly"], env=env, capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "InvalidRequest" in bad.stderr and "Traceback" not in bad.stderr
     usage = subprocess.run([*CLI, "usage", "--by", "project"], env=env, capture_output=True, text=True, check=True)
     assert "usage by project" in usage.stdout
@@ -41,8 +47,14 @@ def test_tokens_and_usage_commands(tmp_path: Path) -> None:
 def test_serve_prints_url_and_token_and_leaves_no_orphans(tmp_path: Path, tiny_model_dir: Path) -> None:
     config = tmp_path / "pool.yaml"
     config.write_text(f"model: {tiny_model_dir}\nreplicas: 1\nengine:\n  max_model_len: 256\n")
-    proc = subprocess.Popen([*CLI, "serve", "--config", str(config)], env=_env(tmp_path), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [*CLI, "serve", "--config", str(config)],
+        env=_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     url = token = None
     deadline = time.monotonic() + 240
     lines: list[str] = []
@@ -60,8 +72,12 @@ def test_serve_prints_url_and_token_and_leaves_no_orphans(tmp_path: Path, tiny_m
         assert url and token, "".join(lines[-30:])
         children = psutil.Process(proc.pid).children(recursive=True)
         assert children, "serve started no replica"
-        resp = httpx.post(url + "/v1/completions", json={"prompt": "served", "max_tokens": 3},
-                          headers={"Authorization": f"Bearer {token}"}, timeout=60)
+        resp = httpx.post(
+            url + "/v1/completions",
+            json={"prompt": "served", "max_tokens": 3},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=60,
+        )
         assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 3
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         proc.wait(timeout=60)

@@ -57,8 +57,9 @@ def test_installed_environment_is_ready(tiny_model_dir, demo_model_dir) -> None:
 
 def test_doctor_cli_exit_code_follows_verdict(tmp_path) -> None:
     env = {"TPMFLOW_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-m", "tpmflow.cli", "doctor", "--json"], capture_output=True,
-                          text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tpmflow.cli", "doctor", "--json"], capture_output=True, text=True, env=env, timeout=120
+    )
     report = json.loads(proc.stdout)
     assert proc.returncode == 1 and report["ready"] is False
     assert "model cache" in report["verdict"]

@@ -12,9 +12,15 @@ def test_version_is_public() -> None:
 
 @pytest.mark.parametrize(
     ("cls", "status"),
-    [(errors.InvalidRequest, 400), (errors.AdapterInputError, 400), (errors.Unauthorized, 401),
-     (errors.Forbidden, 403), (errors.QuotaExceeded, 429), (errors.Overloaded, 503),
-     (errors.ReplicaFailed, 502)],
+    [
+        (errors.InvalidRequest, 400),
+        (errors.AdapterInputError, 400),
+        (errors.Unauthorized, 401),
+        (errors.Forbidden, 403),
+        (errors.QuotaExceeded, 429),
+        (errors.Overloaded, 503),
+        (errors.ReplicaFailed, 502),
+    ],
 )
 def test_error_classes_carry_status_and_body(cls: type[errors.TpmflowError], status: int) -> None:
     err = cls("bad thing", item=3)

@@ -17,16 +17,26 @@ def test_pool_with_parsl_launched_replica(tiny_model_dir: Path, tmp_path: Path) 
     from parsl.providers import LocalProvider
 
     parsl_config = Config(
-        executors=[HighThroughputExecutor(label="tpm", max_workers_per_node=1, address="127.0.0.1",
-                                          provider=LocalProvider(init_blocks=1, max_blocks=1))],
+        executors=[
+            HighThroughputExecutor(
+                label="tpm",
+                max_workers_per_node=1,
+                address="127.0.0.1",
+                provider=LocalProvider(init_blocks=1, max_blocks=1),
+            )
+        ],
         run_dir=str(tmp_path / "runinfo"),
     )
     dfk = parsl.load(parsl_config)
     try:
-        cfg = PoolConfig(model=str(tiny_model_dir), served_model_name="tiny-llama", replicas=1,
-                         launcher=LaunchConfig(kind="parsl", parsl_executor="tpm", orphan_grace_s=3),
-                         store=StoreConfig(path=str(tmp_path / "store")),
-                         database_url=f"sqlite:///{tmp_path / 'access.db'}")
+        cfg = PoolConfig(
+            model=str(tiny_model_dir),
+            served_model_name="tiny-llama",
+            replicas=1,
+            launcher=LaunchConfig(kind="parsl", parsl_executor="tpm", orphan_grace_s=3),
+            store=StoreConfig(path=str(tmp_path / "store")),
+            database_url=f"sqlite:///{tmp_path / 'access.db'}",
+        )
         cfg.engine.max_model_len = 256
         pool = Pool(cfg)
         with pool:

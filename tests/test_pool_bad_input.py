@@ -21,25 +21,27 @@ def still_serving(client: Client):
     assert out.usage["completion_tokens"] == 2
 
 
-def _post(pool: Any, path: str, token: str | None, headers: dict[str, str] | None = None,
-          **kw: Any) -> httpx.Response:
+def _post(pool: Any, path: str, token: str | None, headers: dict[str, str] | None = None, **kw: Any) -> httpx.Response:
     headers = dict(headers or {})
     if token:
         headers["Authorization"] = f"Bearer {token}"
     return httpx.post(pool.url + path, headers=headers, timeout=60, **kw)
 
 
-@pytest.mark.parametrize("body", [
-    {"prompt": []},
-    {"prompt": ""},
-    {"prompt": ["ok", ""]},
-    {"prompt": "x", "max_tokens": 0},
-    {"prompt": "x", "max_tokens": -5},
-    {"prompt": "x", "max_tokens": 10**9},
-    {"prompt": "x", "max_tokens": "ten"},
-    {"prompt": "x", "n": 10**6},
-    {"prompt": "x", "n": 0},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"prompt": []},
+        {"prompt": ""},
+        {"prompt": ["ok", ""]},
+        {"prompt": "x", "max_tokens": 0},
+        {"prompt": "x", "max_tokens": -5},
+        {"prompt": "x", "max_tokens": 10**9},
+        {"prompt": "x", "max_tokens": "ten"},
+        {"prompt": "x", "n": 10**6},
+        {"prompt": "x", "n": 0},
+    ],
+)
 def test_bad_completion_bodies_are_400(pool: Any, body: dict[str, Any], still_serving: None) -> None:
     resp = _post(pool, "/v1/completions", pool.token, json={"model": "tiny-llama", **body})
     assert resp.status_code == 400, resp.text
@@ -94,9 +96,8 @@ def test_missing_permission_is_403(pool: Any, still_serving: None) -> None:
         with pytest.raises(Forbidden, match="generate"):
             c.generate("x", max_tokens=1)
         assert c.embed("allowed").numpy().shape == (1, 128)
-    with Client(pool.url, token=generate_only) as c:
-        with pytest.raises(Forbidden, match="embed"):
-            c.embed("x")
+    with Client(pool.url, token=generate_only) as c, pytest.raises(Forbidden, match="embed"):
+        c.embed("x")
 
 
 @pytest.mark.parametrize("case", ["hidden", "dtype", "nan", "inf", "zero", "rank"])
@@ -123,31 +124,42 @@ def test_references_missing_foreign_and_forged(pool: Any, client: Client, still_
         client.digest(ref.model_copy(update={"sig": ""}))
     # Another principal's data: a valid reference, but not theirs.
     other = pool.add_principal("someone-else", permissions={"embed"})
-    with Client(pool.url, token=other) as c:
-        with pytest.raises(Forbidden, match="another principal"):
-            c.digest(ref)
+    with Client(pool.url, token=other) as c, pytest.raises(Forbidden, match="another principal"):
+        c.digest(ref)
     # Missing data: signed, then evicted from the store.
     gone = client.put(np.ones(8, dtype=np.float32))
     (Path(pool.cfg.store.root()) / gone.principal / gone.key).unlink()
     with pytest.raises(InvalidRequest, match="missing"):
         client.digest(gone)
     # Signing something that was never written is refused too.
-    resp = _post(pool, "/v1/tpmflow/payloads/sign", pool.token,
-                 json={"key": "nope", "kind": "bytes", "nbytes": 3, "digest": "blake3:00"})
+    resp = _post(
+        pool,
+        "/v1/tpmflow/payloads/sign",
+        pool.token,
+        json={"key": "nope", "kind": "bytes", "nbytes": 3, "digest": "blake3:00"},
+    )
     assert resp.status_code == 400
     # Path tricks in the key never reach the filesystem: refused as forged, and never signed.
     with pytest.raises(Forbidden):
         client.digest(ref.model_copy(update={"key": "../../etc/passwd"}))
-    resp = _post(pool, "/v1/tpmflow/payloads/sign", pool.token,
-                 json={"key": "../../etc/passwd", "kind": "bytes", "nbytes": 3, "digest": "blake3:00"})
+    resp = _post(
+        pool,
+        "/v1/tpmflow/payloads/sign",
+        pool.token,
+        json={"key": "../../etc/passwd", "kind": "bytes", "nbytes": 3, "digest": "blake3:00"},
+    )
     assert resp.status_code == 400 and "malformed" in resp.json()["error"]["message"]
 
 
 def test_payloads_above_the_limit(pool: Any, client: Client, still_serving: None) -> None:
     with pytest.raises(PayloadTooLarge):
         client.put(np.zeros(100 << 20, dtype=np.uint8))  # the fixture allows 96 MiB
-    resp = _post(pool, "/v1/tpmflow/payloads/sign", pool.token,
-                 json={"key": "k", "kind": "bytes", "nbytes": 1 << 40, "digest": "blake3:00"})
+    resp = _post(
+        pool,
+        "/v1/tpmflow/payloads/sign",
+        pool.token,
+        json={"key": "k", "kind": "bytes", "nbytes": 1 << 40, "digest": "blake3:00"},
+    )
     assert resp.status_code == 413
     big_inline = {"prompt": "x" * (9 << 20)}  # over the gateway's 8 MiB inline body limit
     resp = _post(pool, "/v1/completions", pool.token, json=big_inline)

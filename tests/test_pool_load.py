@@ -21,8 +21,9 @@ def test_200_concurrent_requests_get_200_answers_and_200_ledger_rows(pool: Any) 
 
     async def run() -> list[Any]:
         async with AsyncClient(pool.url, token=pool.token, timeout=120) as ac:
-            return await asyncio.gather(*(ac.generate(f"q{i}", max_tokens=4, temperature=0.0, request_id=rid)
-                                          for i, rid in enumerate(ids)))
+            return await asyncio.gather(
+                *(ac.generate(f"q{i}", max_tokens=4, temperature=0.0, request_id=rid) for i, rid in enumerate(ids))
+            )
 
     answers = asyncio.run(run())
     assert len(answers) == 200 and all(a.usage["completion_tokens"] == 4 for a in answers)
@@ -53,12 +54,17 @@ def test_admission_beyond_the_queue_is_503_with_retry_after(pool: Any) -> None:
     while not server.started:
         time.sleep(0.05)
     try:
+
         async def burst() -> list[httpx.Response]:
             body = {"model": "tiny-llama", "prompt": "busy", "max_tokens": 48, "ignore_eos": True}
             headers = {"Authorization": f"Bearer {pool.token}"}
             async with httpx.AsyncClient(timeout=60) as http:
-                return await asyncio.gather(*(http.post(f"http://127.0.0.1:{port}/v1/completions", json=body,
-                                                        headers=headers) for _ in range(8)))
+                return await asyncio.gather(
+                    *(
+                        http.post(f"http://127.0.0.1:{port}/v1/completions", json=body, headers=headers)
+                        for _ in range(8)
+                    )
+                )
 
         responses = asyncio.run(burst())
     finally:
@@ -85,17 +91,26 @@ def test_50_mb_array_by_reference(pool: Any, client: Client) -> None:
 def test_replica_killed_under_load(pool: Any) -> None:
     timeout = pool.cfg.gateway.request_timeout_s
     restarts_before = pool.launcher.replicas["replica-0"].restarts
+    url_before = pool.gateway.registry.replicas["replica-0"].info.url
 
     async def load() -> list[Any]:
         async with AsyncClient(pool.url, token=pool.token, timeout=timeout + 30, retries=0) as ac:
+
             async def one(i: int) -> Any:
                 try:
-                    return await ac.generate(f"kill{i}", max_tokens=32, temperature=0.0, ignore_eos=True)
+                    return await ac.generate(
+                        f"kill{i}", max_tokens=300, temperature=0.0, ignore_eos=True, request_id=f"kill-{i}"
+                    )
                 except ReplicaFailed as exc:
                     return exc
 
             tasks = [asyncio.ensure_future(one(i)) for i in range(40)]
-            await asyncio.sleep(0.5)
+            waited = time.monotonic()
+            while pool.gateway.registry.replicas["replica-0"].inflight == 0:  # kill it while it works
+                assert time.monotonic() - waited < 30, "replica-0 never received work"
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)
+            assert not all(t.done() for t in tasks)
             pool.launcher.kill("replica-0")
             # None may hang: everything settles within the request timeout (plus slack).
             return await asyncio.wait_for(asyncio.gather(*tasks), timeout + 20)
@@ -111,18 +126,24 @@ def test_replica_killed_under_load(pool: Any) -> None:
     with pool.client() as c:  # the survivor keeps serving
         assert all(c.generate(f"after{i}", max_tokens=2).usage["completion_tokens"] == 2 for i in range(4))
 
+    pool.ledger.flush()
+    hit = [r for r in pool.access.ledger_rows() if r.request_id.startswith("kill-") and r.status == 502]
+    assert hit, "no request was in flight on the killed replica; the test did not exercise failover"
+
     deadline = time.monotonic() + 180  # the launcher restarts the replica; it registers again
     while time.monotonic() < deadline:
         live = {r.info.replica_id: r for r in pool.gateway.registry.live()}
-        if "replica-0" in live and pool.launcher.replicas["replica-0"].restarts > restarts_before:
+        if "replica-0" in live and live["replica-0"].info.url != url_before:
             break
         time.sleep(0.5)
     else:
         pytest.fail("replica-0 was not restarted within 180 s:\n" + pool.launcher.log_tail("replica-0"))
+    assert pool.launcher.replicas["replica-0"].restarts > restarts_before
     with pool.client() as c:
         for i in range(8):
             c.generate(f"back{i}", max_tokens=2)
-    assert pool.gateway.registry.replicas["replica-0"].served > 0, "the restarted replica serves again"
+    restarted = pool.gateway.registry.replicas["replica-0"]
+    assert restarted.info.url != url_before and restarted.served > 0, "the restarted replica serves again"
     pool.ledger.flush()
     retried = [r for r in pool.access.ledger_rows() if r.retry_of is not None]
     assert all(r.request_id.startswith(r.retry_of.split(".r")[0]) for r in retried)

@@ -50,16 +50,18 @@ def test_generate_through_client(client: Client) -> None:
     assert len(outs) == 3
 
 
-def test_embed_matches_transformers_and_ignores_the_prefix_cache(pool: Any, client: Client,
-                                                                  tiny_model_dir: Path) -> None:
+def test_embed_matches_transformers_and_ignores_the_prefix_cache(
+    pool: Any, client: Client, tiny_model_dir: Path
+) -> None:
     # Warm both replicas' prefix caches with the prompt (requests alternate between idle replicas).
     for _ in range(4):
         client.generate(LONG_PROMPT, max_tokens=1, temperature=0.0)
     hits = 0.0
     for replica in pool.gateway.registry.live():
         text = httpx.get(replica.info.url + "/metrics").text
-        hits += sum(float(line.split()[-1]) for line in text.splitlines()
-                    if line.startswith("vllm:prefix_cache_hits_total"))
+        hits += sum(
+            float(line.split()[-1]) for line in text.splitlines() if line.startswith("vllm:prefix_cache_hits_total")
+        )
     assert hits > 0, "the prefix was never cached, so this test would not exercise the cached path"
     text = LONG_PROMPT + "and the tail differs."
     cached = client.embed(text, pooling="none")[0]
@@ -124,8 +126,9 @@ def test_openai_package_completions_chat_and_stream(pool: Any) -> None:
     oa = OpenAI(base_url=pool.url + "/v1", api_key=pool.token)
     comp = oa.completions.create(model="tiny-llama", prompt="OpenAI", max_tokens=5, temperature=0)
     assert comp.usage.completion_tokens == 5
-    chat = oa.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "hi"}],
-                                      max_tokens=5, temperature=0)
+    chat = oa.chat.completions.create(
+        model="tiny-llama", messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0
+    )
     assert chat.choices[0].message.content is not None
     chunks = list(oa.completions.create(model="tiny-llama", prompt="stream", max_tokens=6, stream=True))
     assert "".join(c.choices[0].text for c in chunks if c.choices)
@@ -147,8 +150,14 @@ def test_gateway_injects_salt_and_strips_client_values(pool: Any) -> None:
 def test_metrics_exposes_prometheus_series(pool: Any, client: Client) -> None:
     client.generate("metrics", max_tokens=2)
     text = httpx.get(pool.url + "/metrics").text
-    for name in ("tpmflow_requests_total", "tpmflow_request_latency_seconds_bucket", "tpmflow_queue_depth",
-                 "tpmflow_tokens_total", "tpmflow_replica_inflight", "tpmflow_replicas_live"):
+    for name in (
+        "tpmflow_requests_total",
+        "tpmflow_request_latency_seconds_bucket",
+        "tpmflow_queue_depth",
+        "tpmflow_tokens_total",
+        "tpmflow_replica_inflight",
+        "tpmflow_replicas_live",
+    ):
         assert name in text, name
 
 
@@ -156,5 +165,15 @@ def test_usage_endpoint_reports_this_principal(client: Client) -> None:
     rows = client.usage()
     assert rows and rows[0]["requests"] > 0 and rows[0]["prompt_tokens"] > 0
     assert json.dumps(rows)
-    with pytest.raises(Exception):
+    from tpmflow.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest):
         client.usage(by="nonsense")
+
+
+def test_digest_of_inline_array_matches_local(client: Client) -> None:
+    from tpmflow.payload import digest_of, encode_payload
+
+    arr = np.arange(1000, dtype=np.float32).reshape(10, 100)
+    answer = client.digest(arr)
+    assert answer["digest"] == digest_of(encode_payload(arr)[0]) and answer["shape"] == [10, 100]

@@ -9,14 +9,14 @@ from tpmflow.models.smiles_data import canonical
 def test_known_answers() -> None:
     training = {canonical("CCO"), canonical("c1ccccc1")}
     samples = [
-        "OCC",        # valid, = CCO (in training)
-        "CCO",        # valid, duplicate of the above, in training
-        "CCN",        # valid, novel
+        "OCC",  # valid, = CCO (in training)
+        "CCO",  # valid, duplicate of the above, in training
+        "CCN",  # valid, novel
         "C1=CC=CC=C1",  # valid, = benzene (in training), Kekulé form
-        "C(",         # invalid
-        "",           # invalid (RDKit parses "" to an empty molecule; we do not count it)
-        "CCCl",       # valid, novel
-        "xyz",        # invalid
+        "C(",  # invalid
+        "",  # invalid (RDKit parses "" to an empty molecule; we do not count it)
+        "CCCl",  # valid, novel
+        "xyz",  # invalid
     ]
     m = sample_metrics(samples, training, canonical)
     assert m.n == 8 and m.n_valid == 5

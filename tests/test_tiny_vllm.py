@@ -8,8 +8,9 @@ from typing import Any
 def test_tiny_model_generates(tiny_llm: Any) -> None:
     from vllm import SamplingParams
 
-    out = tiny_llm.generate(["The quick brown fox"], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
-                            use_tqdm=False)
+    out = tiny_llm.generate(
+        ["The quick brown fox"], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True), use_tqdm=False
+    )
     completion = out[0].outputs[0]
     assert len(completion.token_ids) == 12
     assert isinstance(completion.text, str) and completion.text

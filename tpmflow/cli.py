@@ -11,8 +11,11 @@ from rich.table import Table
 
 from tpmflow import __version__
 
-app = typer.Typer(help="tpmflow: a co-located vLLM model pool for Parsl / Colmena science campaigns.",
-                  no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="tpmflow: a co-located vLLM model pool for Parsl / Colmena science campaigns.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 models_app = typer.Typer(help="Build and list the locally built models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 tokens_app = typer.Typer(help="Create, list and revoke bearer tokens of principals.", no_args_is_help=True)
@@ -20,7 +23,8 @@ app.add_typer(tokens_app, name="tokens")
 console = Console()
 
 ConfigOption = Annotated[
-    str | None, typer.Option("--config", help="Pool config whose database_url to use (default: local SQLite).")]
+    str | None, typer.Option("--config", help="Pool config whose database_url to use (default: local SQLite).")
+]
 DatabaseOption = Annotated[str | None, typer.Option("--database-url", help="SQLAlchemy URL of the ledger.")]
 
 
@@ -36,6 +40,9 @@ def _access(config: str | None, database_url: str | None):  # type: ignore[no-un
 def serve(
     config: Annotated[str, typer.Option("--config", help="Pool config YAML.")] = "configs/local.yaml",
     replicas: Annotated[int | None, typer.Option(help="Override the number of replicas.")] = None,
+    show_internals: Annotated[
+        bool, typer.Option(help="Also print replica URLs and the pool secret (operators' debugging and benchmarks).")
+    ] = False,
 ) -> None:
     """Start a pool (gateway + replicas) and serve until Ctrl-C; prints the URL and a token."""
     import signal
@@ -53,13 +60,20 @@ def serve(
         pool = Pool(cfg)
         pool.__enter__()
     try:
-        console.print(f"[bold green]tpmflow pool ready[/] at {pool.url}  (model {cfg.model_name()}, "
-                      f"{cfg.replicas} replica(s))")
+        console.print(
+            f"[bold green]tpmflow pool ready[/] at {pool.url}  (model {cfg.model_name()}, {cfg.replicas} replica(s))"
+        )
         console.print(f"admin token (shown once): {pool.token}")
-        console.print(f"try: curl -s {pool.url}/v1/completions -H 'Authorization: Bearer {pool.token}' "
-                      f"-H 'Content-Type: application/json' -d '{{\"prompt\": \"C\", \"max_tokens\": 16}}'")
+        console.print(
+            f"try: curl -s {pool.url}/v1/completions -H 'Authorization: Bearer {pool.token}' "
+            f'-H \'Content-Type: application/json\' -d \'{{"prompt": "C", "max_tokens": 16}}\''
+        )
         print(f"TPMFLOW_URL={pool.url}", flush=True)
         print(f"TPMFLOW_TOKEN={pool.token}", flush=True)
+        if show_internals:
+            urls = ",".join(r.info.url for r in pool.gateway.registry.live())
+            print(f"TPMFLOW_REPLICA_URLS={urls}", flush=True)
+            print(f"TPMFLOW_POOL_SECRET={pool.secret}", flush=True)
         while not stop.wait(0.5):
             pass
     except KeyboardInterrupt:
@@ -73,7 +87,9 @@ def serve(
 def tokens_create(
     principal: Annotated[str, typer.Argument(help="Principal name (created if new).")],
     project: Annotated[str, typer.Option(help="Project that is charged.")] = "default",
-    permissions: Annotated[str, typer.Option(help="Comma-separated: generate, embed, probe, admin.")] = "generate,embed",
+    permissions: Annotated[
+        str, typer.Option(help="Comma-separated: generate, embed, probe, admin.")
+    ] = "generate,embed",
     service_class: Annotated[str, typer.Option(help="Scheduling class (see the pool config).")] = "interactive",
     config: ConfigOption = None,
     database_url: DatabaseOption = None,
@@ -96,8 +112,15 @@ def tokens_list(config: ConfigOption = None, database_url: DatabaseOption = None
         table.add_column(col)
     for t in _access(config, database_url).list_tokens():
         created = dt.datetime.fromtimestamp(t["created"]).strftime("%Y-%m-%d %H:%M")
-        table.add_row(t["prefix"], t["principal"], t["project"], t["permissions"], t["service_class"], created,
-                      "[red]revoked[/]" if t["revoked"] else "active")
+        table.add_row(
+            t["prefix"],
+            t["principal"],
+            t["project"],
+            t["permissions"],
+            t["service_class"],
+            created,
+            "[red]revoked[/]" if t["revoked"] else "active",
+        )
     console.print(table)
 
 
@@ -127,9 +150,20 @@ def usage(
     for col in (by, "requests", "prompt tokens", "output tokens", "bytes in", "bytes out", "activation bytes"):
         table.add_column(col, justify="right" if col != by else "left")
     for r in rows:
-        table.add_row(str(r[by]), *(f"{r[k]:,}" for k in ("requests", "prompt_tokens", "output_tokens",
-                                                          "payload_bytes_in", "payload_bytes_out",
-                                                          "activation_bytes")))
+        table.add_row(
+            str(r[by]),
+            *(
+                f"{r[k]:,}"
+                for k in (
+                    "requests",
+                    "prompt_tokens",
+                    "output_tokens",
+                    "payload_bytes_in",
+                    "payload_bytes_out",
+                    "activation_bytes",
+                )
+            ),
+        )
     console.print(table)
 
 
@@ -186,8 +220,12 @@ def build_demo(
     from tpmflow.models.demo import build_demo as build
 
     def run() -> None:
-        path, card = build(name=name, settings=TrainSettings(steps=steps, batch_size=batch_size, seed=seed),
-                           samples=samples, force=force)
+        path, card = build(
+            name=name,
+            settings=TrainSettings(steps=steps, batch_size=batch_size, seed=seed),
+            samples=samples,
+            force=force,
+        )
         m = card.metrics or {}
         table = Table(title=f"{name}: {card.parameters:,} parameters, {card.content_hash[:19]}…")
         table.add_column("metric")
@@ -198,8 +236,9 @@ def build_demo(
         for key, floor in FLOORS.items():
             if key in m:
                 ok = m[key] >= floor
-                table.add_row(f"{key} ({m['n']} samples, T=1.0)", f"[{'green' if ok else 'red'}]{m[key]:.3f}[/]",
-                              f">= {floor}")
+                table.add_row(
+                    f"{key} ({m['n']} samples, T=1.0)", f"[{'green' if ok else 'red'}]{m[key]:.3f}[/]", f">= {floor}"
+                )
         console.print(table)
         if "examples" in m:
             console.print("samples: " + "  ".join(m["examples"][:5]))

@@ -22,9 +22,17 @@ from tpmflow.errors import ERROR_CLASSES, InvalidRequest, Overloaded, TpmflowErr
 from tpmflow.payload import PayloadStore, Reference, StoreConfig, encode_payload
 from tpmflow.schema import InlineArray
 
-_BY_STATUS: dict[int, str] = {400: "InvalidRequest", 401: "Unauthorized", 403: "Forbidden", 404: "ModelNotFound",
-                              413: "PayloadTooLarge", 429: "QuotaExceeded", 502: "ReplicaFailed", 503: "Overloaded",
-                              504: "ReplicaFailed"}
+_BY_STATUS: dict[int, str] = {
+    400: "InvalidRequest",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "ModelNotFound",
+    413: "PayloadTooLarge",
+    429: "QuotaExceeded",
+    502: "ReplicaFailed",
+    503: "Overloaded",
+    504: "ReplicaFailed",
+}
 
 
 def raise_for_error(resp: httpx.Response) -> None:
@@ -104,8 +112,9 @@ class Embeddings:
         return self.items[i].numpy()
 
 
-def _completion_body(prompt: str | Sequence[str], max_tokens: int, temperature: float, seed: int | None,
-                     extra: dict[str, Any]) -> dict[str, Any]:
+def _completion_body(
+    prompt: str | Sequence[str], max_tokens: int, temperature: float, seed: int | None, extra: dict[str, Any]
+) -> dict[str, Any]:
     body: dict[str, Any] = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, **extra}
     if seed is not None:
         body["seed"] = seed
@@ -135,27 +144,43 @@ class _Base:
         return headers
 
     def _delay(self, attempt: int, exc: Overloaded) -> float:
-        return max(exc.retry_after, self.backoff_s * (2 ** attempt)) if exc.retry_after else self.backoff_s * 2 ** attempt
+        return max(exc.retry_after, self.backoff_s * (2**attempt)) if exc.retry_after else self.backoff_s * 2**attempt
 
     def _make_store(self, info: dict[str, Any]) -> PayloadStore:
         self._store_info = info
-        cfg = StoreConfig(connector=info["connector"], path=info.get("path"),
-                          redis_host=info.get("redis_host", "127.0.0.1"), redis_port=info.get("redis_port", 6379),
-                          inline_limit_bytes=info["inline_limit_bytes"], max_payload_bytes=info["max_payload_bytes"])
+        cfg = StoreConfig(
+            connector=info["connector"],
+            path=info.get("path"),
+            redis_host=info.get("redis_host", "127.0.0.1"),
+            redis_port=info.get("redis_port", 6379),
+            inline_limit_bytes=info["inline_limit_bytes"],
+            max_payload_bytes=info["max_payload_bytes"],
+        )
         return PayloadStore(cfg)
 
     def _embeddings(self, data: dict[str, Any]) -> Embeddings:
         items = sorted(data["data"], key=lambda d: d["index"])
-        return Embeddings([LazyArray(d["embedding"], self._store) for d in items], [d["n_tokens"] for d in items],
-                          data.get("usage", {}), data.get("provenance", {}))
+        return Embeddings(
+            [LazyArray(d["embedding"], self._store) for d in items],
+            [d["n_tokens"] for d in items],
+            data.get("usage", {}),
+            data.get("provenance", {}),
+        )
 
 
 class Client(_Base):
     """Synchronous client. ``submit_*`` variants return ``concurrent.futures.Future`` so a thinker
     agent never blocks its others."""
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 120.0, retries: int = 4,
-                 backoff_s: float = 0.25, max_workers: int = 16) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        timeout: float = 120.0,
+        retries: int = 4,
+        backoff_s: float = 0.25,
+        max_workers: int = 16,
+    ) -> None:
         super().__init__(url, token, timeout, retries, backoff_s)
         self._http = httpx.Client(timeout=timeout)
         self._pool: ThreadPoolExecutor | None = None
@@ -172,13 +197,18 @@ class Client(_Base):
             self._pool.shutdown(wait=True)
         self._http.close()
 
-    def _request(self, method: str, path: str, json: Any = None, params: dict[str, Any] | None = None,
-                 request_id: str | None = None) -> dict[str, Any]:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        request_id: str | None = None,
+    ) -> dict[str, Any]:
         rid = request_id or uuid.uuid4().hex
         for attempt in range(self.retries + 1):
             try:
-                resp = self._http.request(method, self.url + path, json=json, params=params,
-                                          headers=self._headers(rid))
+                resp = self._http.request(method, self.url + path, json=json, params=params, headers=self._headers(rid))
             except httpx.TimeoutException as exc:
                 raise TpmflowError(f"no answer from {self.url} within {self.timeout} s") from exc
             try:
@@ -208,21 +238,38 @@ class Client(_Base):
     def usage(self, by: str = "principal") -> list[dict[str, Any]]:
         return list(self._request("GET", "/v1/tpmflow/usage", params={"by": by})["usage"])
 
-    def generate(self, prompt: str | Sequence[str] | None = None, *, max_tokens: int = 16, temperature: float = 1.0,
-                 seed: int | None = None, prompt_embeds: np.ndarray | Reference | None = None,
-                 request_id: str | None = None, **extra: Any) -> Generation | list[Generation]:
+    def generate(
+        self,
+        prompt: str | Sequence[str] | None = None,
+        *,
+        max_tokens: int = 16,
+        temperature: float = 1.0,
+        seed: int | None = None,
+        prompt_embeds: np.ndarray | Reference | None = None,
+        request_id: str | None = None,
+        **extra: Any,
+    ) -> Generation | list[Generation]:
         """Text in, text out (one prompt → one ``Generation``; a list → a list). With
         ``prompt_embeds`` ([n_tokens, hidden] floats) the model starts from vectors instead of text."""
         rid = request_id or uuid.uuid4().hex
         if prompt_embeds is not None:
-            body = {"prompt_embeds": self._array_payload(prompt_embeds), "max_tokens": max_tokens,
-                    "temperature": temperature, "seed": seed, **extra}
+            body = {
+                "prompt_embeds": self._array_payload(prompt_embeds),
+                "max_tokens": max_tokens,
+                "temperature": temperature,
+                "seed": seed,
+                **extra,
+            }
             data = self._request("POST", "/v1/tpmflow/generate_embeds", json=body, request_id=rid)
             return Generation(data["text"], data.get("finish_reason"), data["usage"], rid, data.get("provenance", {}))
         if prompt is None:
             raise InvalidRequest("give a prompt or prompt_embeds")
-        data = self._request("POST", "/v1/completions", json=_completion_body(prompt, max_tokens, temperature, seed,
-                                                                               extra), request_id=rid)
+        data = self._request(
+            "POST",
+            "/v1/completions",
+            json=_completion_body(prompt, max_tokens, temperature, seed, extra),
+            request_id=rid,
+        )
         gens = _generations(data, rid)
         return gens[0] if isinstance(prompt, str) else gens
 
@@ -230,8 +277,9 @@ class Client(_Base):
         """Final hidden states (after the final norm) of each input: pooled ``mean``/``last`` or per token ``none``."""
         self._ensure_store()
         items = [inputs] if isinstance(inputs, str) else list(inputs)
-        data = self._request("POST", "/v1/tpmflow/embed", json={"input": items, "pooling": pooling},
-                             request_id=request_id)
+        data = self._request(
+            "POST", "/v1/tpmflow/embed", json={"input": items, "pooling": pooling}, request_id=request_id
+        )
         return self._embeddings(data)
 
     def put(self, value: np.ndarray | bytes) -> Reference:
@@ -239,13 +287,18 @@ class Client(_Base):
         store = self._ensure_store()
         assert self._store_info is not None
         ref = store.put(self._store_info["principal"], value)
-        signed = self._request("POST", "/v1/tpmflow/payloads/sign",
-                               json={"key": ref.key, "kind": ref.kind, "nbytes": ref.nbytes, "digest": ref.digest})
+        signed = self._request(
+            "POST",
+            "/v1/tpmflow/payloads/sign",
+            json={"key": ref.key, "kind": ref.kind, "nbytes": ref.nbytes, "digest": ref.digest},
+        )
         return Reference.model_validate(signed)
 
-    def digest(self, ref: Reference) -> dict[str, Any]:
-        """Ask a replica to resolve a reference and report its digest (proves the transfer)."""
-        return self._request("POST", "/v1/tpmflow/digest", json={"ref": ref.model_dump()})
+    def digest(self, value: Reference | np.ndarray) -> dict[str, Any]:
+        """Deliver an array (inline) or a reference to a replica; it reports the blake3 digest of what
+        arrived, proving the transfer."""
+        payload = value.model_dump() if isinstance(value, Reference) else InlineArray.from_numpy(value).model_dump()
+        return self._request("POST", "/v1/tpmflow/digest", json={"payload": payload})
 
     def _array_payload(self, value: np.ndarray | Reference) -> dict[str, Any]:
         if isinstance(value, Reference):
@@ -273,8 +326,9 @@ class Client(_Base):
 class AsyncClient(_Base):
     """Asynchronous client with the same methods as ``Client``."""
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 120.0, retries: int = 4,
-                 backoff_s: float = 0.25) -> None:
+    def __init__(
+        self, url: str, token: str | None = None, timeout: float = 120.0, retries: int = 4, backoff_s: float = 0.25
+    ) -> None:
         super().__init__(url, token, timeout, retries, backoff_s)
         self._http = httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=512))
 
@@ -287,13 +341,20 @@ class AsyncClient(_Base):
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _request(self, method: str, path: str, json: Any = None, params: dict[str, Any] | None = None,
-                       request_id: str | None = None) -> dict[str, Any]:
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        request_id: str | None = None,
+    ) -> dict[str, Any]:
         rid = request_id or uuid.uuid4().hex
         for attempt in range(self.retries + 1):
             try:
-                resp = await self._http.request(method, self.url + path, json=json, params=params,
-                                                headers=self._headers(rid))
+                resp = await self._http.request(
+                    method, self.url + path, json=json, params=params, headers=self._headers(rid)
+                )
             except httpx.TimeoutException as exc:
                 raise TpmflowError(f"no answer from {self.url} within {self.timeout} s") from exc
             try:
@@ -320,42 +381,63 @@ class AsyncClient(_Base):
     async def usage(self, by: str = "principal") -> list[dict[str, Any]]:
         return list((await self._request("GET", "/v1/tpmflow/usage", params={"by": by}))["usage"])
 
-    async def generate(self, prompt: str | Sequence[str] | None = None, *, max_tokens: int = 16,
-                       temperature: float = 1.0, seed: int | None = None,
-                       prompt_embeds: np.ndarray | Reference | None = None, request_id: str | None = None,
-                       **extra: Any) -> Generation | list[Generation]:
+    async def generate(
+        self,
+        prompt: str | Sequence[str] | None = None,
+        *,
+        max_tokens: int = 16,
+        temperature: float = 1.0,
+        seed: int | None = None,
+        prompt_embeds: np.ndarray | Reference | None = None,
+        request_id: str | None = None,
+        **extra: Any,
+    ) -> Generation | list[Generation]:
         rid = request_id or uuid.uuid4().hex
         if prompt_embeds is not None:
-            body = {"prompt_embeds": await self._array_payload(prompt_embeds), "max_tokens": max_tokens,
-                    "temperature": temperature, "seed": seed, **extra}
+            body = {
+                "prompt_embeds": await self._array_payload(prompt_embeds),
+                "max_tokens": max_tokens,
+                "temperature": temperature,
+                "seed": seed,
+                **extra,
+            }
             data = await self._request("POST", "/v1/tpmflow/generate_embeds", json=body, request_id=rid)
             return Generation(data["text"], data.get("finish_reason"), data["usage"], rid, data.get("provenance", {}))
         if prompt is None:
             raise InvalidRequest("give a prompt or prompt_embeds")
-        data = await self._request("POST", "/v1/completions",
-                                   json=_completion_body(prompt, max_tokens, temperature, seed, extra), request_id=rid)
+        data = await self._request(
+            "POST",
+            "/v1/completions",
+            json=_completion_body(prompt, max_tokens, temperature, seed, extra),
+            request_id=rid,
+        )
         gens = _generations(data, rid)
         return gens[0] if isinstance(prompt, str) else gens
 
-    async def embed(self, inputs: str | Sequence[str], *, pooling: str = "mean",
-                    request_id: str | None = None) -> Embeddings:
+    async def embed(
+        self, inputs: str | Sequence[str], *, pooling: str = "mean", request_id: str | None = None
+    ) -> Embeddings:
         await self._ensure_store()
         items = [inputs] if isinstance(inputs, str) else list(inputs)
-        data = await self._request("POST", "/v1/tpmflow/embed", json={"input": items, "pooling": pooling},
-                                   request_id=request_id)
+        data = await self._request(
+            "POST", "/v1/tpmflow/embed", json={"input": items, "pooling": pooling}, request_id=request_id
+        )
         return self._embeddings(data)
 
     async def put(self, value: np.ndarray | bytes) -> Reference:
         store = await self._ensure_store()
         assert self._store_info is not None
         ref = await asyncio.to_thread(store.put, self._store_info["principal"], value)
-        signed = await self._request("POST", "/v1/tpmflow/payloads/sign",
-                                     json={"key": ref.key, "kind": ref.kind, "nbytes": ref.nbytes,
-                                           "digest": ref.digest})
+        signed = await self._request(
+            "POST",
+            "/v1/tpmflow/payloads/sign",
+            json={"key": ref.key, "kind": ref.kind, "nbytes": ref.nbytes, "digest": ref.digest},
+        )
         return Reference.model_validate(signed)
 
-    async def digest(self, ref: Reference) -> dict[str, Any]:
-        return await self._request("POST", "/v1/tpmflow/digest", json={"ref": ref.model_dump()})
+    async def digest(self, value: Reference | np.ndarray) -> dict[str, Any]:
+        payload = value.model_dump() if isinstance(value, Reference) else InlineArray.from_numpy(value).model_dump()
+        return await self._request("POST", "/v1/tpmflow/digest", json={"payload": payload})
 
     async def _array_payload(self, value: np.ndarray | Reference) -> dict[str, Any]:
         if isinstance(value, Reference):

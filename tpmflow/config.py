@@ -1,9 +1,15 @@
-"""Where tpmflow keeps its files, and (later) the pydantic config models loaded from YAML."""
+"""Where tpmflow keeps its files, and the pydantic pool configuration loaded from YAML."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, Field
+
+from tpmflow.payload import StoreConfig
 
 
 def tpmflow_home() -> Path:
@@ -19,13 +25,6 @@ def models_dir() -> Path:
 
 # -- pool configuration (YAML) ---------------------------------------------------------------------
 
-from typing import Literal  # noqa: E402
-
-import yaml  # noqa: E402
-from pydantic import BaseModel, Field  # noqa: E402
-
-from tpmflow.payload import StoreConfig  # noqa: E402
-
 
 class EngineConfig(BaseModel):
     """vLLM engine arguments passed through to every replica."""
@@ -40,7 +39,8 @@ class EngineConfig(BaseModel):
     max_num_seqs: int | None = None
     kv_cache_space_gib: int = Field(1, description="VLLM_CPU_KVCACHE_SPACE on vLLM's CPU build")
     cpu_threads_bind: list[str] | Literal["auto"] = Field(
-        "auto", description="VLLM_CPU_OMP_THREADS_BIND per replica ('auto' splits this node's cores)")
+        "auto", description="VLLM_CPU_OMP_THREADS_BIND per replica ('auto' splits this node's cores)"
+    )
     extra_args: list[str] = Field(default_factory=list, description="more `vllm serve` flags, verbatim")
 
 
@@ -86,7 +86,8 @@ class PoolConfig(BaseModel):
     store: StoreConfig = Field(default_factory=StoreConfig)
     database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite under $TPMFLOW_HOME")
     service_classes: dict[str, ServiceClass] = Field(
-        default_factory=lambda: {"interactive": ServiceClass(priority=0), "batch": ServiceClass(priority=10)})
+        default_factory=lambda: {"interactive": ServiceClass(priority=0), "batch": ServiceClass(priority=10)}
+    )
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> PoolConfig:

@@ -7,11 +7,11 @@ simulate a missing package without uninstalling it.
 from __future__ import annotations
 
 import importlib
-import importlib.metadata as metadata
 import os
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import metadata
 from types import ModuleType
 
 from tpmflow import __version__
@@ -87,7 +87,7 @@ def check_transformers(imp: Importer) -> Check:
     # PyPI's torchvision beside the CPU torch breaks this import ("operator torchvision::nms does not exist").
     try:
         transformers = imp("transformers")
-        getattr(transformers, "LlamaForCausalLM")
+        _ = transformers.LlamaForCausalLM  # lazy import: a broken torchvision fails here
     except Exception as exc:  # noqa: BLE001
         hint = "pip uninstall -y torchvision torchaudio torchcodec" if "torchvision" in str(exc) else "make install"
         return Check("transformers", False, f"broken: {exc}", fix=hint)
@@ -124,8 +124,15 @@ def check_models(_: Importer) -> Check:
 
 
 CHECKS: list[Callable[[Importer], Check]] = [
-    check_torch, check_accelerators, check_vllm, check_transformers, check_parsl, check_colmena,
-    check_proxystore, check_rdkit, check_models,
+    check_torch,
+    check_accelerators,
+    check_vllm,
+    check_transformers,
+    check_parsl,
+    check_colmena,
+    check_proxystore,
+    check_rdkit,
+    check_models,
 ]
 
 
@@ -143,4 +150,3 @@ def verdict(checks: list[Check]) -> tuple[bool, str]:
         return True, "READY: the embedded pool, tests and demo can run here."
     fixes = "; ".join(f"{c.name}: {c.fix}" for c in failed if c.fix)
     return False, f"NOT READY: {', '.join(c.name for c in failed)} missing or broken" + (f" ({fixes})" if fixes else "")
-

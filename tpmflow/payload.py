@@ -173,8 +173,15 @@ class PayloadStore:
             raise PayloadTooLarge(f"payload of {len(data)} bytes exceeds the limit of {self.config.max_payload_bytes}")
         key = self._connector(principal).put(data)
         name = key.filename if self.config.connector == "file" else key.redis_key
-        return Reference(connector=self.config.connector, key=name, principal=principal, kind=kind,
-                         nbytes=len(data), digest=digest_of(data), expires=time.time() + self.config.ttl_s)
+        return Reference(
+            connector=self.config.connector,
+            key=name,
+            principal=principal,
+            kind=kind,
+            nbytes=len(data),
+            digest=digest_of(data),
+            expires=time.time() + self.config.ttl_s,
+        )
 
     def exists(self, ref: Reference) -> bool:
         return bool(self._connector(ref.principal).exists(self._key(ref)))

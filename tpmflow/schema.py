@@ -111,7 +111,9 @@ class GenerateResult(BaseModel):
 
 
 class DigestRequest(BaseModel):
-    ref: Reference
+    """Deliver an array or bytes reference to a replica, which reports what arrived."""
+
+    payload: ArrayPayload
 
 
 class DigestResponse(BaseModel):

@@ -32,10 +32,12 @@ def main() -> None:
     card = read_card(path)
     m = card.metrics or {}
     console.print(f"[bold]{card.name}[/] {card.parameters:,} parameters, {card.content_hash}")
-    console.print(f"held-out loss {m.get('heldout_loss', float('nan')):.3f} nats/token "
-                  f"(unigram baseline {m.get('unigram_heldout_loss', float('nan')):.3f}); "
-                  f"validity {m.get('validity', 0):.2f}, uniqueness {m.get('uniqueness', 0):.2f}, "
-                  f"novelty {m.get('novelty', 0):.2f} over {m.get('n', 0)} samples at T=1.0")
+    console.print(
+        f"held-out loss {m.get('heldout_loss', float('nan')):.3f} nats/token "
+        f"(unigram baseline {m.get('unigram_heldout_loss', float('nan')):.3f}); "
+        f"validity {m.get('validity', 0):.2f}, uniqueness {m.get('uniqueness', 0):.2f}, "
+        f"novelty {m.get('novelty', 0):.2f} over {m.get('n', 0)} samples at T=1.0"
+    )
     with console.status("starting vLLM (CPU build)…"):
         llm = open_offline_engine(path)
     train = set(__import__("json").loads((path / "split.json").read_text())["train"])
@@ -56,11 +58,19 @@ def main() -> None:
             valid += 1
             seen.add(smi)
             mol = Chem.MolFromSmiles(smi)
-            table.add_row(prefix or "(none)", smi, str(mol.GetNumHeavyAtoms()), f"{Descriptors.MolWt(mol):.1f}",
-                          f"{rdMolDescriptors.CalcTPSA(mol):.1f}", "yes" if smi not in train else "no")
+            table.add_row(
+                prefix or "(none)",
+                smi,
+                str(mol.GetNumHeavyAtoms()),
+                f"{Descriptors.MolWt(mol):.1f}",
+                f"{rdMolDescriptors.CalcTPSA(mol):.1f}",
+                "yes" if smi not in train else "no",
+            )
     console.print(table)
-    console.print(f"{valid} distinct valid molecules of {total} samples in {time.monotonic() - started:.1f} s. "
-                  "The TPM-steered campaign (issue 6) will replace this demo.")
+    console.print(
+        f"{valid} distinct valid molecules of {total} samples in {time.monotonic() - started:.1f} s. "
+        "The TPM-steered campaign (issue 6) will replace this demo."
+    )
 
 
 if __name__ == "__main__":

@@ -8,4 +8,4 @@ from tpmflow.access.db import AccessDB, default_database_url
 from tpmflow.access.ledger import LedgerRow, LedgerWriter
 from tpmflow.access.principals import PERMISSIONS, Principal
 
-__all__ = ["AccessDB", "default_database_url", "LedgerRow", "LedgerWriter", "PERMISSIONS", "Principal"]
+__all__ = ["PERMISSIONS", "AccessDB", "LedgerRow", "LedgerWriter", "Principal", "default_database_url"]

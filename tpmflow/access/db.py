@@ -42,8 +42,13 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 class AccessDB:
     """The facility's ledger and identity store."""
 
-    def __init__(self, url: str | None = None) -> None:
+    def __init__(self, url: str | None = None, auth_cache_s: float = 2.0) -> None:
+        """``auth_cache_s``: how long a checked token is trusted without asking the database again
+        (the gateway's hot path). Revoking through this object takes effect at once; a revocation
+        made by another process (``tpmflow tokens revoke``) within this many seconds."""
         self.url = url or default_database_url()
+        self.auth_cache_s = auth_cache_s
+        self._auth_cache: dict[str, tuple[Principal, float]] = {}
         self.engine: Engine = create_engine(self.url, pool_pre_ping=True)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
@@ -51,8 +56,13 @@ class AccessDB:
 
     # -- principals and tokens ---------------------------------------------------------------
 
-    def ensure_principal(self, name: str, project: str = "default", permissions: set[str] | None = None,
-                         service_class: str = "interactive") -> Principal:
+    def ensure_principal(
+        self,
+        name: str,
+        project: str = "default",
+        permissions: set[str] | None = None,
+        service_class: str = "interactive",
+    ) -> Principal:
         """Create the principal if needed (its permissions and class are updated when given)."""
         perms = set(permissions or {"generate", "embed"})
         unknown = perms - PERMISSIONS
@@ -61,11 +71,18 @@ class AccessDB:
         with Session(self.engine) as s, s.begin():
             row = s.get(PrincipalRow, name)
             if row is None:
-                row = PrincipalRow(name=name, project=project, permissions=",".join(sorted(perms)),
-                                   service_class=service_class, cache_salt=secrets.token_hex(16), created=time.time())
+                row = PrincipalRow(
+                    name=name,
+                    project=project,
+                    permissions=",".join(sorted(perms)),
+                    service_class=service_class,
+                    cache_salt=secrets.token_hex(16),
+                    created=time.time(),
+                )
                 s.add(row)
             else:
                 row.project, row.permissions, row.service_class = project, ",".join(sorted(perms)), service_class
+            self._auth_cache.clear()
             return _principal(row)
 
     def create_token(self, principal: str) -> str:
@@ -80,34 +97,60 @@ class AccessDB:
     def authenticate(self, token: str | None) -> Principal:
         if not token:
             raise Unauthorized("missing bearer token")
+        digest = hash_token(token)
+        cached = self._auth_cache.get(digest)
+        now = time.monotonic()
+        if cached is not None and cached[1] > now:
+            return cached[0]
         with Session(self.engine) as s:
             found = s.execute(
-                select(TokenRow, PrincipalRow).join(PrincipalRow, TokenRow.principal == PrincipalRow.name)
-                .where(TokenRow.token_hash == hash_token(token))
+                select(TokenRow, PrincipalRow)
+                .join(PrincipalRow, TokenRow.principal == PrincipalRow.name)
+                .where(TokenRow.token_hash == digest)
             ).first()
         if found is None:
             raise Unauthorized("unknown token")
-        tok, principal = found
+        tok, principal_row = found
         if tok.revoked is not None:
             raise Unauthorized("token has been revoked")
-        return _principal(principal)
+        principal = _principal(principal_row)
+        if len(self._auth_cache) > 10_000:
+            self._auth_cache.clear()
+        self._auth_cache[digest] = (principal, now + self.auth_cache_s)
+        return principal
 
     def revoke(self, token_or_prefix: str) -> int:
         """Revoke a token given in full or by the prefix ``tokens list`` shows; returns how many."""
         with Session(self.engine) as s, s.begin():
-            rows = s.scalars(select(TokenRow).where(
-                (TokenRow.token_hash == hash_token(token_or_prefix)) | (TokenRow.prefix == token_or_prefix)
-            )).all()
+            rows = s.scalars(
+                select(TokenRow).where(
+                    (TokenRow.token_hash == hash_token(token_or_prefix)) | (TokenRow.prefix == token_or_prefix)
+                )
+            ).all()
             for row in rows:
                 row.revoked = row.revoked or time.time()
-            return len(rows)
+        self._auth_cache.clear()
+        return len(rows)
 
     def list_tokens(self) -> list[dict[str, Any]]:
         with Session(self.engine) as s:
-            rows = s.execute(select(TokenRow, PrincipalRow).join(PrincipalRow, TokenRow.principal == PrincipalRow.name)
-                             .order_by(TokenRow.id)).all()
-        return [{"prefix": t.prefix, "principal": p.name, "project": p.project, "permissions": p.permissions,
-                 "service_class": p.service_class, "created": t.created, "revoked": t.revoked} for t, p in rows]
+            rows = s.execute(
+                select(TokenRow, PrincipalRow)
+                .join(PrincipalRow, TokenRow.principal == PrincipalRow.name)
+                .order_by(TokenRow.id)
+            ).all()
+        return [
+            {
+                "prefix": t.prefix,
+                "principal": p.name,
+                "project": p.project,
+                "permissions": p.permissions,
+                "service_class": p.service_class,
+                "created": t.created,
+                "revoked": t.revoked,
+            }
+            for t, p in rows
+        ]
 
     # -- payload quotas ------------------------------------------------------------------------
 
@@ -115,8 +158,14 @@ class AccessDB:
         """Count a signed payload against the principal's byte quota (expired ones no longer count)."""
         now = time.time()
         with Session(self.engine) as s, s.begin():
-            live = s.scalar(select(func.coalesce(func.sum(PayloadRow.nbytes), 0))
-                            .where(PayloadRow.principal == principal, PayloadRow.expires > now)) or 0
+            live = (
+                s.scalar(
+                    select(func.coalesce(func.sum(PayloadRow.nbytes), 0)).where(
+                        PayloadRow.principal == principal, PayloadRow.expires > now
+                    )
+                )
+                or 0
+            )
             if s.get(PayloadRow, key) is None:
                 if live + nbytes > quota_bytes:
                     raise QuotaExceeded(f"payload store quota: {live + nbytes} bytes > {quota_bytes} for {principal}")
@@ -127,17 +176,32 @@ class AccessDB:
     def usage(self, by: str = "principal", principal: str | None = None) -> list[dict[str, Any]]:
         """Totals from the ledger grouped by ``principal`` or ``project``."""
         col = LedgerEntry.project if by == "project" else LedgerEntry.principal
-        query = select(
-            col, func.count(), func.sum(LedgerEntry.prompt_tokens), func.sum(LedgerEntry.output_tokens),
-            func.sum(LedgerEntry.payload_bytes_in), func.sum(LedgerEntry.payload_bytes_out),
-            func.sum(LedgerEntry.activation_bytes),
-        ).group_by(col).order_by(col)
+        query = (
+            select(
+                col,
+                func.count(),
+                func.sum(LedgerEntry.prompt_tokens),
+                func.sum(LedgerEntry.output_tokens),
+                func.sum(LedgerEntry.payload_bytes_in),
+                func.sum(LedgerEntry.payload_bytes_out),
+                func.sum(LedgerEntry.activation_bytes),
+            )
+            .group_by(col)
+            .order_by(col)
+        )
         if principal is not None:
             query = query.where(LedgerEntry.principal == principal)
         with Session(self.engine) as s:
             rows = s.execute(query).all()
-        keys = (by, "requests", "prompt_tokens", "output_tokens", "payload_bytes_in", "payload_bytes_out",
-                "activation_bytes")
+        keys = (
+            by,
+            "requests",
+            "prompt_tokens",
+            "output_tokens",
+            "payload_bytes_in",
+            "payload_bytes_out",
+            "activation_bytes",
+        )
         return [dict(zip(keys, (r[0], *(int(v or 0) for v in r[1:])), strict=True)) for r in rows]
 
     def ledger_rows(self, **where: Any) -> list[LedgerEntry]:
@@ -149,5 +213,10 @@ class AccessDB:
 
 
 def _principal(row: PrincipalRow) -> Principal:
-    return Principal(name=row.name, project=row.project, permissions=frozenset(row.permissions.split(",")),
-                     service_class=row.service_class, cache_salt=row.cache_salt)
+    return Principal(
+        name=row.name,
+        project=row.project,
+        permissions=frozenset(row.permissions.split(",")),
+        service_class=row.service_class,
+        cache_salt=row.cache_salt,
+    )

@@ -7,8 +7,7 @@ import queue
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-
-from sqlalchemy.orm import Session
+from typing import Any
 
 from tpmflow.access.tables import LedgerEntry
 
@@ -77,6 +76,8 @@ class LedgerWriter:
                 item = self._queue.get(timeout=self._interval)
             except queue.Empty:
                 continue
+            if item is not None and not isinstance(item, _FlushMarker):
+                time.sleep(self._interval)  # let a batch gather: one transaction per interval, not per row
             while True:
                 if item is None:
                     stop = True
@@ -96,13 +97,27 @@ class LedgerWriter:
                 m.done.set()
 
     def _write(self, rows: list[LedgerRow]) -> None:
+        # One multi-row upsert per batch: a retried request id replaces its row (idempotent).
+        latest = {row.request_id: asdict(row) for row in rows}
+        values = list(latest.values())
         try:
-            with Session(self._engine) as session, session.begin():  # type: ignore[arg-type]
-                for row in rows:
-                    session.merge(LedgerEntry(**asdict(row)))
+            with self._engine.begin() as conn:  # type: ignore[attr-defined]
+                insert = _dialect_insert(self._engine)
+                stmt = insert(LedgerEntry).values(values)
+                updates = {c: getattr(stmt.excluded, c) for c in values[0] if c != "request_id"}
+                conn.execute(stmt.on_conflict_do_update(index_elements=["request_id"], set_=updates))
             self._written += len(rows)
-        except Exception:  # noqa: BLE001 - the ledger must never take the gateway down
+        except Exception:
             log.exception("ledger write of %d rows failed", len(rows))
+
+
+def _dialect_insert(engine: object) -> Any:
+    """``INSERT … ON CONFLICT`` exists in both SQLite and PostgreSQL, under dialect-specific names."""
+    if engine.dialect.name == "postgresql":  # type: ignore[attr-defined]
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert
 
 
 @dataclass

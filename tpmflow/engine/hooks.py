@@ -47,8 +47,8 @@ class _PromptCapture:
         self.filled = np.zeros(self.n_prompt, dtype=bool)
 
     def add(self, start: int, values: np.ndarray) -> None:
-        self.rows[start:start + len(values)] = values
-        self.filled[start:start + len(values)] = True
+        self.rows[start : start + len(values)] = values
+        self.filled[start : start + len(values)] = True
 
 
 def capture_array(capture: dict[str, Any]) -> np.ndarray:
@@ -119,16 +119,24 @@ class TpmflowWorkerExtension:
         out: dict[str, Any] = {}
         for key in keys:
             cap = self.tpmflow_captures.pop(key, None)
-            out[key] = None if cap is None else {
-                "hidden": cap.rows.tobytes(), "shape": list(cap.rows.shape), "complete": bool(cap.filled.all()),
-            }
+            out[key] = (
+                None
+                if cap is None
+                else {
+                    "hidden": cap.rows.tobytes(),
+                    "shape": list(cap.rows.shape),
+                    "complete": bool(cap.filled.all()),
+                }
+            )
         self._tpmflow_drop_orphans()
         return out
 
     def tpmflow_stats(self) -> dict[str, int]:
         """How often the hook fired and how many captures wait to be fetched."""
-        return {"hook_calls": getattr(self, "tpmflow_hook_calls", 0),
-                "pending": len(getattr(self, "tpmflow_captures", {}))}
+        return {
+            "hook_calls": getattr(self, "tpmflow_hook_calls", 0),
+            "pending": len(getattr(self, "tpmflow_captures", {})),
+        }
 
     # -- hooks ---------------------------------------------------------------------------------
 
@@ -155,7 +163,7 @@ class TpmflowWorkerExtension:
             if cap is None:
                 cap = self.tpmflow_captures[key] = _PromptCapture(n_prompt, int(hidden.shape[-1]))
             # Copy now: vLLM reuses (and fused ops overwrite) these buffers in the next step.
-            cap.add(first, hidden[lo:lo + take].detach().to("cpu", dtype=_float32()).numpy().copy())
+            cap.add(first, hidden[lo : lo + take].detach().to("cpu", dtype=_float32()).numpy().copy())
 
     def _tpmflow_drop_orphans(self) -> None:
         now = time.monotonic()
@@ -184,4 +192,5 @@ def register() -> None:
 
     if str(vllm.__version__) != PINNED_VLLM:
         logging.getLogger("tpmflow.engine").warning(
-            "tpmflow's hooks were written against vLLM %s; this is %s", PINNED_VLLM, vllm.__version__)
+            "tpmflow's hooks were written against vLLM %s; this is %s", PINNED_VLLM, vllm.__version__
+        )

@@ -70,14 +70,27 @@ class ReplicaContext:
         self.signer = Signer(os.environ.get("TPMFLOW_POOL_SECRET", ""))
 
     def info(self) -> ReplicaInfo:
-        return ReplicaInfo(replica_id=self.replica_id, url=self.url, model=self.model_name,
-                           content_hash=self.content_hash, engine=self.engine_build,
-                           hidden_size=self.hidden_size, max_model_len=self.max_model_len)
+        return ReplicaInfo(
+            replica_id=self.replica_id,
+            url=self.url,
+            model=self.model_name,
+            content_hash=self.content_hash,
+            engine=self.engine_build,
+            hidden_size=self.hidden_size,
+            max_model_len=self.max_model_len,
+        )
 
     def provenance(self, request_id: str, sampling: dict[str, Any], started: float) -> Provenance:
-        return Provenance(request_id=request_id, model=self.model_name, content_hash=self.content_hash,
-                          replica_id=self.replica_id, engine=self.engine_build, sampling=sampling,
-                          started=started, finished=time.time())
+        return Provenance(
+            request_id=request_id,
+            model=self.model_name,
+            content_hash=self.content_hash,
+            replica_id=self.replica_id,
+            engine=self.engine_build,
+            sampling=sampling,
+            started=started,
+            finished=time.time(),
+        )
 
     def resolve_array(self, payload: InlineArray | Reference, principal: str) -> tuple[np.ndarray, int]:
         """Inline or referenced array, with the bytes it brought in. References are verified first."""
@@ -201,28 +214,44 @@ def build_router() -> APIRouter:
 
     @router.post("/digest")
     async def digest(request: Request) -> JSONResponse:
-        """Resolve a reference and report what arrived (used to verify by-reference transfers)."""
+        """Resolve an inline array or a reference and report what arrived (verifies transfers)."""
         ctx: ReplicaContext = request.app.state.tpmflow
         try:
             principal, _, _, _ = _caller(request)
             body: DigestRequest = await _body(request, DigestRequest)
-            ctx.signer.verify(body.ref, principal)
-            data = await asyncio.to_thread(ctx.store.get_bytes, body.ref)
-            from tpmflow.payload import decode_payload, digest_of
-
-            value = decode_payload(data, body.ref.kind)
-            shape = list(value.shape) if isinstance(value, np.ndarray) else None
-            dtype = value.dtype.name if isinstance(value, np.ndarray) else None
-            out = DigestResponse(digest=digest_of(data), nbytes=len(data), kind=body.ref.kind, shape=shape, dtype=dtype)
-            return JSONResponse({**out.model_dump(), "usage": Usage(payload_bytes_in=len(data)).model_dump()})
+            out = await asyncio.to_thread(_digest, ctx, body.payload, principal)
+            return JSONResponse(out)
         except TpmflowError as exc:
             return _error(exc)
 
     return router
 
 
-async def _embed(ctx: ReplicaContext, body: EmbedRequest, principal: str, request_id: str, priority: int,
-                 salt: str | None) -> EmbedResponse:
+def _digest(ctx: ReplicaContext, payload: InlineArray | Reference, principal: str) -> dict[str, Any]:
+    from tpmflow.payload import decode_payload, digest_of, encode_payload
+
+    if isinstance(payload, InlineArray):
+        data = encode_payload(payload.to_numpy())[0]
+        nbytes_in = len(payload.b64)
+    else:
+        ctx.signer.verify(payload, principal)
+        data = ctx.store.get_bytes(payload)
+        nbytes_in = len(data)
+    value = decode_payload(data, "ndarray" if isinstance(payload, InlineArray) else payload.kind)
+    is_array = isinstance(value, np.ndarray)
+    out = DigestResponse(
+        digest=digest_of(data),
+        nbytes=len(data),
+        kind="ndarray" if is_array else "bytes",
+        shape=list(value.shape) if is_array else None,
+        dtype=value.dtype.name if is_array else None,
+    )
+    return {**out.model_dump(), "usage": Usage(payload_bytes_in=nbytes_in).model_dump()}
+
+
+async def _embed(
+    ctx: ReplicaContext, body: EmbedRequest, principal: str, request_id: str, priority: int, salt: str | None
+) -> EmbedResponse:
     from vllm import SamplingParams
 
     started = time.time()
@@ -245,8 +274,9 @@ async def _embed(ctx: ReplicaContext, body: EmbedRequest, principal: str, reques
         # max_tokens=1: the prefill computes every prompt position's final state; the one sampled
         # token is discarded. Reading the prefix cache is skipped: a cached prefix is never
         # recomputed, so the hook would never see it.
-        params = SamplingParams(max_tokens=1, temperature=0.0, skip_reading_prefix_cache=True,
-                                extra_args={"tpmflow": {"embed": keys[i]}})
+        params = SamplingParams(
+            max_tokens=1, temperature=0.0, skip_reading_prefix_cache=True, extra_args={"tpmflow": {"embed": keys[i]}}
+        )
         prompt: dict[str, Any] = {"prompt_token_ids": token_lists[i]}
         if salt:
             prompt["cache_salt"] = salt
@@ -262,20 +292,24 @@ async def _embed(ctx: ReplicaContext, body: EmbedRequest, principal: str, reques
     for i, key in enumerate(keys):
         cap = captured.get(key)
         if cap is None or not cap["complete"]:
-            raise RuntimeError(f"final-norm hook did not see every prompt position of item {i} "
-                               "(is the model compiled or graph-captured? tpmflow needs --enforce-eager)")
+            raise RuntimeError(
+                f"final-norm hook did not see every prompt position of item {i} "
+                "(is the model compiled or graph-captured? tpmflow needs --enforce-eager)"
+            )
         hidden = capture_array(cap)
         vec = hidden.mean(axis=0) if body.pooling == "mean" else hidden[-1] if body.pooling == "last" else hidden
         payload, nbytes = ctx.output_array(np.ascontiguousarray(vec, dtype=np.float32), principal)
         bytes_out += nbytes
         items.append(EmbedItem(index=i, n_tokens=len(token_lists[i]), embedding=payload))
     usage = Usage(prompt_tokens=sum(len(t) for t in token_lists), payload_bytes_out=bytes_out)
-    return EmbedResponse(data=items, usage=usage,
-                         provenance=ctx.provenance(request_id, {"pooling": body.pooling}, started))
+    return EmbedResponse(
+        data=items, usage=usage, provenance=ctx.provenance(request_id, {"pooling": body.pooling}, started)
+    )
 
 
-async def _generate_embeds(ctx: ReplicaContext, body: EmbedsGenerateRequest, principal: str, request_id: str,
-                           priority: int) -> GenerateResult:
+async def _generate_embeds(
+    ctx: ReplicaContext, body: EmbedsGenerateRequest, principal: str, request_id: str, priority: int
+) -> GenerateResult:
     import torch
     from vllm import SamplingParams
 
@@ -285,16 +319,20 @@ async def _generate_embeds(ctx: ReplicaContext, body: EmbedsGenerateRequest, pri
     array, bytes_in = await asyncio.to_thread(ctx.resolve_array, body.prompt_embeds, principal)
     array = _check_finite_embeds(array, ctx.hidden_size, ctx.max_model_len)
     if array.shape[0] + body.max_tokens > ctx.max_model_len:
-        raise InvalidRequest(f"{array.shape[0]} prompt positions + max_tokens {body.max_tokens} exceed "
-                             f"max_model_len {ctx.max_model_len}")
-    params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
-                            seed=body.seed)
+        raise InvalidRequest(
+            f"{array.shape[0]} prompt positions + max_tokens {body.max_tokens} exceed max_model_len {ctx.max_model_len}"
+        )
+    params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed)
     final = await _run(ctx.engine, {"prompt_embeds": torch.from_numpy(array)}, params, request_id, priority)
     out = final.outputs[0]
     usage = Usage(prompt_tokens=int(array.shape[0]), completion_tokens=len(out.token_ids), payload_bytes_in=bytes_in)
     sampling = body.model_dump(exclude={"prompt_embeds", "model"})
-    return GenerateResult(text=out.text, finish_reason=out.finish_reason, usage=usage,
-                          provenance=ctx.provenance(request_id, sampling, started))
+    return GenerateResult(
+        text=out.text,
+        finish_reason=out.finish_reason,
+        usage=usage,
+        provenance=ctx.provenance(request_id, sampling, started),
+    )
 
 
 async def _heartbeat(ctx: ReplicaContext) -> None:
@@ -308,8 +346,11 @@ async def _heartbeat(ctx: ReplicaContext) -> None:
     async with httpx.AsyncClient(timeout=5.0) as client:
         while True:
             try:
-                await client.post(f"{gateway}/internal/replicas/heartbeat", json=ctx.info().model_dump(),
-                                  headers={"Authorization": f"Bearer {secret}"})
+                await client.post(
+                    f"{gateway}/internal/replicas/heartbeat",
+                    json=ctx.info().model_dump(),
+                    headers={"Authorization": f"Bearer {secret}"},
+                )
             except httpx.HTTPError as exc:
                 log.warning("heartbeat to %s failed: %s", gateway, exc)
             await asyncio.sleep(HEARTBEAT_S)

@@ -8,4 +8,4 @@ Hugging Face folder (safetensors + config + tokenizer) with a ``tpmflow-card.jso
 from tpmflow.models.card import ModelCard, content_hash, read_card
 from tpmflow.models.catalog import list_models, model_path
 
-__all__ = ["ModelCard", "content_hash", "read_card", "list_models", "model_path"]
+__all__ = ["ModelCard", "content_hash", "list_models", "model_path", "read_card"]

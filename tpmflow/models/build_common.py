@@ -15,8 +15,7 @@ from tpmflow.config import models_dir
 HEAD_DIM = 64
 
 
-def llama_config(vocab_size: int, hidden: int, layers: int, heads: int, intermediate: int,
-                 max_positions: int) -> Any:
+def llama_config(vocab_size: int, hidden: int, layers: int, heads: int, intermediate: int, max_positions: int) -> Any:
     """A small ``LlamaConfig`` with head_dim 64, untied embeddings and our special-token ids."""
     from transformers import LlamaConfig
 
@@ -42,7 +41,7 @@ def llama_config(vocab_size: int, hidden: int, layers: int, heads: int, intermed
 
 def utc_now() -> str:
     """ISO-8601 UTC timestamp for cards."""
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def build_atomically(name: str, write: Callable[[Path], None], force: bool) -> Path:

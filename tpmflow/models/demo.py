@@ -66,8 +66,8 @@ def _batches(seqs: list[list[int]], batch_size: int, generator: Any) -> Iterator
         chunk = batch_size * 16
         batches: list[list[int]] = []
         for start in range(0, len(perm), chunk):
-            group = sorted(perm[start:start + chunk], key=lambda i: len(seqs[i]))
-            batches += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
+            group = sorted(perm[start : start + chunk], key=lambda i: len(seqs[i]))
+            batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
         for b in torch.randperm(len(batches), generator=generator).tolist():
             yield _pad([seqs[i] for i in batches[b]])
 
@@ -89,8 +89,7 @@ def _lm_loss(model: Any, ids: Any) -> tuple[Any, int]:
     mask = ids != PAD_ID
     logits = model(input_ids=ids, attention_mask=mask.long()).logits[:, :-1]
     targets = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                           ignore_index=-100, reduction="sum")
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="sum")
     return loss, int(mask[:, 1:].sum())
 
 
@@ -102,7 +101,7 @@ def heldout_loss(model: Any, seqs: list[list[int]], batch_size: int = 128) -> fl
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(seqs), batch_size):
-            loss, n = _lm_loss(model, _pad(seqs[start:start + batch_size]))
+            loss, n = _lm_loss(model, _pad(seqs[start : start + batch_size]))
             total += float(loss)
             count += n
     model.train()
@@ -124,8 +123,9 @@ def _lr_at(step: int, s: TrainSettings) -> float:
     return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(settings: TrainSettings, split: SmilesSplit, vocab: dict[str, int], progress: bool = True
-          ) -> tuple[Any, dict[str, Any]]:
+def train(
+    settings: TrainSettings, split: SmilesSplit, vocab: dict[str, int], progress: bool = True
+) -> tuple[Any, dict[str, Any]]:
     """Train the model; returns it with the training record for the card."""
     import torch
     from tqdm import tqdm
@@ -135,8 +135,9 @@ def train(settings: TrainSettings, split: SmilesSplit, vocab: dict[str, int], pr
     torch.set_num_threads(os.cpu_count() or 1)
     model = LlamaForCausalLM(llama_config(vocab_size=len(vocab), **DEMO_SHAPE)).to(torch.float32)
     model.config._attn_implementation = "sdpa"
-    optimiser = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay,
-                                  betas=(0.9, 0.98))
+    optimiser = torch.optim.AdamW(
+        model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.98)
+    )
     train_seqs = _encode(split.train, vocab)
     batches = _batches(train_seqs, settings.batch_size, torch.Generator().manual_seed(settings.seed))
     started = time.monotonic()
@@ -155,9 +156,14 @@ def train(settings: TrainSettings, split: SmilesSplit, vocab: dict[str, int], pr
         ema = value if ema is None else 0.98 * ema + 0.02 * value
         if step % 20 == 0:
             bar.set_postfix(loss=f"{ema:.3f}")
-    record = {**asdict(settings), "optimizer": "AdamW(0.9, 0.98)", "schedule": "linear warm-up, cosine decay",
-              "final_train_loss_ema": ema, "train_seconds": round(time.monotonic() - started, 1),
-              "torch_threads": torch.get_num_threads()}
+    record = {
+        **asdict(settings),
+        "optimizer": "AdamW(0.9, 0.98)",
+        "schedule": "linear warm-up, cosine decay",
+        "final_train_loss_ema": ema,
+        "train_seconds": round(time.monotonic() - started, 1),
+        "torch_threads": torch.get_num_threads(),
+    }
     return model, record
 
 
@@ -171,12 +177,16 @@ def evaluate_samples(model_dir: Path, split: SmilesSplit, n: int, seed: int) -> 
     finally:
         del llm
     metrics = sample_metrics(texts, split.train, canonical)
-    return {**metrics.model_dump(), "temperature": 1.0, "sampler": "vllm", "sample_seed": seed,
-            "examples": texts[:8]}
+    return {**metrics.model_dump(), "temperature": 1.0, "sampler": "vllm", "sample_seed": seed, "examples": texts[:8]}
 
 
-def build_demo(name: str = DEMO_MODEL, settings: TrainSettings | None = None, samples: int = 200,
-               force: bool = False, progress: bool = True) -> tuple[Path, ModelCard]:
+def build_demo(
+    name: str = DEMO_MODEL,
+    settings: TrainSettings | None = None,
+    samples: int = 200,
+    force: bool = False,
+    progress: bool = True,
+) -> tuple[Path, ModelCard]:
     """Train, save, sample through vLLM, score and write the card; returns the folder and card."""
     from transformers import GenerationConfig
 
@@ -188,8 +198,10 @@ def build_demo(name: str = DEMO_MODEL, settings: TrainSettings | None = None, sa
     def write(out: Path) -> None:
         model, record = train(settings, split, vocab, progress=progress)
         train_seqs, held_seqs = _encode(split.train, vocab), _encode(split.heldout, vocab)
-        losses = {"heldout_loss": heldout_loss(model, held_seqs),
-                  "unigram_heldout_loss": unigram_loss(train_seqs, held_seqs, len(vocab))}
+        losses = {
+            "heldout_loss": heldout_loss(model, held_seqs),
+            "unigram_heldout_loss": unigram_loss(train_seqs, held_seqs, len(vocab)),
+        }
         model.save_pretrained(str(out), safe_serialization=True)
         GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID).save_pretrained(str(out))
         build_char_tokenizer(vocab.keys() - set(SPECIAL_TOKENS), out, DEMO_SHAPE["max_positions"])
@@ -200,18 +212,29 @@ def build_demo(name: str = DEMO_MODEL, settings: TrainSettings | None = None, sa
             kind="demo",
             content_hash=content_hash(out),
             parameters=sum(p.numel() for p in model.parameters()),
-            config={"vocab_size": len(vocab), **DEMO_SHAPE, "head_dim": 64, "dtype": "float32",
-                    "tokens": "characters of canonical SMILES"},
+            config={
+                "vocab_size": len(vocab),
+                **DEMO_SHAPE,
+                "head_dim": 64,
+                "dtype": "float32",
+                "tokens": "characters of canonical SMILES",
+            },
             seed=settings.seed,
             created=utc_now(),
             tpmflow_version=__version__,
             training=record,
-            data={"source": split.source, "canonicalised": "RDKit MolToSmiles",
-                  "split": "fixed 10% held out (seed 20231113), independent of the training seed",
-                  "n_train": len(split.train), "n_heldout": len(split.heldout),
-                  "dropped_unparsable": split.dropped_unparsable, "dropped_too_long": split.dropped_too_long,
-                  "dropped_duplicates": split.dropped_duplicates,
-                  "heldout_lines": split.heldout_lines, "split_file": "split.json"},
+            data={
+                "source": split.source,
+                "canonicalised": "RDKit MolToSmiles",
+                "split": "fixed 10% held out (seed 20231113), independent of the training seed",
+                "n_train": len(split.train),
+                "n_heldout": len(split.heldout),
+                "dropped_unparsable": split.dropped_unparsable,
+                "dropped_too_long": split.dropped_too_long,
+                "dropped_duplicates": split.dropped_duplicates,
+                "heldout_lines": split.heldout_lines,
+                "split_file": "split.json",
+            },
             metrics={**losses, **sampled},
         )
         card.write(out)

@@ -39,8 +39,9 @@ def open_offline_engine(model_dir: Path, **engine_args: Any) -> Any:
     return LLM(**args)
 
 
-def sample_texts(llm: Any, n: int, seed: int, temperature: float = 1.0, max_tokens: int = 128,
-                 bos_token_id: int = 1) -> list[str]:
+def sample_texts(
+    llm: Any, n: int, seed: int, temperature: float = 1.0, max_tokens: int = 128, bos_token_id: int = 1
+) -> list[str]:
     """Draw ``n`` unconditional samples (prompt = just ``<s>``), one seed per sample, so reproducible."""
     from vllm import SamplingParams, TokensPrompt
 

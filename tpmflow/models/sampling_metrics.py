@@ -17,8 +17,9 @@ class SampleMetrics(BaseModel):
     novelty: float
 
 
-def sample_metrics(samples: list[str], training_set: Iterable[str],
-                   canonicalise: Callable[[str], str | None]) -> SampleMetrics:
+def sample_metrics(
+    samples: list[str], training_set: Iterable[str], canonicalise: Callable[[str], str | None]
+) -> SampleMetrics:
     """Compute the metrics.
 
     Args:

@@ -42,8 +42,15 @@ class Launcher(Protocol):
 class LocalLauncher:
     """Replica subprocesses on this node; a supervisor thread restarts any that exits."""
 
-    def __init__(self, cfg: PoolConfig, gateway_url: str, secret: str, log_dir: Path,
-                 on_restart: Callable[[str], None] | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        cfg: PoolConfig,
+        gateway_url: str,
+        secret: str,
+        log_dir: Path,
+        on_restart: Callable[[str], None] | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
         self.cfg = cfg
         self.gateway_url = gateway_url
         self.secret = secret
@@ -60,9 +67,12 @@ class LocalLauncher:
         replica_id = f"replica-{index}"
         port = free_port(self.host)
         url = f"http://{self.host}:{port}"
-        proc = ReplicaProcess(replica_id, replica_command(self.cfg, port, self.host),
-                              replica_env(self.cfg, replica_id, url, self.gateway_url, self.secret, self._binds[index]),
-                              self.log_dir / f"{replica_id}.log")
+        proc = ReplicaProcess(
+            replica_id,
+            replica_command(self.cfg, port, self.host),
+            replica_env(self.cfg, replica_id, url, self.gateway_url, self.secret, self._binds[index]),
+            self.log_dir / f"{replica_id}.log",
+        )
         proc.start()
         log.info("started %s (pid %s) on %s", replica_id, proc.pid, url)
         return proc

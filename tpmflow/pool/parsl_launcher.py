@@ -22,8 +22,9 @@ from tpmflow.config import PoolConfig
 log = logging.getLogger("tpmflow.launch")
 
 
-def run_replica(cfg_json: str, index: int, gateway_url: str, secret: str, log_dir: str, host: str,
-                orphan_grace_s: float = 30.0) -> int:
+def run_replica(
+    cfg_json: str, index: int, gateway_url: str, secret: str, log_dir: str, host: str, orphan_grace_s: float = 30.0
+) -> int:
     """Body of the Parsl app: serve one replica until it dies or its gateway disappears."""
     # Parsl ships this function to a worker: import everything here.
     import signal
@@ -40,9 +41,12 @@ def run_replica(cfg_json: str, index: int, gateway_url: str, secret: str, log_di
     replica_id = f"replica-{index}"
     port = free_port(host)
     url = f"http://{host}:{port}"
-    proc = ReplicaProcess(replica_id, replica_command(cfg, port, host),
-                          replica_env(cfg, replica_id, url, gateway_url, secret, cpu_binds(cfg)[index]),
-                          Path(log_dir) / f"{replica_id}.log")
+    proc = ReplicaProcess(
+        replica_id,
+        replica_command(cfg, port, host),
+        replica_env(cfg, replica_id, url, gateway_url, secret, cpu_binds(cfg)[index]),
+        Path(log_dir) / f"{replica_id}.log",
+    )
     proc.start()
     last_seen = time.monotonic()
     try:
@@ -64,8 +68,16 @@ class ParslLauncher:
     """Submits one long-running app per replica to ``cfg.launcher.parsl_executor`` of the loaded
     Parsl DataFlowKernel, and resubmits an app whose replica died."""
 
-    def __init__(self, cfg: PoolConfig, gateway_url: str, secret: str, log_dir: Path,
-                 on_restart: Any = None, host: str = "127.0.0.1", orphan_grace_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        cfg: PoolConfig,
+        gateway_url: str,
+        secret: str,
+        log_dir: Path,
+        on_restart: Any = None,
+        host: str = "127.0.0.1",
+        orphan_grace_s: float = 30.0,
+    ) -> None:
         from parsl import python_app
 
         self.cfg = cfg
@@ -82,8 +94,9 @@ class ParslLauncher:
         self._thread: threading.Thread | None = None
 
     def _submit(self, index: int) -> Future[int]:
-        return self._app(self.cfg.model_dump_json(), index, self.gateway_url, self.secret, str(self.log_dir),
-                         self.host, self.grace)
+        return self._app(
+            self.cfg.model_dump_json(), index, self.gateway_url, self.secret, str(self.log_dir), self.host, self.grace
+        )
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)

@@ -70,8 +70,9 @@ class Pool:
         host = cfg.gateway.host
         port = cfg.gateway.port or free_port(host)
         self.url = f"http://{host}:{port}"
-        config = uvicorn.Config(self.gateway.app, host=host, port=port, log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=2)
+        config = uvicorn.Config(
+            self.gateway.app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=2
+        )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="tpmflow-gateway", daemon=True)
         self._thread.start()
@@ -84,11 +85,24 @@ class Pool:
         if cfg.launcher.kind == "parsl":
             from tpmflow.pool.parsl_launcher import ParslLauncher
 
-            self.launcher = ParslLauncher(cfg, self.url, self.secret, log_dir, on_restart=self.gateway.note_restart,
-                                          host=cfg.launcher.replica_host, orphan_grace_s=cfg.launcher.orphan_grace_s)
+            self.launcher = ParslLauncher(
+                cfg,
+                self.url,
+                self.secret,
+                log_dir,
+                on_restart=self.gateway.note_restart,
+                host=cfg.launcher.replica_host,
+                orphan_grace_s=cfg.launcher.orphan_grace_s,
+            )
         else:
-            self.launcher = LocalLauncher(cfg, self.url, self.secret, log_dir, on_restart=self.gateway.note_restart,
-                                          host=cfg.launcher.replica_host)
+            self.launcher = LocalLauncher(
+                cfg,
+                self.url,
+                self.secret,
+                log_dir,
+                on_restart=self.gateway.note_restart,
+                host=cfg.launcher.replica_host,
+            )
         atexit.register(self.stop)
         self.launcher.start()
         self.wait_ready(timeout_s or cfg.launcher.start_timeout_s)
@@ -102,12 +116,18 @@ class Pool:
         while len(self.gateway.registry.live()) < want:
             if time.monotonic() > deadline:
                 tails = "\n".join(f"--- {r}:\n{self.launcher.log_tail(r)}" for r in self.launcher.replica_ids())
-                raise ReplicaFailed(f"only {len(self.gateway.registry.live())}/{want} replicas came up in "
-                                    f"{timeout_s:.0f} s\n{tails}")
+                raise ReplicaFailed(
+                    f"only {len(self.gateway.registry.live())}/{want} replicas came up in {timeout_s:.0f} s\n{tails}"
+                )
             time.sleep(0.2)
 
-    def add_principal(self, name: str, project: str = "default", permissions: set[str] | None = None,
-                      service_class: str = "interactive") -> str:
+    def add_principal(
+        self,
+        name: str,
+        project: str = "default",
+        permissions: set[str] | None = None,
+        service_class: str = "interactive",
+    ) -> str:
         """Create (or update) a principal and return a fresh token for it."""
         self.access.ensure_principal(name, project, permissions, service_class)
         return str(self.access.create_token(name))
@@ -129,7 +149,4 @@ class Pool:
         if self.ledger is not None:
             self.ledger.close()
             self.ledger = None
-        try:
-            atexit.unregister(self.stop)
-        except Exception:  # noqa: BLE001
-            pass
+        atexit.unregister(self.stop)

@@ -24,18 +24,31 @@ def replica_command(cfg: PoolConfig, port: int, host: str = "127.0.0.1") -> list
     """The server command line for one replica."""
     e: EngineConfig = cfg.engine
     cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(cfg.model_dir()),
-        "--served-model-name", cfg.model_name(),
-        "--host", host, "--port", str(port),
-        "--dtype", e.dtype,
-        "--max-model-len", str(e.max_model_len),
-        "--tensor-parallel-size", str(e.tensor_parallel_size),
-        "--pipeline-parallel-size", str(e.pipeline_parallel_size),
-        "--worker-extension-cls", WORKER_EXTENSION,
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(cfg.model_dir()),
+        "--served-model-name",
+        cfg.model_name(),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--dtype",
+        e.dtype,
+        "--max-model-len",
+        str(e.max_model_len),
+        "--tensor-parallel-size",
+        str(e.tensor_parallel_size),
+        "--pipeline-parallel-size",
+        str(e.pipeline_parallel_size),
+        "--worker-extension-cls",
+        WORKER_EXTENSION,
         "--enable-prompt-embeds",
         # Service classes map to vLLM priorities; any priority but 0 needs this policy.
-        "--scheduling-policy", "priority",
+        "--scheduling-policy",
+        "priority",
         "--disable-uvicorn-access-log",
     ]
     if e.enforce_eager:
@@ -61,20 +74,23 @@ def cpu_binds(cfg: PoolConfig) -> list[str | None]:
     return [f"{i * per}-{(i + 1) * per - 1}" if per > 1 else str(i) for i in range(cfg.replicas)]
 
 
-def replica_env(cfg: PoolConfig, replica_id: str, url: str, gateway_url: str, secret: str,
-                bind: str | None) -> dict[str, str]:
+def replica_env(
+    cfg: PoolConfig, replica_id: str, url: str, gateway_url: str, secret: str, bind: str | None
+) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({
-        "VLLM_PLUGINS": "tpmflow",  # allow-list: tpmflow's endpoint and general plugins only
-        "VLLM_API_KEY": secret,
-        "VLLM_CPU_KVCACHE_SPACE": str(cfg.engine.kv_cache_space_gib),
-        "VLLM_CPU_NUM_OF_RESERVED_CPU": env.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0"),
-        "TPMFLOW_REPLICA_ID": replica_id,
-        "TPMFLOW_REPLICA_URL": url,
-        "TPMFLOW_GATEWAY_URL": gateway_url,
-        "TPMFLOW_POOL_SECRET": secret,
-        "TPMFLOW_STORE": cfg.store.model_dump_json(),
-    })
+    env.update(
+        {
+            "VLLM_PLUGINS": "tpmflow",  # allow-list: tpmflow's endpoint and general plugins only
+            "VLLM_API_KEY": secret,
+            "VLLM_CPU_KVCACHE_SPACE": str(cfg.engine.kv_cache_space_gib),
+            "VLLM_CPU_NUM_OF_RESERVED_CPU": env.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0"),
+            "TPMFLOW_REPLICA_ID": replica_id,
+            "TPMFLOW_REPLICA_URL": url,
+            "TPMFLOW_GATEWAY_URL": gateway_url,
+            "TPMFLOW_POOL_SECRET": secret,
+            "TPMFLOW_STORE": cfg.store.model_dump_json(),
+        }
+    )
     if bind is not None:
         env["VLLM_CPU_OMP_THREADS_BIND"] = bind
     return env
@@ -94,8 +110,14 @@ class ReplicaProcess:
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.cmd,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
