@@ -177,3 +177,20 @@ def test_digest_of_inline_array_matches_local(client: Client) -> None:
     arr = np.arange(1000, dtype=np.float32).reshape(10, 100)
     answer = client.digest(arr)
     assert answer["digest"] == digest_of(encode_payload(arr)[0]) and answer["shape"] == [10, 100]
+
+
+def test_expired_payloads_are_evicted(pool: Any, client: Client) -> None:
+    import time
+
+    ref = client.put(np.ones(16, dtype=np.float32))
+    out = client.embed("x" * 700, pooling="none").items[0].reference  # written by the replica
+    assert ref is not None and out is not None
+    store = pool.gateway.store
+    assert store.exists(ref) and store.exists(out)
+    assert pool.gateway.sweep_payloads_now(now=time.time() + 10**6) >= 2
+    assert not store.exists(ref) and not store.exists(out)
+
+
+def test_health_reports_engine_load(client: Client) -> None:
+    replicas = client.health()["replicas"]
+    assert all("running" in r and "waiting" in r for r in replicas)

@@ -54,6 +54,7 @@ class GatewayConfig(BaseModel):
     max_n: int = 16
     max_body_bytes: int = Field(8 << 20, description="largest inline request body; bigger data goes by reference")
     heartbeat_timeout_s: float = 5.0
+    payload_sweep_s: float = Field(60.0, description="how often expired payloads are evicted from the store")
 
 
 class LaunchConfig(BaseModel):

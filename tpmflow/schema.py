@@ -141,3 +141,5 @@ class ReplicaInfo(BaseModel):
     engine: str
     hidden_size: int
     max_model_len: int
+    running: int = 0
+    waiting: int = 0

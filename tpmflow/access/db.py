@@ -154,8 +154,14 @@ class AccessDB:
 
     # -- payload quotas ------------------------------------------------------------------------
 
-    def register_payload(self, key: str, principal: str, nbytes: int, expires: float, quota_bytes: int) -> None:
-        """Count a signed payload against the principal's byte quota (expired ones no longer count)."""
+    def register_payload(
+        self, key: str, principal: str, nbytes: int, expires: float, quota_bytes: int | None
+    ) -> None:
+        """Count a signed payload against the principal's byte quota (expired ones no longer count).
+
+        ``quota_bytes=None`` records without checking: outputs the pool itself wrote must still be
+        tracked so they expire, but refusing them after the work is done helps nobody.
+        """
         now = time.time()
         with Session(self.engine) as s, s.begin():
             live = (
@@ -167,9 +173,19 @@ class AccessDB:
                 or 0
             )
             if s.get(PayloadRow, key) is None:
-                if live + nbytes > quota_bytes:
+                if quota_bytes is not None and live + nbytes > quota_bytes:
                     raise QuotaExceeded(f"payload store quota: {live + nbytes} bytes > {quota_bytes} for {principal}")
                 s.add(PayloadRow(key=key, principal=principal, nbytes=nbytes, expires=expires))
+
+    def pop_expired_payloads(self, now: float | None = None) -> list[tuple[str, str]]:
+        """Forget payloads whose lifetime is over; returns their (key, principal) for eviction."""
+        now = now or time.time()
+        with Session(self.engine) as s, s.begin():
+            rows = s.scalars(select(PayloadRow).where(PayloadRow.expires <= now)).all()
+            expired = [(r.key, r.principal) for r in rows]
+            for r in rows:
+                s.delete(r)
+        return expired
 
     # -- usage ---------------------------------------------------------------------------------
 

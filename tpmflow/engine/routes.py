@@ -123,6 +123,18 @@ def _content_hash(model_dir: Path) -> str:
         return "unknown"
 
 
+def _engine_load() -> tuple[int, int]:
+    """Requests running and waiting in this engine, from vLLM's own Prometheus gauges."""
+    from prometheus_client import REGISTRY
+
+    totals = {"vllm:num_requests_running": 0.0, "vllm:num_requests_waiting": 0.0}
+    for metric in REGISTRY.collect():
+        for sample in metric.samples:
+            if sample.name in totals:
+                totals[sample.name] += sample.value
+    return int(totals["vllm:num_requests_running"]), int(totals["vllm:num_requests_waiting"])
+
+
 def _vllm_version() -> str:
     import vllm
 

@@ -226,6 +226,42 @@ class Gateway:
 
     # -- forwarding ------------------------------------------------------------------------------
 
+    async def _sweep_payloads(self) -> None:
+        """Evict payloads whose lifetime is over (store lifetimes), once a minute."""
+        while True:
+            await asyncio.sleep(self.cfg.gateway.payload_sweep_s)
+            try:
+                await asyncio.to_thread(self.sweep_payloads_now)
+            except Exception:  # noqa: BLE001 - the sweep must never take the gateway down
+                log.exception("payload sweep failed")
+
+    def sweep_payloads_now(self, now: float | None = None) -> int:
+        expired = self.access.pop_expired_payloads(now)
+        for key, principal in expired:
+            ref = Reference(
+                connector=self.store.config.connector,
+                key=key,
+                principal=principal,
+                kind="bytes",
+                nbytes=0,
+                digest="",
+                expires=0,
+            )
+            try:
+                self.store.evict(ref)
+            except Exception:  # noqa: BLE001 - already gone is fine
+                log.debug("evicting %s failed", key)
+        return len(expired)
+
+    def _track_outputs(self, principal: Principal, payload: dict[str, Any]) -> None:
+        """Payloads a replica wrote for this principal expire like the ones it sent."""
+        for item in payload.get("data") or []:
+            emb = item.get("embedding") if isinstance(item, dict) else None
+            if isinstance(emb, dict) and emb.get("sig"):
+                self.access.register_payload(
+                    emb["key"], principal.name, int(emb["nbytes"]), float(emb["expires"]), None
+                )
+
     def _busy(self, replica: ReplicaState, delta: int) -> None:
         replica.inflight += delta
         self.metrics.replica_inflight.labels(replica.info.replica_id).set(replica.inflight)
@@ -323,6 +359,8 @@ class Gateway:
             err = payload.get("error")
             error_type = str(err.get("type")) if isinstance(err, dict) else "Error"
         usage = payload.get("usage")
+        if resp.status == 200 and isinstance(usage, dict) and usage.get("payload_bytes_out"):
+            await asyncio.to_thread(self._track_outputs, call.principal, payload)
         self._record(
             call,
             resp.status,
@@ -446,7 +484,9 @@ class Gateway:
     def _build_app(self) -> FastAPI:
         @asynccontextmanager
         async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+            sweeper = asyncio.get_running_loop().create_task(self._sweep_payloads())
             yield
+            sweeper.cancel()
             if self._http is not None:
                 await self._http.close()
 
@@ -463,7 +503,16 @@ class Gateway:
             body = {
                 "status": "ok" if live else "unavailable",
                 "model": self.model_name,
-                "replicas": [{"id": r.info.replica_id, "inflight": r.inflight, "served": r.served} for r in live],
+                "replicas": [
+                    {
+                        "id": r.info.replica_id,
+                        "inflight": r.inflight,
+                        "served": r.served,
+                        "running": r.info.running,
+                        "waiting": r.info.waiting,
+                    }
+                    for r in live
+                ],
             }
             return JSONResponse(body, status_code=200 if live else 503)
 
@@ -481,6 +530,8 @@ class Gateway:
             except (ValidationError, ValueError) as exc:
                 raise InvalidRequest(f"bad heartbeat: {exc}") from exc
             self.registry.heartbeat(info)
+            self.metrics.replica_running.labels(info.replica_id).set(info.running)
+            self.metrics.replica_waiting.labels(info.replica_id).set(info.waiting)
             return JSONResponse({"ok": True})
 
         @app.get("/v1/models")

@@ -34,6 +34,18 @@ class GatewayMetrics:
         self.replica_inflight = Gauge(
             "tpmflow_replica_inflight", "In-flight requests per replica", ["replica"], registry=r
         )
+        self.replica_running = Gauge(
+            "tpmflow_replica_running",
+            "Requests running in each replica's engine (its heartbeat)",
+            ["replica"],
+            registry=r,
+        )
+        self.replica_waiting = Gauge(
+            "tpmflow_replica_waiting",
+            "Requests waiting in each replica's engine (its heartbeat)",
+            ["replica"],
+            registry=r,
+        )
         self.replicas_live = Gauge("tpmflow_replicas_live", "Replicas in the rotation", registry=r)
         self.replica_failures = Counter(
             "tpmflow_replica_failures_total", "Forwarding failures per replica", ["replica"], registry=r
