@@ -146,6 +146,9 @@ class Pool:
             if self._thread is not None:
                 self._thread.join(timeout=10)
             self._server = None
+        if self.access is not None and self.token is not None:
+            self.access.revoke(self.token)  # the admin token printed at start dies with the pool
+            self.token = None
         if self.ledger is not None:
             self.ledger.close()
             self.ledger = None
