@@ -44,6 +44,8 @@ def test_health_models_and_provenance(client: Client, tiny_model_dir: Path) -> N
 def test_generate_through_client(client: Client) -> None:
     out = client.generate("The pool", max_tokens=8, temperature=0.0)
     assert out.usage["completion_tokens"] == 8 and out.finish_reason == "length"
+    assert out.provenance["content_hash"].startswith("blake3:") and out.provenance["replica_id"].startswith("replica-")
+    assert out.provenance["sampling"]["max_tokens"] == 8
     outs = client.generate(["a", "bb", "ccc"], max_tokens=3, temperature=0.0)
     # One usage for the whole batch: <s>a + <s>bb + <s>ccc = 2 + 3 + 4 prompt tokens.
     assert [o.usage["prompt_tokens"] for o in outs] == [9, 9, 9]

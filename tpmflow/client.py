@@ -121,10 +121,25 @@ def _completion_body(
     return body
 
 
-def _generations(data: dict[str, Any], request_id: str) -> list[Generation]:
+def _generations(data: dict[str, Any], request_id: str, body: dict[str, Any]) -> list[Generation]:
     usage = data.get("usage") or {}
     choices = sorted(data.get("choices", []), key=lambda c: c.get("index", 0))
-    return [Generation(c.get("text", ""), c.get("finish_reason"), usage, request_id) for c in choices]
+    sampling = {k: v for k, v in body.items() if k != "prompt"}
+    provenance = {**data.get("_provenance", {}), "request_id": request_id, "sampling": sampling}
+    return [Generation(c.get("text", ""), c.get("finish_reason"), usage, request_id, provenance) for c in choices]
+
+
+def _with_provenance(resp: httpx.Response) -> dict[str, Any]:
+    """The JSON body, plus the gateway's provenance headers under ``_provenance``."""
+    data = dict(resp.json())
+    fields = {
+        "model": "X-Tpmflow-Model",
+        "content_hash": "X-Tpmflow-Content-Hash",
+        "replica_id": "X-Tpmflow-Replica",
+        "engine": "X-Tpmflow-Engine",
+    }
+    data["_provenance"] = {k: resp.headers[h] for k, h in fields.items() if h in resp.headers}
+    return data
 
 
 class _Base:
@@ -218,7 +233,7 @@ class Client(_Base):
                     raise
                 time.sleep(self._delay(attempt, exc))
                 continue
-            return dict(resp.json())
+            return _with_provenance(resp)
         raise AssertionError("unreachable")
 
     def _ensure_store(self) -> PayloadStore:
@@ -267,10 +282,10 @@ class Client(_Base):
         data = self._request(
             "POST",
             "/v1/completions",
-            json=_completion_body(prompt, max_tokens, temperature, seed, extra),
+            json=(body := _completion_body(prompt, max_tokens, temperature, seed, extra)),
             request_id=rid,
         )
-        gens = _generations(data, rid)
+        gens = _generations(data, rid, body)
         return gens[0] if isinstance(prompt, str) else gens
 
     def embed(self, inputs: str | Sequence[str], *, pooling: str = "mean", request_id: str | None = None) -> Embeddings:
@@ -364,7 +379,7 @@ class AsyncClient(_Base):
                     raise
                 await asyncio.sleep(self._delay(attempt, exc))
                 continue
-            return dict(resp.json())
+            return _with_provenance(resp)
         raise AssertionError("unreachable")
 
     async def _ensure_store(self) -> PayloadStore:
@@ -408,10 +423,10 @@ class AsyncClient(_Base):
         data = await self._request(
             "POST",
             "/v1/completions",
-            json=_completion_body(prompt, max_tokens, temperature, seed, extra),
+            json=(body := _completion_body(prompt, max_tokens, temperature, seed, extra)),
             request_id=rid,
         )
-        gens = _generations(data, rid)
+        gens = _generations(data, rid, body)
         return gens[0] if isinstance(prompt, str) else gens
 
     async def embed(

@@ -154,9 +154,7 @@ class AccessDB:
 
     # -- payload quotas ------------------------------------------------------------------------
 
-    def register_payload(
-        self, key: str, principal: str, nbytes: int, expires: float, quota_bytes: int | None
-    ) -> None:
+    def register_payload(self, key: str, principal: str, nbytes: int, expires: float, quota_bytes: int | None) -> None:
         """Count a signed payload against the principal's byte quota (expired ones no longer count).
 
         ``quota_bytes=None`` records without checking: outputs the pool itself wrote must still be

@@ -262,6 +262,16 @@ class Gateway:
                     emb["key"], principal.name, int(emb["nbytes"]), float(emb["expires"]), None
                 )
 
+    def _provenance(self, call: Call, replica: ReplicaState) -> dict[str, str]:
+        """Provenance of every answer, in headers, so vLLM's own OpenAI bodies stay untouched."""
+        return {
+            "X-Request-Id": call.request_id,
+            "X-Tpmflow-Model": self.model_name,
+            "X-Tpmflow-Content-Hash": replica.info.content_hash,
+            "X-Tpmflow-Replica": replica.info.replica_id,
+            "X-Tpmflow-Engine": replica.info.engine,
+        }
+
     def _busy(self, replica: ReplicaState, delta: int) -> None:
         replica.inflight += delta
         self.metrics.replica_inflight.labels(replica.info.replica_id).set(replica.inflight)
@@ -372,7 +382,7 @@ class Gateway:
             error_type=error_type,
         )
         return Response(
-            raw, status_code=resp.status, media_type="application/json", headers={"X-Request-Id": call.request_id}
+            raw, status_code=resp.status, media_type="application/json", headers=self._provenance(call, replica)
         )
 
     async def forward_stream(
@@ -444,7 +454,7 @@ class Gateway:
                 )
                 release()
 
-        return StreamingResponse(relay(), media_type="text/event-stream", headers={"X-Request-Id": call.request_id})
+        return StreamingResponse(relay(), media_type="text/event-stream", headers=self._provenance(call, replica))
 
     # -- validation of OpenAI bodies -------------------------------------------------------------
 
