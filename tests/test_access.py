@@ -148,3 +148,42 @@ def test_payload_byte_quota(access: AccessDB) -> None:
     other = _name("quota")
     access.ensure_principal(other)
     access.register_payload(_name("k"), other, 900, later, quota_bytes=1000)  # quotas are per principal
+
+
+def test_request_ids_are_per_principal(access: AccessDB) -> None:
+    """B reusing A's request id must not overwrite A's row."""
+    a, b, rid = _name("a"), _name("b"), _name("shared-id")
+    writer = LedgerWriter(access.engine, flush_interval_s=0.05)
+    for who, tokens in ((a, 5), (b, 7)):
+        writer.record(
+            LedgerRow(
+                request_id=rid,
+                principal=who,
+                project="p",
+                service_class="interactive",
+                endpoint="completions",
+                model="m",
+                content_hash="h",
+                status=200,
+                output_tokens=tokens,
+            )
+        )
+    writer.flush()
+    writer.close()
+    rows = {r.principal: r.output_tokens for r in access.ledger_rows(request_id=rid)}
+    assert rows == {a: 5, b: 7}
+
+
+def test_updating_a_principal_changes_only_given_fields(access: AccessDB) -> None:
+    name = _name("admin")
+    access.ensure_principal(name, "facility", {"admin", "probe"}, "batch")
+    access.ensure_principal(name)  # e.g. `tpmflow tokens create NAME` for one more token
+    p = access.ensure_principal(name, service_class="interactive")
+    assert p.project == "facility" and p.permissions == {"admin", "probe"} and p.service_class == "interactive"
+
+
+def test_unknown_tokens_are_cached_negatively(access: AccessDB) -> None:
+    with pytest.raises(Unauthorized):
+        access.authenticate("tpm_sprayed")
+    with pytest.raises(Unauthorized):
+        access.cached("tpm_sprayed")  # answered from memory, no database query

@@ -181,3 +181,38 @@ def test_client_disconnects_mid_stream(pool: Any, still_serving: None) -> None:
             break
         time.sleep(0.2)
     assert rows and rows[0].status == 499 and rows[0].error_type == "ClientDisconnected"
+    # Nothing leaked: the admission slot and the replica's in-flight count are back.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(r.inflight for r in pool.gateway.registry.live()):
+        time.sleep(0.1)
+    assert all(r.inflight == 0 for r in pool.gateway.registry.live())
+    assert pool.gateway._waiting == 0 and not pool.gateway._slots.locked()
+
+
+@pytest.mark.parametrize("field", ["prompt_embeds", "kv_transfer_params", "vllm_xargs"])
+def test_raw_vllm_side_doors_are_refused(pool: Any, field: str, still_serving: None) -> None:
+    """vLLM would torch.load prompt_embeds (pickle) unchecked; extra args would reach the hooks."""
+    resp = _post(pool, "/v1/completions", pool.token, json={"prompt": "x", field: "AAAA"})
+    assert resp.status_code == 400 and field in resp.json()["error"]["message"]
+
+
+def test_chat_accepts_text_parts_only(pool: Any, still_serving: None) -> None:
+    message = {"role": "user", "content": [{"type": "prompt_embeds", "prompt_embeds": "AAAA"}]}
+    resp = _post(pool, "/v1/chat/completions", pool.token, json={"messages": [message], "max_tokens": 2})
+    assert resp.status_code == 400 and resp.json()["error"]["item"] == 0
+
+
+def test_vllm_errors_arrive_as_tpmflow_types(pool: Any, still_serving: None) -> None:
+    resp = _post(pool, "/v1/completions", pool.token, json={"prompt": "y" * 3000, "max_tokens": 2})
+    assert resp.status_code == 400 and resp.json()["error"]["type"] == "InvalidRequest"
+
+
+def test_declared_size_must_match_the_stored_payload(pool: Any, client: Client, still_serving: None) -> None:
+    ref = client.put(np.ones(8, dtype=np.float32))
+    resp = _post(
+        pool,
+        "/v1/tpmflow/payloads/sign",
+        pool.token,
+        json={"key": ref.key, "kind": "ndarray", "nbytes": 1, "digest": ref.digest},
+    )
+    assert resp.status_code == 400 and "declared" in resp.json()["error"]["message"]

@@ -72,6 +72,9 @@ def test_admission_beyond_the_queue_is_503_with_retry_after(pool: Any) -> None:
         thread.join(timeout=10)
     codes = sorted(r.status_code for r in responses)
     assert codes.count(200) >= 2 and 503 in codes, codes
+    pool.ledger.flush()
+    overloaded = [r for r in pool.access.ledger_rows() if r.error_type == "Overloaded"]
+    assert len(overloaded) >= codes.count(503), "every refused attempt has its ledger row"
     rejected = next(r for r in responses if r.status_code == 503)
     assert rejected.headers["Retry-After"] == "1" and rejected.json()["error"]["type"] == "Overloaded"
 
@@ -145,5 +148,6 @@ def test_replica_killed_under_load(pool: Any) -> None:
     restarted = pool.gateway.registry.replicas["replica-0"]
     assert restarted.info.url != url_before and restarted.served > 0, "the restarted replica serves again"
     pool.ledger.flush()
-    retried = [r for r in pool.access.ledger_rows() if r.retry_of is not None]
+    retried = [r for r in pool.access.ledger_rows() if r.retry_of is not None and r.request_id.startswith("kill-")]
+    assert any(r.status == 200 for r in retried), "a request cut off by the kill was retried and answered"
     assert all(r.request_id.startswith(r.retry_of.split(".r")[0]) for r in retried)

@@ -28,6 +28,17 @@ def _transformers_hidden(model_dir: Path, text: str) -> np.ndarray:
     return out.hidden_states[-1][0].numpy()  # after the final norm
 
 
+def _prefix_hits(pool: Any) -> float:
+    """Prefix-cache hits summed over the replicas (their /metrics needs the pool secret)."""
+    hits = 0.0
+    for replica in pool.gateway.registry.live():
+        text = httpx.get(replica.info.url + "/metrics", headers={"Authorization": f"Bearer {pool.secret}"}).text
+        hits += sum(
+            float(line.split()[-1]) for line in text.splitlines() if line.startswith("vllm:prefix_cache_hits_total")
+        )
+    return hits
+
+
 def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
@@ -58,13 +69,7 @@ def test_embed_matches_transformers_and_ignores_the_prefix_cache(
     # Warm both replicas' prefix caches with the prompt (requests alternate between idle replicas).
     for _ in range(4):
         client.generate(LONG_PROMPT, max_tokens=1, temperature=0.0)
-    hits = 0.0
-    for replica in pool.gateway.registry.live():
-        text = httpx.get(replica.info.url + "/metrics").text
-        hits += sum(
-            float(line.split()[-1]) for line in text.splitlines() if line.startswith("vllm:prefix_cache_hits_total")
-        )
-    assert hits > 0, "the prefix was never cached, so this test would not exercise the cached path"
+    assert _prefix_hits(pool) > 0, "the prefix was never cached, so this test would not exercise the cached path"
     text = LONG_PROMPT + "and the tail differs."
     cached = client.embed(text, pooling="none")[0]
     again = client.embed(text, pooling="none")[0]
@@ -112,6 +117,8 @@ def test_async_client_and_futures(pool: Any) -> None:
         async with AsyncClient(pool.url, token=pool.token) as ac:
             gen = await ac.generate("async", max_tokens=4, temperature=0.0)
             emb = await ac.embed(["a", "b"])
+            tasks = [ac.submit_generate(f"t{i}", max_tokens=2) for i in range(3)] + [ac.submit_embed("t")]
+            assert len(await asyncio.gather(*tasks)) == 4
             return gen, emb
 
     gen, emb = asyncio.run(run())
@@ -149,9 +156,40 @@ def test_gateway_injects_salt_and_strips_client_values(pool: Any) -> None:
     assert resp.status_code == 200, resp.text
 
 
+def test_prefix_cache_is_not_shared_across_principals(pool: Any) -> None:
+    """A's cached prefix gives A hits, but B (another salt) gets none from it, on either replica."""
+    prompt = "A private prefix that only principal A has sent so far, long enough to fill blocks. " * 4
+    a = Client(pool.url, token=pool.add_principal("salt-a", permissions={"generate"}))
+    b = Client(pool.url, token=pool.add_principal("salt-b", permissions={"generate"}))
+    with a, b:
+        for _ in range(4):  # both replicas now hold A's prefix
+            a.generate(prompt, max_tokens=1, temperature=0.0)
+        before = _prefix_hits(pool)
+        a.generate(prompt, max_tokens=1, temperature=0.0)
+        assert _prefix_hits(pool) > before, "control: A hits its own cached prefix"
+        before = _prefix_hits(pool)
+        b.generate(prompt, max_tokens=1, temperature=0.0)
+        assert _prefix_hits(pool) == before, "B must not hit A's cache entries"
+
+
+def test_replicas_answer_the_gateway_only(pool: Any) -> None:
+    replica = pool.gateway.registry.live()[0].info.url
+    for method, path in (
+        ("POST", "/invocations"),
+        ("GET", "/metrics"),
+        ("POST", "/v1/completions"),
+        ("POST", "/tokenize"),
+        ("POST", "/v1/tpmflow/embed"),
+    ):
+        resp = httpx.request(method, replica + path, json={"prompt": "x", "model": "tiny-llama"})
+        assert resp.status_code == 401, (path, resp.status_code)
+    assert httpx.get(replica + "/health").status_code == 200
+
+
 def test_metrics_exposes_prometheus_series(pool: Any, client: Client) -> None:
     client.generate("metrics", max_tokens=2)
     text = httpx.get(pool.url + "/metrics").text
+    samples = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
     for name in (
         "tpmflow_requests_total",
         "tpmflow_request_latency_seconds_bucket",
@@ -159,8 +197,10 @@ def test_metrics_exposes_prometheus_series(pool: Any, client: Client) -> None:
         "tpmflow_tokens_total",
         "tpmflow_replica_inflight",
         "tpmflow_replicas_live",
+        "tpmflow_replica_running",
     ):
-        assert name in text, name
+        assert name in samples, f"{name} has no sample"
+    assert 'tpmflow_requests_total{endpoint="completions",service_class="interactive",status="200"}' in text
 
 
 def test_usage_endpoint_reports_this_principal(client: Client) -> None:
@@ -193,6 +233,17 @@ def test_expired_payloads_are_evicted(pool: Any, client: Client) -> None:
     assert not store.exists(ref) and not store.exists(out)
 
 
-def test_health_reports_engine_load(client: Client) -> None:
-    replicas = client.health()["replicas"]
-    assert all("running" in r and "waiting" in r for r in replicas)
+def test_health_reports_engine_load(pool: Any, client: Client) -> None:
+    """Heartbeats carry vLLM's own running/waiting gauges: seen > 0 while a long generation runs."""
+    import time
+
+    future = client.submit_generate("busy " * 4, max_tokens=600, temperature=0.0, ignore_eos=True)
+    seen = 0
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not future.done():
+        seen = max(seen, sum(r["running"] + r["waiting"] for r in client.health()["replicas"]))
+        if seen:
+            break
+        time.sleep(0.2)
+    future.result(timeout=120)
+    assert seen > 0, "no replica reported load while one was generating"

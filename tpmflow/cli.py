@@ -86,17 +86,19 @@ def serve(
 @tokens_app.command("create")
 def tokens_create(
     principal: Annotated[str, typer.Argument(help="Principal name (created if new).")],
-    project: Annotated[str, typer.Option(help="Project that is charged.")] = "default",
+    project: Annotated[str | None, typer.Option(help="Project that is charged (new principals: default).")] = None,
     permissions: Annotated[
-        str, typer.Option(help="Comma-separated: generate, embed, probe, admin.")
-    ] = "generate,embed",
-    service_class: Annotated[str, typer.Option(help="Scheduling class (see the pool config).")] = "interactive",
+        str | None, typer.Option(help="Comma-separated: generate, embed, probe, admin (new: generate,embed).")
+    ] = None,
+    service_class: Annotated[
+        str | None, typer.Option(help="Scheduling class from the pool config (new: interactive).")
+    ] = None,
     config: ConfigOption = None,
     database_url: DatabaseOption = None,
 ) -> None:
     """Create a token for a principal; the token is printed once and stored only as a hash."""
     access = _access(config, database_url)
-    perms = {p.strip() for p in permissions.split(",") if p.strip()}
+    perms = {p.strip() for p in permissions.split(",") if p.strip()} if permissions is not None else None
     access.ensure_principal(principal, project, perms, service_class)
     print(access.create_token(principal))
 

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from tpmflow.errors import ERROR_CLASSES, InvalidRequest, Overloaded, TpmflowError
+from tpmflow.errors import ERROR_CLASSES, InvalidRequest, Overloaded, ReplicaFailed, TpmflowError
 from tpmflow.payload import PayloadStore, Reference, StoreConfig, encode_payload
 from tpmflow.schema import InlineArray
 
@@ -191,7 +191,7 @@ class Client(_Base):
         self,
         url: str,
         token: str | None = None,
-        timeout: float = 120.0,
+        timeout: float = 150.0,
         retries: int = 4,
         backoff_s: float = 0.25,
         max_workers: int = 16,
@@ -225,7 +225,9 @@ class Client(_Base):
             try:
                 resp = self._http.request(method, self.url + path, json=json, params=params, headers=self._headers(rid))
             except httpx.TimeoutException as exc:
-                raise TpmflowError(f"no answer from {self.url} within {self.timeout} s") from exc
+                raise ReplicaFailed(f"no answer from {self.url} within {self.timeout} s") from exc
+            except httpx.TransportError as exc:
+                raise ReplicaFailed(f"cannot reach the pool at {self.url}: {exc}") from exc
             try:
                 raise_for_error(resp)
             except Overloaded as exc:
@@ -342,7 +344,7 @@ class AsyncClient(_Base):
     """Asynchronous client with the same methods as ``Client``."""
 
     def __init__(
-        self, url: str, token: str | None = None, timeout: float = 120.0, retries: int = 4, backoff_s: float = 0.25
+        self, url: str, token: str | None = None, timeout: float = 150.0, retries: int = 4, backoff_s: float = 0.25
     ) -> None:
         super().__init__(url, token, timeout, retries, backoff_s)
         self._http = httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=512))
@@ -371,7 +373,9 @@ class AsyncClient(_Base):
                     method, self.url + path, json=json, params=params, headers=self._headers(rid)
                 )
             except httpx.TimeoutException as exc:
-                raise TpmflowError(f"no answer from {self.url} within {self.timeout} s") from exc
+                raise ReplicaFailed(f"no answer from {self.url} within {self.timeout} s") from exc
+            except httpx.TransportError as exc:
+                raise ReplicaFailed(f"cannot reach the pool at {self.url}: {exc}") from exc
             try:
                 raise_for_error(resp)
             except Overloaded as exc:
@@ -453,6 +457,15 @@ class AsyncClient(_Base):
     async def digest(self, value: Reference | np.ndarray) -> dict[str, Any]:
         payload = value.model_dump() if isinstance(value, Reference) else InlineArray.from_numpy(value).model_dump()
         return await self._request("POST", "/v1/tpmflow/digest", json={"payload": payload})
+
+    # -- tasks (the asyncio counterpart of Client's futures) ----------------------------------------
+
+    def submit_generate(self, *args: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        """Schedule ``generate`` on the running loop and return its task at once."""
+        return asyncio.get_running_loop().create_task(self.generate(*args, **kwargs))
+
+    def submit_embed(self, *args: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        return asyncio.get_running_loop().create_task(self.embed(*args, **kwargs))
 
     async def _array_payload(self, value: np.ndarray | Reference) -> dict[str, Any]:
         if isinstance(value, Reference):

@@ -183,6 +183,18 @@ class PayloadStore:
             expires=time.time() + self.config.ttl_s,
         )
 
+    def size(self, ref: Reference) -> int | None:
+        """Bytes stored under the reference's key, or ``None`` when nothing is there."""
+        key = self._key(ref)
+        conn = self._connector(ref.principal)
+        if not conn.exists(key):
+            return None
+        if self.config.connector == "file":
+            import os
+
+            return os.path.getsize(os.path.join(conn.store_dir, key.filename))
+        return int(conn._redis_client.strlen(key.redis_key))
+
     def exists(self, ref: Reference) -> bool:
         return bool(self._connector(ref.principal).exists(self._key(ref)))
 

@@ -48,7 +48,7 @@ class AccessDB:
         made by another process (``tpmflow tokens revoke``) within this many seconds."""
         self.url = url or default_database_url()
         self.auth_cache_s = auth_cache_s
-        self._auth_cache: dict[str, tuple[Principal, float]] = {}
+        self._auth_cache: dict[str, tuple[Principal | Unauthorized, float]] = {}
         self.engine: Engine = create_engine(self.url, pool_pre_ping=True)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
@@ -59,13 +59,17 @@ class AccessDB:
     def ensure_principal(
         self,
         name: str,
-        project: str = "default",
+        project: str | None = None,
         permissions: set[str] | None = None,
-        service_class: str = "interactive",
+        service_class: str | None = None,
     ) -> Principal:
-        """Create the principal if needed (its permissions and class are updated when given)."""
-        perms = set(permissions or {"generate", "embed"})
-        unknown = perms - PERMISSIONS
+        """Create the principal if needed; on an existing one, change only the fields given.
+
+        New principals default to project ``default``, permissions ``generate,embed`` and class
+        ``interactive``.
+        """
+        perms = set(permissions) if permissions is not None else None
+        unknown = (perms or set()) - PERMISSIONS
         if unknown:
             raise InvalidRequest(f"unknown permissions {sorted(unknown)}; choose from {sorted(PERMISSIONS)}")
         with Session(self.engine) as s, s.begin():
@@ -73,15 +77,20 @@ class AccessDB:
             if row is None:
                 row = PrincipalRow(
                     name=name,
-                    project=project,
-                    permissions=",".join(sorted(perms)),
-                    service_class=service_class,
+                    project=project or "default",
+                    permissions=",".join(sorted(perms if perms is not None else {"generate", "embed"})),
+                    service_class=service_class or "interactive",
                     cache_salt=secrets.token_hex(16),
                     created=time.time(),
                 )
                 s.add(row)
             else:
-                row.project, row.permissions, row.service_class = project, ",".join(sorted(perms)), service_class
+                if project is not None:
+                    row.project = project
+                if perms is not None:
+                    row.permissions = ",".join(sorted(perms))
+                if service_class is not None:
+                    row.service_class = service_class
             self._auth_cache.clear()
             return _principal(row)
 
@@ -94,28 +103,37 @@ class AccessDB:
             s.add(TokenRow(principal=principal, token_hash=hash_token(token), prefix=token[:10], created=time.time()))
         return token
 
+    def cached(self, token: str) -> Principal | None:
+        """The principal of a token checked less than ``auth_cache_s`` ago; raises for a token found
+        unknown or revoked that recently (so spraying bad tokens costs no database queries)."""
+        hit = self._auth_cache.get(hash_token(token))
+        if hit is None or hit[1] <= time.monotonic():
+            return None
+        if isinstance(hit[0], Unauthorized):
+            raise Unauthorized(str(hit[0]))
+        return hit[0]
+
     def authenticate(self, token: str | None) -> Principal:
         if not token:
             raise Unauthorized("missing bearer token")
         digest = hash_token(token)
-        cached = self._auth_cache.get(digest)
         now = time.monotonic()
-        if cached is not None and cached[1] > now:
-            return cached[0]
+        hit = self.cached(token)
+        if hit is not None:
+            return hit
         with Session(self.engine) as s:
             found = s.execute(
                 select(TokenRow, PrincipalRow)
                 .join(PrincipalRow, TokenRow.principal == PrincipalRow.name)
                 .where(TokenRow.token_hash == digest)
             ).first()
-        if found is None:
-            raise Unauthorized("unknown token")
-        tok, principal_row = found
-        if tok.revoked is not None:
-            raise Unauthorized("token has been revoked")
-        principal = _principal(principal_row)
         if len(self._auth_cache) > 10_000:
             self._auth_cache.clear()
+        if found is None or found[0].revoked is not None:
+            error = Unauthorized("unknown token" if found is None else "token has been revoked")
+            self._auth_cache[digest] = (error, now + self.auth_cache_s)
+            raise error
+        principal = _principal(found[1])
         self._auth_cache[digest] = (principal, now + self.auth_cache_s)
         return principal
 

@@ -98,14 +98,15 @@ class LedgerWriter:
 
     def _write(self, rows: list[LedgerRow]) -> None:
         # One multi-row upsert per batch: a retried request id replaces its row (idempotent).
-        latest = {row.request_id: asdict(row) for row in rows}
+        latest = {(row.principal, row.request_id): asdict(row) for row in rows}
         values = list(latest.values())
         try:
             with self._engine.begin() as conn:  # type: ignore[attr-defined]
                 insert = _dialect_insert(self._engine)
                 stmt = insert(LedgerEntry).values(values)
-                updates = {c: getattr(stmt.excluded, c) for c in values[0] if c != "request_id"}
-                conn.execute(stmt.on_conflict_do_update(index_elements=["request_id"], set_=updates))
+                keys = ("principal", "request_id")
+                updates = {c: getattr(stmt.excluded, c) for c in values[0] if c not in keys}
+                conn.execute(stmt.on_conflict_do_update(index_elements=list(keys), set_=updates))
             self._written += len(rows)
         except Exception:
             log.exception("ledger write of %d rows failed", len(rows))

@@ -42,13 +42,15 @@ class PayloadRow(Base):
 
 
 class LedgerEntry(Base):
-    """One row per request attempt, keyed by request id (a retried attempt gets ``<id>.rN``)."""
+    """One row per request attempt, keyed by (principal, request id): a client retrying with the same
+    id is idempotent, and no principal can overwrite another's rows by reusing their id. A retry the
+    gateway makes on another replica gets ``<id>.rN`` and ``retry_of``."""
 
-    __tablename__ = "ledger"
+    __tablename__ = "request_ledger"
 
+    principal: Mapped[str] = mapped_column(String(64), primary_key=True)
     request_id: Mapped[str] = mapped_column(String(96), primary_key=True)
     retry_of: Mapped[str | None] = mapped_column(String(96), nullable=True)
-    principal: Mapped[str] = mapped_column(String(64), index=True)
     project: Mapped[str] = mapped_column(String(64), index=True)
     service_class: Mapped[str] = mapped_column(String(32))
     endpoint: Mapped[str] = mapped_column(String(64))
@@ -63,5 +65,5 @@ class LedgerEntry(Base):
     queue_ms: Mapped[float] = mapped_column(Float, default=0.0)
     engine_ms: Mapped[float] = mapped_column(Float, default=0.0)
     status: Mapped[int] = mapped_column(Integer)
-    error_type: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error_type: Mapped[str | None] = mapped_column(String(128), nullable=True)
     created: Mapped[float] = mapped_column(Float, index=True)

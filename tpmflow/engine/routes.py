@@ -12,9 +12,11 @@ input gets a typed error and never kills the engine.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import os
+import signal
 import time
 import uuid
 from argparse import Namespace
@@ -70,7 +72,10 @@ class ReplicaContext:
         self.signer = Signer(os.environ.get("TPMFLOW_POOL_SECRET", ""))
 
     def info(self) -> ReplicaInfo:
+        running, waiting = _engine_load()
         return ReplicaInfo(
+            running=running,
+            waiting=waiting,
             replica_id=self.replica_id,
             url=self.url,
             model=self.model_name,
@@ -218,9 +223,10 @@ def build_router() -> APIRouter:
     async def generate_embeds(request: Request) -> JSONResponse:
         ctx: ReplicaContext = request.app.state.tpmflow
         try:
-            principal, request_id, priority, _ = _caller(request)
+            principal, request_id, priority, salt = _caller(request)
             body: EmbedsGenerateRequest = await _body(request, EmbedsGenerateRequest)
-            return JSONResponse((await _generate_embeds(ctx, body, principal, request_id, priority)).model_dump())
+            result = await _generate_embeds(ctx, body, principal, request_id, priority, salt)
+            return JSONResponse(result.model_dump())
         except TpmflowError as exc:
             return _error(exc)
 
@@ -295,10 +301,19 @@ async def _embed(
         await _run(ctx.engine, prompt, params, f"{request_id}-embed-{i}", priority)
 
     try:
-        await asyncio.gather(*(one(i) for i in range(len(token_lists))))
+        # A TaskGroup cancels (and so aborts in vLLM) the other items when one fails.
+        async with asyncio.TaskGroup() as group:
+            for i in range(len(token_lists)):
+                group.create_task(one(i))
+    except* TpmflowError as errors:
+        raise errors.exceptions[0] from None
     finally:
+        # Always collect, so no capture of this request lingers in the worker.
         results = await ctx.engine.collective_rpc("tpmflow_take", args=(keys,))
-    captured = results[0]
+    # With pipeline parallelism only the last stage runs the final norm: merge what each worker saw.
+    captured: dict[str, Any] = {}
+    for worker_result in results:
+        captured.update({k: v for k, v in worker_result.items() if v is not None})
     items: list[EmbedItem] = []
     bytes_out = 0
     for i, key in enumerate(keys):
@@ -320,7 +335,12 @@ async def _embed(
 
 
 async def _generate_embeds(
-    ctx: ReplicaContext, body: EmbedsGenerateRequest, principal: str, request_id: str, priority: int
+    ctx: ReplicaContext,
+    body: EmbedsGenerateRequest,
+    principal: str,
+    request_id: str,
+    priority: int,
+    salt: str | None,
 ) -> GenerateResult:
     import torch
     from vllm import SamplingParams
@@ -335,7 +355,10 @@ async def _generate_embeds(
             f"{array.shape[0]} prompt positions + max_tokens {body.max_tokens} exceed max_model_len {ctx.max_model_len}"
         )
     params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed)
-    final = await _run(ctx.engine, {"prompt_embeds": torch.from_numpy(array)}, params, request_id, priority)
+    prompt: dict[str, Any] = {"prompt_embeds": torch.from_numpy(array)}
+    if salt:
+        prompt["cache_salt"] = salt
+    final = await _run(ctx.engine, prompt, params, request_id, priority)
     out = final.outputs[0]
     usage = Usage(prompt_tokens=int(array.shape[0]), completion_tokens=len(out.token_ids), payload_bytes_in=bytes_in)
     sampling = body.model_dump(exclude={"prompt_embeds", "model"})
@@ -355,17 +378,51 @@ async def _heartbeat(ctx: ReplicaContext) -> None:
     if not gateway:
         return
     secret = os.environ.get("TPMFLOW_POOL_SECRET", "")
+    grace = float(os.environ.get("TPMFLOW_ORPHAN_GRACE_S", "60"))
+    last_ok = time.monotonic()
     async with httpx.AsyncClient(timeout=5.0) as client:
         while True:
+            if time.monotonic() - last_ok > grace:
+                # The gateway is gone (its process was killed): stop rather than serve nobody forever.
+                log.error("no gateway at %s for %.0f s; shutting this replica down", gateway, grace)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
             try:
-                await client.post(
+                resp = await client.post(
                     f"{gateway}/internal/replicas/heartbeat",
                     json=ctx.info().model_dump(),
                     headers={"Authorization": f"Bearer {secret}"},
                 )
+                if resp.status_code == 200:
+                    last_ok = time.monotonic()
             except httpx.HTTPError as exc:
                 log.warning("heartbeat to %s failed: %s", gateway, exc)
             await asyncio.sleep(HEARTBEAT_S)
+
+
+class GatewayOnly:
+    """ASGI middleware: every path but ``/health`` needs the pool secret.
+
+    vLLM's own ``--api-key`` guards only ``/v1``-style prefixes; ``/invocations``, ``/tokenize``
+    and ``/metrics`` would otherwise let anyone on the node bypass the gateway (no salt, no meter).
+    """
+
+    OPEN_PATHS = ("/health",)
+
+    def __init__(self, app: Any, secret: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {secret}".encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("path") not in self.OPEN_PATHS:
+            auth = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(auth, self.expected):
+                response = JSONResponse(
+                    {"error": {"type": "Unauthorized", "message": "replicas answer the gateway only"}}, status_code=401
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class TpmflowEndpoints:
@@ -376,6 +433,9 @@ class TpmflowEndpoints:
 
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(build_router())
+        secret = os.environ.get("TPMFLOW_POOL_SECRET")
+        if secret:
+            app.add_middleware(GatewayOnly, secret=secret)
 
     async def init_state(self, engine_client: Any, state: State, args: Namespace) -> None:
         if engine_client is None:

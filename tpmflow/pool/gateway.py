@@ -45,6 +45,8 @@ from tpmflow.schema import ReplicaInfo, SignRequest
 
 log = logging.getLogger("tpmflow.gateway")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,80}$")
+# vLLM would torch.load prompt_embeds (pickle) unchecked, and extra args reach the workers' hooks.
+_REFUSED_FIELDS = ("prompt_embeds", "kv_transfer_params", "vllm_xargs")
 # Fields only the gateway may set on a forwarded OpenAI request.
 _GATEWAY_OWNED = ("cache_salt", "priority", "request_id")
 
@@ -60,6 +62,30 @@ class Call:
     queue_ms: float = 0.0
     model: str = ""
     content_hash: str = ""
+
+
+_TYPE_BY_STATUS = {
+    400: "InvalidRequest",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "ModelNotFound",
+    413: "PayloadTooLarge",
+    429: "QuotaExceeded",
+    503: "Overloaded",
+}
+
+
+def _typed_error(payload: Any, status: int) -> dict[str, Any]:
+    """vLLM's own error bodies (``BadRequestError``…) become tpmflow's classes, keeping the message
+    and the OpenAI-style shape, so every client sees one hierarchy."""
+    from tpmflow.errors import ERROR_CLASSES
+
+    err = payload.get("error") if isinstance(payload, dict) else None
+    err = dict(err) if isinstance(err, dict) else {"message": str(payload)[:500]}
+    if err.get("type") not in ERROR_CLASSES:
+        err["type"] = _TYPE_BY_STATUS.get(status, "ReplicaFailed" if status >= 500 else "InvalidRequest")
+    err.setdefault("message", "")
+    return {**(payload if isinstance(payload, dict) else {}), "error": err}
 
 
 @dataclass
@@ -104,7 +130,8 @@ class Gateway:
         # aiohttp, not httpx, on this hot path: it costs the gateway several times less CPU per
         # forwarded request, and on a small node every cycle the gateway uses the engine loses.
         if self._http is None:
-            connector = aiohttp.TCPConnector(limit=self.cfg.gateway.max_inflight * 2, keepalive_timeout=30)
+            # Keep-alive below uvicorn's 5 s, so a pooled connection is never one the replica closed.
+            connector = aiohttp.TCPConnector(limit=self.cfg.gateway.max_inflight * 2, keepalive_timeout=3)
             self._http = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         return self._http
 
@@ -113,17 +140,21 @@ class Gateway:
         self.registry.mark_dead(replica_id)
         self.metrics.replica_restarts.labels(replica_id).inc()
 
-    def _authenticate(self, request: Request) -> Principal:
+    async def _authenticate(self, request: Request) -> Principal:
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise Unauthorized("missing bearer token (Authorization: Bearer tpm_...)")
-        return self.access.authenticate(token.strip())
+        token = token.strip()
+        # Cached answers on the loop; a database round trip only off it.
+        return self.access.cached(token) or await asyncio.to_thread(self.access.authenticate, token)
 
-    def _authorise(self, request: Request, permission: str | None) -> Principal:
-        principal = self._authenticate(request)
+    async def _authorise(self, request: Request, permission: str | None, endpoint: str = "") -> Principal:
+        principal = await self._authenticate(request)
         if permission is not None and not principal.can(permission):
-            raise Forbidden(f"principal {principal.name!r} lacks the {permission!r} permission")
+            exc = Forbidden(f"principal {principal.name!r} lacks the {permission!r} permission")
+            self._record(Call(endpoint, principal, self._request_id(request)), 403, error_type="Forbidden")
+            raise exc
         return principal
 
     def _request_id(self, request: Request) -> str:
@@ -131,12 +162,20 @@ class Gateway:
         return rid if rid and _REQUEST_ID.match(rid) else uuid.uuid4().hex
 
     async def _json_body(self, request: Request) -> dict[str, Any]:
-        raw = await request.body()
-        if len(raw) > self.cfg.gateway.max_body_bytes:
-            raise PayloadTooLarge(
-                f"request body of {len(raw)} bytes exceeds {self.cfg.gateway.max_body_bytes}; "
-                "send large arrays by reference (tpmflow payloads)"
-            )
+        limit = self.cfg.gateway.max_body_bytes
+        too_big = PayloadTooLarge(
+            f"request body exceeds {limit} bytes; send large arrays by reference (tpmflow payloads)"
+        )
+        declared = request.headers.get("Content-Length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_big  # refused before a byte of it is buffered
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+        raw = b"".join(chunks)
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -153,11 +192,16 @@ class Gateway:
     async def _admitted(self, call: Call) -> AsyncIterator[None]:
         """Bounded admission: at most max_inflight forwarded, queue_limit waiting, else 503."""
         if self._slots.locked() and self._waiting >= self.cfg.gateway.queue_limit:
+            self._record(call, 503, error_type="Overloaded")
             raise Overloaded(f"pool queue is full ({self._waiting} waiting)", retry_after=1.0)
         self._waiting += 1
         self.metrics.queue_depth.set(self._waiting)
+        remaining = call.started + self.cfg.gateway.request_timeout_s - time.monotonic()
         try:
-            await self._slots.acquire()
+            await asyncio.wait_for(self._slots.acquire(), timeout=max(0.01, remaining))
+        except TimeoutError:
+            self._record(call, 503, error_type="Overloaded")
+            raise Overloaded("waited in the pool queue for the whole request timeout", retry_after=5.0) from None
         finally:
             self._waiting -= 1
             self.metrics.queue_depth.set(self._waiting)
@@ -300,7 +344,14 @@ class Gateway:
         return failed
 
     async def _send(
-        self, call: Call, method: str, path: str, body: dict[str, Any] | None, deadline: float, attempts: Attempts
+        self,
+        call: Call,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None,
+        deadline: float,
+        attempts: Attempts,
+        stream: bool = False,
     ) -> tuple[aiohttp.ClientResponse, ReplicaState, str, str | None, float]:
         """Open a response from the least-loaded live replica. A dropped connection takes that replica
         out of the rotation and retries on another (same request id; the failed attempt gets its own
@@ -323,7 +374,11 @@ class Gateway:
                     replica.info.url + path,
                     data=data,
                     headers=headers,
-                    timeout=aiohttp.ClientTimeout(total=max(0.1, deadline - t0)),
+                    # A stream may outlive the request timeout while tokens keep coming; a silence
+                    # as long as the timeout ends it.
+                    timeout=aiohttp.ClientTimeout(sock_connect=10, sock_read=self.cfg.gateway.request_timeout_s)
+                    if stream
+                    else aiohttp.ClientTimeout(total=max(0.1, deadline - t0)),
                 )
             except TimeoutError as exc:
                 self._busy(replica, -1)
@@ -366,8 +421,9 @@ class Gateway:
             raw = json.dumps(payload).encode()
         error_type = None
         if resp.status >= 400:
-            err = payload.get("error")
-            error_type = str(err.get("type")) if isinstance(err, dict) else "Error"
+            payload = _typed_error(payload, resp.status)
+            error_type = payload["error"]["type"]
+            raw = json.dumps(payload).encode()
         usage = payload.get("usage")
         if resp.status == 200 and isinstance(usage, dict) and usage.get("payload_bytes_out"):
             await asyncio.to_thread(self._track_outputs, call.principal, payload)
@@ -390,7 +446,9 @@ class Gateway:
     ) -> Response:
         """Stream Server-Sent Events through; retry only before the first byte."""
         deadline = call.started + self.cfg.gateway.request_timeout_s
-        upstream, replica, attempt_id, previous, t0 = await self._send(call, "POST", path, body, deadline, Attempts())
+        upstream, replica, attempt_id, previous, t0 = await self._send(
+            call, "POST", path, body, deadline, Attempts(), stream=True
+        )
         if upstream.status != 200:
             try:
                 raw = await upstream.read()
@@ -398,10 +456,10 @@ class Gateway:
                 upstream.release()
                 self._busy(replica, -1)
             try:
-                payload = json.loads(raw)
+                payload = _typed_error(json.loads(raw), upstream.status)
             except ValueError:
                 payload = {"error": {"type": "ReplicaFailed", "message": raw[:500].decode(errors="replace")}}
-            err = payload.get("error") if isinstance(payload, dict) else None
+            err = payload["error"]
             self._record(
                 call,
                 upstream.status,
@@ -413,48 +471,71 @@ class Gateway:
             release()
             return JSONResponse(payload, status_code=upstream.status)
 
+        state: dict[str, Any] = {"status": 200, "error_type": None, "usage_line": None, "done": False}
+
+        def finish() -> None:
+            """Idempotent cleanup: runs from the generator and from the response, whichever gets
+            the chance (Starlette may cancel a stream before its generator ever starts)."""
+            if state["done"]:
+                return
+            state["done"] = True
+            upstream.close()
+            self._busy(replica, -1)
+            usage = None
+            if state["usage_line"] is not None:
+                try:
+                    usage = json.loads(state["usage_line"][6:]).get("usage")
+                except ValueError:
+                    usage = None
+            if state["status"] == 200:
+                replica.served += 1
+            self._record(
+                call,
+                state["status"],
+                attempt_id=attempt_id,
+                retry_of=previous,
+                replica=replica,
+                usage=usage if isinstance(usage, dict) else None,
+                engine_ms=(time.monotonic() - t0) * 1000,
+                error_type=state["error_type"],
+            )
+            release()
+
         async def relay() -> AsyncIterator[bytes]:
-            usage: dict[str, Any] | None = None
-            status, error_type = 200, None
             buffer = b""
             try:
                 async for chunk in upstream.content.iter_any():
                     buffer += chunk
                     *lines, buffer = buffer.split(b"\n")
                     for line in lines:
-                        if line.startswith(b"data: {") and b'"usage"' in line:
-                            try:
-                                event = json.loads(line[6:])
-                            except ValueError:
-                                continue
-                            if isinstance(event.get("usage"), dict):
-                                usage = event["usage"]
+                        # Usage rides in every chunk (continuous_usage_stats): keep the latest line and
+                        # parse it once at the end, so a client that hangs up early is still billed.
+                        if line.startswith(b"data: {") and b'"usage":{' in line.replace(b" ", b""):
+                            state["usage_line"] = line
                     yield chunk
             except (asyncio.CancelledError, GeneratorExit):
-                status, error_type = 499, "ClientDisconnected"  # vLLM aborts when we close upstream
+                state["status"], state["error_type"] = 499, "ClientDisconnected"  # closing upstream aborts in vLLM
+                raise
+            except TimeoutError:
+                state["status"], state["error_type"] = 504, "ReplicaFailed"
                 raise
             except aiohttp.ClientError:
-                status, error_type = 502, "ReplicaFailed"
+                state["status"], state["error_type"] = 502, "ReplicaFailed"
                 self.registry.mark_dead(replica.info.replica_id)
                 raise
             finally:
-                upstream.close()
-                self._busy(replica, -1)
-                if status == 200:
-                    replica.served += 1
-                self._record(
-                    call,
-                    status,
-                    attempt_id=attempt_id,
-                    retry_of=previous,
-                    replica=replica,
-                    usage=usage,
-                    engine_ms=(time.monotonic() - t0) * 1000,
-                    error_type=error_type,
-                )
-                release()
+                finish()
 
-        return StreamingResponse(relay(), media_type="text/event-stream", headers=self._provenance(call, replica))
+        class _Relay(StreamingResponse):
+            async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+                try:
+                    await super().__call__(scope, receive, send)
+                finally:
+                    if not state["done"]:
+                        state["status"], state["error_type"] = 499, "ClientDisconnected"
+                    finish()
+
+        return _Relay(relay(), media_type="text/event-stream", headers=self._provenance(call, replica))
 
     # -- validation of OpenAI bodies -------------------------------------------------------------
 
@@ -463,10 +544,21 @@ class Gateway:
         if model != self.model_name:
             raise ModelNotFound(f"unknown model {model!r}; this pool serves {self.model_name!r}")
         body["model"] = self.model_name
+        for key in _REFUSED_FIELDS:
+            if key in body:
+                raise InvalidRequest(
+                    f"{key!r} is not accepted here; send vectors to /v1/tpmflow/generate_embeds "
+                    "(validated, by reference, never unpickled)"
+                )
         if chat:
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
                 raise InvalidRequest("messages must be a non-empty list")
+            for i, message in enumerate(messages):
+                content = message.get("content") if isinstance(message, dict) else None
+                parts = content if isinstance(content, list) else []
+                if any(not isinstance(part, dict) or part.get("type") != "text" for part in parts):
+                    raise InvalidRequest(f"message {i}: only text content parts are accepted", item=i)
         else:
             prompt = body.get("prompt")
             if prompt is None or (isinstance(prompt, (str, list)) and len(prompt) == 0):
@@ -486,7 +578,8 @@ class Gateway:
         for key in _GATEWAY_OWNED:
             body.pop(key, None)
         if body.get("stream"):
-            body["stream_options"] = {"include_usage": True}
+            # Usage in every chunk: the ledger has token counts even when a client hangs up mid-stream.
+            body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
         return body
 
     # -- the app ---------------------------------------------------------------------------------
@@ -546,12 +639,12 @@ class Gateway:
 
         @app.get("/v1/models")
         async def models(request: Request) -> Response:
-            call = Call("models", self._authorise(request, None), self._request_id(request))
+            call = Call("models", await self._authorise(request, None), self._request_id(request))
             async with self._admitted(call):
                 return await self.forward(call, "GET", "/v1/models", None)
 
         async def openai(request: Request, path: str, endpoint: str, chat: bool) -> Response:
-            call = Call(endpoint, self._authorise(request, "generate"), self._request_id(request))
+            call = Call(endpoint, await self._authorise(request, "generate", endpoint), self._request_id(request))
             try:
                 body = self._validate_openai(await self._json_body(request), chat)
             except TpmflowError as exc:
@@ -588,7 +681,7 @@ class Gateway:
             return await openai(request, "/v1/chat/completions", "chat", chat=True)
 
         async def tpmflow_route(request: Request, name: str, permission: str) -> Response:
-            call = Call(name, self._authorise(request, permission), self._request_id(request))
+            call = Call(name, await self._authorise(request, permission, name), self._request_id(request))
             try:
                 body = await self._json_body(request)
             except TpmflowError as exc:
@@ -611,7 +704,7 @@ class Gateway:
 
         @app.get("/v1/tpmflow/store")
         async def store_info(request: Request) -> JSONResponse:
-            principal = self._authorise(request, None)
+            principal = await self._authorise(request, None)
             c = self.store.config
             where = (
                 {"path": str(c.root())}
@@ -633,7 +726,7 @@ class Gateway:
 
         @app.post("/v1/tpmflow/payloads/sign")
         async def sign(request: Request) -> JSONResponse:
-            principal = self._authorise(request, None)
+            principal = await self._authorise(request, None)
             try:
                 req = SignRequest.model_validate(await self._json_body(request))
             except ValidationError as exc:
@@ -649,8 +742,11 @@ class Gateway:
                 digest=req.digest,
                 expires=time.time() + self.store.config.ttl_s,
             )
-            if not await asyncio.to_thread(self.store.exists, ref):
+            size = await asyncio.to_thread(self.store.size, ref)
+            if size is None:
                 raise InvalidRequest(f"no payload {req.key!r} in {principal.name}'s store folder")
+            if size != req.nbytes:
+                raise InvalidRequest(f"payload {req.key!r} holds {size} bytes, not the {req.nbytes} declared")
             await asyncio.to_thread(
                 self.access.register_payload,
                 ref.key,
@@ -663,10 +759,10 @@ class Gateway:
 
         @app.get("/v1/tpmflow/usage")
         async def usage(request: Request, by: str = "principal") -> JSONResponse:
-            principal = self._authorise(request, None)
+            principal = await self._authorise(request, None)
             if by not in ("principal", "project"):
                 raise InvalidRequest("by must be 'principal' or 'project'")
-            self.ledger.flush()
+            await asyncio.to_thread(self.ledger.flush)
             mine = None if principal.can("admin") else principal.name
             return JSONResponse({"usage": await asyncio.to_thread(self.access.usage, by, mine)})
 

@@ -124,9 +124,9 @@ class Pool:
     def add_principal(
         self,
         name: str,
-        project: str = "default",
+        project: str | None = None,
         permissions: set[str] | None = None,
-        service_class: str = "interactive",
+        service_class: str | None = None,
     ) -> str:
         """Create (or update) a principal and return a fresh token for it."""
         self.access.ensure_principal(name, project, permissions, service_class)
