@@ -35,3 +35,20 @@ def test_model_not_found_names_the_build_command(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("TPMFLOW_HOME", str(tmp_path))
     with pytest.raises(errors.ModelNotFound, match="tpmflow models build-demo"):
         model_path("smiles-llama")
+
+
+def test_http_statuses_map_to_error_classes() -> None:
+    expected = {
+        400: "InvalidRequest",
+        401: "Unauthorized",
+        403: "Forbidden",
+        404: "ModelNotFound",
+        413: "PayloadTooLarge",
+        429: "QuotaExceeded",
+        502: "ReplicaFailed",
+        503: "Overloaded",
+        504: "ReplicaFailed",
+        500: "ReplicaFailed",
+        418: "InvalidRequest",
+    }
+    assert {s: errors.type_for_status(s) for s in expected} == expected

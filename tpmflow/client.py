@@ -18,21 +18,9 @@ from typing import Any
 import httpx
 import numpy as np
 
-from tpmflow.errors import ERROR_CLASSES, InvalidRequest, Overloaded, ReplicaFailed, TpmflowError
+from tpmflow.errors import ERROR_CLASSES, InvalidRequest, Overloaded, ReplicaFailed, TpmflowError, type_for_status
 from tpmflow.payload import PayloadStore, Reference, StoreConfig, encode_payload
 from tpmflow.schema import InlineArray
-
-_BY_STATUS: dict[int, str] = {
-    400: "InvalidRequest",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "ModelNotFound",
-    413: "PayloadTooLarge",
-    429: "QuotaExceeded",
-    502: "ReplicaFailed",
-    503: "Overloaded",
-    504: "ReplicaFailed",
-}
 
 
 def raise_for_error(resp: httpx.Response) -> None:
@@ -46,7 +34,7 @@ def raise_for_error(resp: httpx.Response) -> None:
     if not isinstance(err, dict):
         err = {"message": str(err)}
     name = str(err.get("type", ""))
-    cls = ERROR_CLASSES.get(name) or ERROR_CLASSES.get(_BY_STATUS.get(resp.status_code, ""), TpmflowError)
+    cls = ERROR_CLASSES.get(name) or ERROR_CLASSES.get(type_for_status(resp.status_code), TpmflowError)
     message = str(err.get("message") or resp.text[:500])
     if cls is Overloaded:
         raise Overloaded(message, retry_after=float(resp.headers.get("Retry-After", "1")))

@@ -96,3 +96,10 @@ ERROR_CLASSES: dict[str, type[TpmflowError]] = {
         ModelNotFound,
     )
 }
+
+
+def type_for_status(status: int) -> str:
+    """The error class name an HTTP status maps to, for bodies that name no tpmflow class (vLLM's own)."""
+    by_status = {cls.status_code: name for name, cls in reversed(list(ERROR_CLASSES.items())) if name != "TpmflowError"}
+    by_status.update({400: "InvalidRequest", 502: "ReplicaFailed", 504: "ReplicaFailed"})
+    return by_status.get(status, "ReplicaFailed" if status >= 500 else "InvalidRequest")

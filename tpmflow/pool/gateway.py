@@ -64,26 +64,15 @@ class Call:
     content_hash: str = ""
 
 
-_TYPE_BY_STATUS = {
-    400: "InvalidRequest",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "ModelNotFound",
-    413: "PayloadTooLarge",
-    429: "QuotaExceeded",
-    503: "Overloaded",
-}
-
-
 def _typed_error(payload: Any, status: int) -> dict[str, Any]:
     """vLLM's own error bodies (``BadRequestError``…) become tpmflow's classes, keeping the message
     and the OpenAI-style shape, so every client sees one hierarchy."""
-    from tpmflow.errors import ERROR_CLASSES
+    from tpmflow.errors import ERROR_CLASSES, type_for_status
 
     err = payload.get("error") if isinstance(payload, dict) else None
     err = dict(err) if isinstance(err, dict) else {"message": str(payload)[:500]}
     if err.get("type") not in ERROR_CLASSES:
-        err["type"] = _TYPE_BY_STATUS.get(status, "ReplicaFailed" if status >= 500 else "InvalidRequest")
+        err["type"] = type_for_status(status)
     err.setdefault("message", "")
     return {**(payload if isinstance(payload, dict) else {}), "error": err}
 
