@@ -47,7 +47,7 @@ bench: $(STAMP) $(TINY)
 	@set -e; for b in $(wildcard bench/*.py); do echo "== $$b"; $(PY) $$b; done
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check tpmflow tests apps bench examples
+	$(VENV)/bin/ruff check tpmflow tests apps bench examples adapters
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,124 @@
+"""``SmilesAdapter``: RDKit in, canonical molecules out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from tpmflow.adapters import AdapterFit, Decoded, EncodedText, ItemError
+
+
+@dataclass(frozen=True)
+class SmilesSettings:
+    """What ``config()`` carries; every field has a safe default."""
+
+    template: str = "{smiles}"
+    max_chars: int = 1000  # refuse before parsing: RDKit on megabyte strings is a denial of service
+    max_heavy_atoms: int = 150
+    fingerprint_radius: int = 2
+    fingerprint_bits: int = 2048
+
+
+class SmilesAdapter:
+    """Molecules as SMILES or InChI; the text route for the core model, Morgan fingerprints as
+    features, and decoding of generated SMILES with a reason for every reject."""
+
+    name = "smiles"
+    version = "0.1.0"
+    modality = "molecule"
+    fit = AdapterFit()  # the text route fits any core model; trained parts carry their own fit
+
+    def __init__(self, settings: SmilesSettings | None = None) -> None:
+        from rdkit import RDLogger
+
+        RDLogger.DisableLog("rdApp.*")  # reasons are reported per item, not as log noise
+        self.settings = settings or SmilesSettings()
+        if "{smiles}" not in self.settings.template:
+            raise ValueError("template must contain {smiles}")
+
+    # -- config --------------------------------------------------------------------------------
+
+    def config(self) -> dict[str, Any]:
+        return asdict(self.settings)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> SmilesAdapter:
+        return cls(SmilesSettings(**config))
+
+    # -- parsing -------------------------------------------------------------------------------
+
+    def parse(self, item: Any) -> Any:
+        """An RDKit molecule, or a ``str`` reason why the item is not one."""
+        from rdkit import Chem
+
+        if not isinstance(item, str):
+            return f"expected a SMILES or InChI string, got {type(item).__name__}"
+        text = item.strip()
+        if not text:
+            return "empty string"
+        if len(text) > self.settings.max_chars:
+            return f"{len(text)} characters exceeds the limit of {self.settings.max_chars}"
+        mol = Chem.MolFromInchi(text) if text.startswith("InChI=") else Chem.MolFromSmiles(text)
+        if mol is None or mol.GetNumAtoms() == 0:
+            return "not a molecule RDKit can parse and sanitise"
+        if mol.GetNumHeavyAtoms() > self.settings.max_heavy_atoms:
+            return f"{mol.GetNumHeavyAtoms()} heavy atoms exceeds the limit of {self.settings.max_heavy_atoms}"
+        return mol
+
+    def canonical(self, items: Sequence[Any]) -> list[str | ItemError]:
+        """Canonical SMILES per item, or the item's error."""
+        from rdkit import Chem
+
+        out: list[str | ItemError] = []
+        for i, item in enumerate(items):
+            mol = self.parse(item)
+            out.append(ItemError(i, mol) if isinstance(mol, str) else Chem.MolToSmiles(mol))
+        return out
+
+    # -- routes --------------------------------------------------------------------------------
+
+    def encode(self, items: Sequence[Any]) -> list[EncodedText | ItemError]:
+        """Text route: each molecule's canonical SMILES in the prompt template."""
+        return [
+            c if isinstance(c, ItemError) else EncodedText(self.settings.template.format(smiles=c))
+            for c in self.canonical(items)
+        ]
+
+    def fingerprints(self, items: Sequence[Any]) -> tuple[np.ndarray, list[ItemError]]:
+        """Morgan fingerprints [n, bits] (float32 0/1; rows of bad items are zero) and the errors."""
+        from rdkit.Chem import rdFingerprintGenerator
+
+        gen = rdFingerprintGenerator.GetMorganGenerator(
+            radius=self.settings.fingerprint_radius, fpSize=self.settings.fingerprint_bits
+        )
+        out = np.zeros((len(items), self.settings.fingerprint_bits), dtype=np.float32)
+        errors: list[ItemError] = []
+        for i, item in enumerate(items):
+            mol = self.parse(item)
+            if isinstance(mol, str):
+                errors.append(ItemError(i, mol))
+            else:
+                out[i] = gen.GetFingerprintAsNumPy(mol)
+        return out, errors
+
+    def decode(self, texts: Sequence[str]) -> list[Decoded]:
+        """Generated texts into valid, unique, canonical molecules; rejects say why."""
+        seen: dict[str, int] = {}
+        out: list[Decoded] = []
+        for i, text in enumerate(texts):
+            mol = self.parse(text)
+            if isinstance(mol, str):
+                out.append(Decoded(text, None, mol))
+                continue
+            from rdkit import Chem
+
+            smiles = Chem.MolToSmiles(mol)
+            if smiles in seen:
+                out.append(Decoded(text, None, f"duplicate of output {seen[smiles]}"))
+            else:
+                seen[smiles] = i
+                out.append(Decoded(text, smiles))
+        return out

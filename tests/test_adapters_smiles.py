@@ -1,0 +1,94 @@
+"""The adapter plug point and the SMILES adapter, found through its entry point like any package."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tpmflow.adapters import (
+    Adapter,
+    AdapterFit,
+    EncodedText,
+    ItemError,
+    available_adapters,
+    check_fits,
+    load_adapter,
+)
+from tpmflow.errors import InvalidRequest
+
+
+@pytest.fixture(scope="module")
+def smiles() -> Adapter:
+    return load_adapter("smiles")
+
+
+def test_found_through_its_entry_point(smiles: Adapter) -> None:
+    assert "smiles" in available_adapters()
+    assert isinstance(smiles, Adapter)
+    assert (smiles.name, smiles.modality) == ("smiles", "molecule")
+
+
+def test_missing_adapter_names_what_is_installed() -> None:
+    with pytest.raises(InvalidRequest, match="not installed.*smiles"):
+        load_adapter("pointcloud-from-mars")
+
+
+def test_mixed_batch_reports_each_bad_item_and_keeps_the_rest(smiles: Adapter) -> None:
+    items = ["OCC", "", "C1CC", "C" * 200, "C" * 5000, 42, "InChI=1S/C2H6O/c1-2-3/h3H,2H2,1H3", "c1ccccc1"]
+    out = smiles.encode(items)
+    assert len(out) == len(items)
+    good = {i: o.text for i, o in enumerate(out) if isinstance(o, EncodedText)}
+    bad = {o.index: o.reason for o in out if isinstance(o, ItemError)}
+    assert good == {0: "CCO", 6: "CCO", 7: "c1ccccc1"}  # canonical; InChI in
+    assert bad[1] == "empty string"
+    assert "parse" in bad[2]
+    assert "heavy atoms" in bad[3]
+    assert "characters" in bad[4]
+    assert "string" in bad[5]
+
+
+def test_encode_is_deterministic_and_canonical(smiles: Adapter) -> None:
+    items = ["C(C)O", "OCC", "c1ccccc1O", "Oc1ccccc1"]
+    first, second = smiles.encode(items), smiles.encode(items)
+    assert first == second
+    assert [o.text for o in first] == ["CCO", "CCO", "Oc1ccccc1", "Oc1ccccc1"]
+
+
+def test_template_and_config_round_trip() -> None:
+    adapter = load_adapter("smiles", {"template": "Molecule: {smiles}\n", "max_heavy_atoms": 10})
+    assert adapter.encode(["OCC"])[0] == EncodedText("Molecule: CCO\n")
+    assert isinstance(adapter.encode(["C" * 11])[0], ItemError)
+    assert load_adapter("smiles", adapter.config()).config() == adapter.config()
+    with pytest.raises(ValueError):
+        load_adapter("smiles", {"template": "no placeholder"})
+
+
+def test_morgan_fingerprints(smiles: Adapter) -> None:
+    fps, errors = smiles.fingerprints(["CCO", "not a molecule", "c1ccccc1"])
+    assert fps.shape == (3, 2048) and fps.dtype == np.float32
+    assert fps[0].sum() > 0 and fps[1].sum() == 0 and fps[2].sum() > 0
+    assert [e.index for e in errors] == [1]
+    again, _ = smiles.fingerprints(["CCO"])
+    np.testing.assert_array_equal(again[0], fps[0])
+
+
+def test_decode_gives_valid_unique_canonical_molecules_with_reasons(smiles: Adapter) -> None:
+    out = smiles.decode(["CCO", "OCC", "C1CC", "", "c1ccccc1"])
+    assert [d.value for d in out] == ["CCO", None, None, None, "c1ccccc1"]
+    assert out[1].reason == "duplicate of output 0"
+    assert "parse" in out[2].reason and out[3].reason == "empty string"
+    assert out[0].ok and not out[1].ok
+
+
+def test_adapters_built_for_another_model_are_refused(smiles: Adapter) -> None:
+    check_fits(smiles, hidden_size=128, content_hash="blake3:abc")  # the text route fits any model
+
+    class Trained:
+        name, version, modality = "head", "1", "molecule"
+        fit = AdapterFit(hidden_size=4096, content_hashes=("blake3:" + "a" * 64,))
+
+    with pytest.raises(InvalidRequest, match="hidden size 4096"):
+        check_fits(Trained(), hidden_size=128, content_hash="blake3:" + "a" * 64)  # type: ignore[arg-type]
+    Trained.fit = AdapterFit(hidden_size=128, content_hashes=("blake3:" + "a" * 64,))
+    with pytest.raises(InvalidRequest, match="another model"):
+        check_fits(Trained(), hidden_size=128, content_hash="blake3:" + "b" * 64)  # type: ignore[arg-type]
