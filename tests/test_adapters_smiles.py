@@ -92,3 +92,26 @@ def test_adapters_built_for_another_model_are_refused(smiles: Adapter) -> None:
     Trained.fit = AdapterFit(hidden_size=128, content_hashes=("blake3:" + "a" * 64,))
     with pytest.raises(InvalidRequest, match="another model"):
         check_fits(Trained(), hidden_size=128, content_hash="blake3:" + "b" * 64)  # type: ignore[arg-type]
+
+
+def test_pool_embeds_domain_items_through_the_adapter(client: object) -> None:
+    """Through a real pool: bad items get their own error, the valid ones still complete."""
+    from tpmflow.client import Client
+    from tpmflow.errors import AdapterInputError
+
+    assert isinstance(client, Client)
+    emb = client.embed(["CCO", "", "C1CC", "OCC", "C" * 200], adapter="smiles")
+    assert emb.ok == [0, 3]
+    assert [e.item for e in emb.errors] == [1, 2, 4]
+    assert "empty" in emb.errors[0].message and "heavy atoms" in emb.errors[2].message
+    with pytest.raises(AdapterInputError):
+        emb.numpy()
+    vectors = emb.numpy(only_ok=True)
+    np.testing.assert_allclose(vectors[0], vectors[1], rtol=1e-6)  # OCC canonicalises to CCO
+    np.testing.assert_allclose(vectors[0], client.embed("CCO").numpy()[0], rtol=1e-5)
+    assert emb.provenance["sampling"]["adapter"] == "smiles@0.1.0"
+    with pytest.raises(InvalidRequest, match="not installed"):
+        client.embed(["CCO"], adapter="no-such-adapter")
+    with pytest.raises(InvalidRequest, match="bad config"):
+        client.embed(["CCO"], adapter="smiles", adapter_config={"template": "no placeholder"})
+    assert client.generate("still up", max_tokens=2).usage["completion_tokens"] == 2

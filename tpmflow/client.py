@@ -18,7 +18,15 @@ from typing import Any
 import httpx
 import numpy as np
 
-from tpmflow.errors import ERROR_CLASSES, InvalidRequest, Overloaded, ReplicaFailed, TpmflowError, type_for_status
+from tpmflow.errors import (
+    ERROR_CLASSES,
+    AdapterInputError,
+    InvalidRequest,
+    Overloaded,
+    ReplicaFailed,
+    TpmflowError,
+    type_for_status,
+)
 from tpmflow.payload import PayloadStore, Reference, StoreConfig, encode_payload
 from tpmflow.schema import InlineArray
 
@@ -83,21 +91,48 @@ class Generation:
 
 @dataclass
 class Embeddings:
-    """Per-input final hidden states; ``numpy()`` stacks pooled vectors into [n, hidden]."""
+    """Per-input final hidden states; ``numpy()`` stacks pooled vectors into [n, hidden].
 
-    items: list[LazyArray]
+    With an adapter, an item that could not be used holds its ``AdapterInputError`` (index and
+    reason) instead; ``errors`` lists them and ``ok`` the indices that worked.
+    """
+
+    items: list[LazyArray | AdapterInputError]
     n_tokens: list[int]
     usage: dict[str, Any]
     provenance: dict[str, Any]
 
-    def numpy(self) -> np.ndarray:
-        return np.stack([item.numpy() for item in self.items])
+    @property
+    def errors(self) -> list[AdapterInputError]:
+        return [item for item in self.items if isinstance(item, AdapterInputError)]
+
+    @property
+    def ok(self) -> list[int]:
+        return [i for i, item in enumerate(self.items) if isinstance(item, LazyArray)]
+
+    def numpy(self, only_ok: bool = False) -> np.ndarray:
+        """Stack the vectors; raises the first item error unless ``only_ok`` (then rows of ``ok``)."""
+        if self.errors and not only_ok:
+            raise self.errors[0]
+        return np.stack([self[i] for i in self.ok])
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        return self.items[i].numpy()
+        item = self.items[i]
+        if isinstance(item, AdapterInputError):
+            raise item
+        return item.numpy()
+
+
+def _embed_body(
+    inputs: Any, adapter: str | None, config: dict[str, Any] | None, pooling: str
+) -> tuple[str, dict[str, Any]]:
+    items = [inputs] if isinstance(inputs, str) else list(inputs)
+    if adapter is None:
+        return "/v1/tpmflow/embed", {"input": items, "pooling": pooling}
+    return "/v1/tpmflow/adapters/embed", {"adapter": adapter, "items": items, "pooling": pooling, "config": config}
 
 
 def _completion_body(
@@ -164,8 +199,13 @@ class _Base:
     def _embeddings(self, data: dict[str, Any]) -> Embeddings:
         items = sorted(data["data"], key=lambda d: d["index"])
         return Embeddings(
-            [LazyArray(d["embedding"], self._store) for d in items],
-            [d["n_tokens"] for d in items],
+            [
+                AdapterInputError(d["error"]["message"], item=d["index"])
+                if d.get("error")
+                else LazyArray(d["embedding"], self._store)
+                for d in items
+            ],
+            [d.get("n_tokens", 0) for d in items],
             data.get("usage", {}),
             data.get("provenance", {}),
         )
@@ -278,14 +318,21 @@ class Client(_Base):
         gens = _generations(data, rid, body)
         return gens[0] if isinstance(prompt, str) else gens
 
-    def embed(self, inputs: str | Sequence[str], *, pooling: str = "mean", request_id: str | None = None) -> Embeddings:
-        """Final hidden states (after the final norm) of each input: pooled ``mean``/``last`` or per token ``none``."""
+    def embed(
+        self,
+        inputs: Any,
+        *,
+        adapter: str | None = None,
+        adapter_config: dict[str, Any] | None = None,
+        pooling: str = "mean",
+        request_id: str | None = None,
+    ) -> Embeddings:
+        """Final hidden states (after the final norm) of each input: pooled ``mean``/``last`` or per
+        token ``none``. With ``adapter=`` the inputs are domain items (e.g. SMILES) that the pool's
+        adapter turns into model inputs; bad items come back as per-item errors."""
         self._ensure_store()
-        items = [inputs] if isinstance(inputs, str) else list(inputs)
-        data = self._request(
-            "POST", "/v1/tpmflow/embed", json={"input": items, "pooling": pooling}, request_id=request_id
-        )
-        return self._embeddings(data)
+        path, body = _embed_body(inputs, adapter, adapter_config, pooling)
+        return self._embeddings(self._request("POST", path, json=body, request_id=request_id))
 
     def put(self, value: np.ndarray | bytes) -> Reference:
         """Write a payload into the pool's store and have the gateway sign a reference to it."""
@@ -422,14 +469,17 @@ class AsyncClient(_Base):
         return gens[0] if isinstance(prompt, str) else gens
 
     async def embed(
-        self, inputs: str | Sequence[str], *, pooling: str = "mean", request_id: str | None = None
+        self,
+        inputs: Any,
+        *,
+        adapter: str | None = None,
+        adapter_config: dict[str, Any] | None = None,
+        pooling: str = "mean",
+        request_id: str | None = None,
     ) -> Embeddings:
         await self._ensure_store()
-        items = [inputs] if isinstance(inputs, str) else list(inputs)
-        data = await self._request(
-            "POST", "/v1/tpmflow/embed", json={"input": items, "pooling": pooling}, request_id=request_id
-        )
-        return self._embeddings(data)
+        path, body = _embed_body(inputs, adapter, adapter_config, pooling)
+        return self._embeddings(await self._request("POST", path, json=body, request_id=request_id))
 
     async def put(self, value: np.ndarray | bytes) -> Reference:
         store = await self._ensure_store()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field, field_validator
@@ -88,6 +88,35 @@ class EmbedItem(BaseModel):
 
 class EmbedResponse(BaseModel):
     data: list[EmbedItem]
+    usage: Usage
+    provenance: Provenance
+
+
+class AdapterEmbedRequest(BaseModel):
+    """Domain items (SMILES, …) through an installed adapter, then the core model's final states."""
+
+    adapter: str = Field(min_length=1, max_length=64)
+    items: list[Any] = Field(min_length=1, max_length=MAX_BATCH)
+    pooling: Literal["mean", "last", "none"] = "mean"
+    config: dict[str, Any] | None = Field(None, description="adapter settings (its config()), if not the defaults")
+
+
+class ItemFailure(BaseModel):
+    type: str = "AdapterInputError"
+    message: str
+
+
+class AdapterEmbedItem(BaseModel):
+    """One item's result: an embedding, or the reason it could not be used."""
+
+    index: int
+    n_tokens: int = 0
+    embedding: ArrayPayload | None = None
+    error: ItemFailure | None = None
+
+
+class AdapterEmbedResponse(BaseModel):
+    data: list[AdapterEmbedItem]
     usage: Usage
     provenance: Provenance
 

@@ -33,6 +33,9 @@ from tpmflow.engine.hooks import capture_array
 from tpmflow.errors import InvalidRequest, TpmflowError
 from tpmflow.payload import PayloadStore, Reference, Signer, StoreConfig
 from tpmflow.schema import (
+    AdapterEmbedItem,
+    AdapterEmbedRequest,
+    AdapterEmbedResponse,
     DigestRequest,
     DigestResponse,
     EmbedItem,
@@ -41,6 +44,7 @@ from tpmflow.schema import (
     EmbedsGenerateRequest,
     GenerateResult,
     InlineArray,
+    ItemFailure,
     Provenance,
     ReplicaInfo,
     Usage,
@@ -70,6 +74,19 @@ class ReplicaContext:
         self.engine_build = f"vllm {_vllm_version()}"
         self.store = PayloadStore(StoreConfig.model_validate_json(os.environ.get("TPMFLOW_STORE", "{}")))
         self.signer = Signer(os.environ.get("TPMFLOW_POOL_SECRET", ""))
+        self._adapters: dict[tuple[str, str], Any] = {}
+
+    def adapter(self, name: str, config: dict[str, Any] | None) -> Any:
+        """An installed adapter, loaded once per (name, config) and kept."""
+        from tpmflow.adapters import load_adapter
+
+        key = (name, json.dumps(config, sort_keys=True) if config else "")
+        if key not in self._adapters:
+            try:
+                self._adapters[key] = load_adapter(name, config)
+            except (TypeError, ValueError) as exc:
+                raise InvalidRequest(f"bad config for adapter {name!r}: {exc}") from exc
+        return self._adapters[key]
 
     def info(self) -> ReplicaInfo:
         running, waiting = _engine_load()
@@ -219,6 +236,17 @@ def build_router() -> APIRouter:
         except TpmflowError as exc:
             return _error(exc)
 
+    @router.post("/adapters/embed")
+    async def adapter_embed(request: Request) -> JSONResponse:
+        ctx: ReplicaContext = request.app.state.tpmflow
+        try:
+            principal, request_id, priority, salt = _caller(request)
+            body: AdapterEmbedRequest = await _body(request, AdapterEmbedRequest)
+            result = await _adapter_embed(ctx, body, principal, request_id, priority, salt)
+            return JSONResponse(result.model_dump())
+        except TpmflowError as exc:
+            return _error(exc)
+
     @router.post("/generate_embeds")
     async def generate_embeds(request: Request) -> JSONResponse:
         ctx: ReplicaContext = request.app.state.tpmflow
@@ -267,25 +295,24 @@ def _digest(ctx: ReplicaContext, payload: InlineArray | Reference, principal: st
     return {**out.model_dump(), "usage": Usage(payload_bytes_in=nbytes_in).model_dump()}
 
 
-async def _embed(
-    ctx: ReplicaContext, body: EmbedRequest, principal: str, request_id: str, priority: int, salt: str | None
-) -> EmbedResponse:
+def _tokens(ctx: ReplicaContext, tokenizer: Any, i: int, item: str | list[int]) -> list[int]:
+    """Token ids of one input, checked against the vocabulary and the context length."""
+    ids = tokenizer.encode(item) if isinstance(item, str) else list(item)
+    if not ids:
+        raise InvalidRequest(f"input item {i} has no tokens", item=i)
+    if any(t < 0 or t >= ctx.vocab_size for t in ids):
+        raise InvalidRequest(f"input item {i} has token ids outside [0, {ctx.vocab_size})", item=i)
+    if len(ids) >= ctx.max_model_len:
+        raise InvalidRequest(f"input item {i} has {len(ids)} tokens; max_model_len is {ctx.max_model_len}", item=i)
+    return ids
+
+
+async def _final_hidden_states(
+    ctx: ReplicaContext, token_lists: list[list[int]], request_id: str, priority: int, salt: str | None
+) -> list[np.ndarray]:
+    """Per-token final hidden states [n_tokens, hidden] of each prompt, through the worker hook."""
     from vllm import SamplingParams
 
-    started = time.time()
-    if body.model is not None and body.model != ctx.model_name:
-        raise InvalidRequest(f"unknown model {body.model!r}; this pool serves {ctx.model_name!r}")
-    tokenizer = ctx.engine.get_tokenizer()
-    token_lists: list[list[int]] = []
-    for i, item in enumerate(body.input):
-        ids = tokenizer.encode(item) if isinstance(item, str) else list(item)
-        if not ids:
-            raise InvalidRequest(f"input item {i} has no tokens", item=i)
-        if any(t < 0 or t >= ctx.vocab_size for t in ids):
-            raise InvalidRequest(f"input item {i} has token ids outside [0, {ctx.vocab_size})", item=i)
-        if len(ids) >= ctx.max_model_len:
-            raise InvalidRequest(f"input item {i} has {len(ids)} tokens; max_model_len is {ctx.max_model_len}", item=i)
-        token_lists.append(ids)
     keys = [f"{request_id}:{i}:{uuid.uuid4().hex[:8]}" for i in range(len(token_lists))]
 
     async def one(i: int) -> None:
@@ -314,8 +341,7 @@ async def _embed(
     captured: dict[str, Any] = {}
     for worker_result in results:
         captured.update({k: v for k, v in worker_result.items() if v is not None})
-    items: list[EmbedItem] = []
-    bytes_out = 0
+    hidden: list[np.ndarray] = []
     for i, key in enumerate(keys):
         cap = captured.get(key)
         if cap is None or not cap["complete"]:
@@ -323,14 +349,72 @@ async def _embed(
                 f"final-norm hook did not see every prompt position of item {i} "
                 "(is the model compiled or graph-captured? tpmflow needs --enforce-eager)"
             )
-        hidden = capture_array(cap)
-        vec = hidden.mean(axis=0) if body.pooling == "mean" else hidden[-1] if body.pooling == "last" else hidden
-        payload, nbytes = ctx.output_array(np.ascontiguousarray(vec, dtype=np.float32), principal)
+        hidden.append(capture_array(cap))
+    return hidden
+
+
+def _pool(hidden: np.ndarray, pooling: str) -> np.ndarray:
+    vec = hidden.mean(axis=0) if pooling == "mean" else hidden[-1] if pooling == "last" else hidden
+    return np.ascontiguousarray(vec, dtype=np.float32)
+
+
+async def _embed(
+    ctx: ReplicaContext, body: EmbedRequest, principal: str, request_id: str, priority: int, salt: str | None
+) -> EmbedResponse:
+    started = time.time()
+    if body.model is not None and body.model != ctx.model_name:
+        raise InvalidRequest(f"unknown model {body.model!r}; this pool serves {ctx.model_name!r}")
+    tokenizer = ctx.engine.get_tokenizer()
+    token_lists = [_tokens(ctx, tokenizer, i, item) for i, item in enumerate(body.input)]
+    hidden = await _final_hidden_states(ctx, token_lists, request_id, priority, salt)
+    items: list[EmbedItem] = []
+    bytes_out = 0
+    for i, states in enumerate(hidden):
+        payload, nbytes = ctx.output_array(_pool(states, body.pooling), principal)
         bytes_out += nbytes
         items.append(EmbedItem(index=i, n_tokens=len(token_lists[i]), embedding=payload))
     usage = Usage(prompt_tokens=sum(len(t) for t in token_lists), payload_bytes_out=bytes_out)
     return EmbedResponse(
         data=items, usage=usage, provenance=ctx.provenance(request_id, {"pooling": body.pooling}, started)
+    )
+
+
+async def _adapter_embed(
+    ctx: ReplicaContext, body: AdapterEmbedRequest, principal: str, request_id: str, priority: int, salt: str | None
+) -> AdapterEmbedResponse:
+    """Domain items through an installed adapter, then the core model. A bad item gets its own
+    error (index and reason) and the valid items of the batch still complete."""
+    from tpmflow.adapters import EncodedText, ItemError, check_fits
+
+    started = time.time()
+    adapter = ctx.adapter(body.adapter, body.config)
+    check_fits(adapter, ctx.hidden_size, ctx.content_hash)
+    encoded = await asyncio.to_thread(adapter.encode, body.items)
+    tokenizer = ctx.engine.get_tokenizer()
+    results: dict[int, AdapterEmbedItem] = {}
+    good: list[tuple[int, list[int]]] = []
+    for i, enc in enumerate(encoded):
+        if isinstance(enc, ItemError):
+            results[i] = AdapterEmbedItem(index=i, error=ItemFailure(message=enc.reason))
+        elif not isinstance(enc, EncodedText):
+            results[i] = AdapterEmbedItem(index=i, error=ItemFailure(message="the soft-token route is not served yet"))
+        else:
+            try:
+                good.append((i, _tokens(ctx, tokenizer, i, enc.text)))
+            except InvalidRequest as exc:
+                results[i] = AdapterEmbedItem(index=i, error=ItemFailure(message=exc.message))
+    hidden = await _final_hidden_states(ctx, [t for _, t in good], request_id, priority, salt) if good else []
+    bytes_out = 0
+    for (i, tokens), states in zip(good, hidden, strict=True):
+        payload, nbytes = ctx.output_array(_pool(states, body.pooling), principal)
+        bytes_out += nbytes
+        results[i] = AdapterEmbedItem(index=i, n_tokens=len(tokens), embedding=payload)
+    usage = Usage(prompt_tokens=sum(len(t) for _, t in good), payload_bytes_out=bytes_out)
+    sampling = {"pooling": body.pooling, "adapter": f"{adapter.name}@{adapter.version}", "config": adapter.config()}
+    return AdapterEmbedResponse(
+        data=[results[i] for i in range(len(body.items))],
+        usage=usage,
+        provenance=ctx.provenance(request_id, sampling, started),
     )
 
 

@@ -683,6 +683,10 @@ class Gateway:
         async def embed(request: Request) -> Response:
             return await tpmflow_route(request, "embed", "embed")
 
+        @app.post("/v1/tpmflow/adapters/embed")
+        async def adapter_embed(request: Request) -> Response:
+            return await tpmflow_route(request, "adapters/embed", "embed")
+
         @app.post("/v1/tpmflow/generate_embeds")
         async def generate_embeds(request: Request) -> Response:
             return await tpmflow_route(request, "generate_embeds", "generate")
