@@ -115,3 +115,45 @@ def test_pool_embeds_domain_items_through_the_adapter(client: object) -> None:
     with pytest.raises(InvalidRequest, match="bad config"):
         client.embed(["CCO"], adapter="smiles", adapter_config={"template": "no placeholder"})
     assert client.generate("still up", max_tokens=2).usage["completion_tokens"] == 2
+
+
+def test_predict_with_a_head_fitted_on_pool_embeddings(pool: object, client: object, monkeypatch) -> None:
+    """Fit a small TPSA head on the tiny pool's embeddings, serve it by name@version, refuse misuse."""
+    import json
+    from pathlib import Path
+
+    from tpmflow_smiles.tpsa import fit_tpsa_head, tpsa_labels
+
+    from tpmflow.errors import AdapterInputError
+    from tpmflow.models.smiles_data import load_split
+
+    monkeypatch.setenv("TPMFLOW_HEADS", pool.cfg.heads_path)  # where the replicas look
+    split = load_split()
+    path, card = fit_tpsa_head(client, split.train[:160], split.heldout[:40], version="0.0.1-test")
+    assert card.base_content_hash.startswith("blake3:") and card.hidden_size == 128
+    assert {"heldout_r2_core_embeddings", "heldout_r2_fingerprints_alone", "heldout_r2_random_projector"} <= set(
+        card.metrics
+    )
+    assert (path / "head.safetensors").is_file()
+
+    labels = tpsa_labels()
+    molecules = [s for s in split.heldout[:5] if s in labels]
+    out = client.predict([*molecules, "not a molecule"], adapter="smiles", head="tpsa@0.0.1-test")
+    assert out.ok == list(range(len(molecules)))
+    assert isinstance(out.values[-1], AdapterInputError) and out.values[-1].item == len(molecules)
+    assert all(isinstance(v, float) and np.isfinite(v) for v in out.values[:-1])
+    assert out.head["version"] == "0.0.1-test"
+
+    # A head trained on another core model is refused, as is one that does not exist.
+    other = Path(pool.cfg.heads_path) / "smiles" / "tpsa@0.0.2-other"
+    other.mkdir(parents=True)
+    (other / "head.safetensors").write_bytes((path / "head.safetensors").read_bytes())
+    (other / "head.json").write_text(
+        json.dumps({**card.model_dump(), "version": "0.0.2-other", "base_content_hash": "blake3:" + "0" * 64})
+    )
+    with pytest.raises(InvalidRequest, match="trained on"):
+        client.predict(molecules, adapter="smiles", head="tpsa@0.0.2-other")
+    with pytest.raises(InvalidRequest, match="no head"):
+        client.predict(molecules, adapter="smiles", head="solubility")
+    with pytest.raises(InvalidRequest, match="bad head name"):
+        client.predict(molecules, adapter="smiles", head="../../etc/passwd")

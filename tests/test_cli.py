@@ -65,3 +65,27 @@ def test_build_demo_runs_end_to_end_small(tmp_path: Path) -> None:
     assert card.kind == "demo" and card.training["steps"] == 4
     assert card.metrics["heldout_loss"] > 0 and card.metrics["unigram_heldout_loss"] > 0
     assert card.data["n_heldout"] > 400 and len(card.data["heldout_lines"]) == card.data["n_heldout"]
+
+
+def test_adapters_list_and_show(tmp_path: Path) -> None:
+    env = {**os.environ, "TPMFLOW_HEADS": str(tmp_path)}
+    listing = subprocess.run(
+        [sys.executable, "-m", "tpmflow.cli", "adapters", "list"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert listing.returncode == 0 and "smiles" in listing.stdout and "no heads yet" in listing.stdout
+    show = subprocess.run(
+        [sys.executable, "-m", "tpmflow.cli", "adapters", "show", "smiles"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert show.returncode == 0 and "molecule" in show.stdout and "max_heavy_atoms" in show.stdout
+    missing = subprocess.run(
+        [sys.executable, "-m", "tpmflow.cli", "adapters", "show", "nope"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert missing.returncode == 2 and "not installed" in missing.stderr

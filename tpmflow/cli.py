@@ -18,6 +18,8 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="Build and list the locally built models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+adapters_app = typer.Typer(help="Installed domain adapters and their trained heads.", no_args_is_help=True)
+app.add_typer(adapters_app, name="adapters")
 tokens_app = typer.Typer(help="Create, list and revoke bearer tokens of principals.", no_args_is_help=True)
 app.add_typer(tokens_app, name="tokens")
 console = Console()
@@ -279,6 +281,83 @@ def list_models() -> None:
         quality = ", ".join(f"{k} {m[k]:.2f}" for k in ("heldout_loss", "validity", "uniqueness", "novelty") if k in m)
         table.add_row(card.name, card.kind, f"{card.parameters:,}", card.content_hash[:23] + "…", quality or "-")
     console.print(table)
+
+
+@adapters_app.command("list")
+def adapters_list() -> None:
+    """Adapters installed here (entry points) and the heads trained for them."""
+    from tpmflow.adapters import available_adapters
+    from tpmflow.adapters.heads import heads_dir, list_heads
+
+    table = Table(title="installed adapters")
+    for col in ("name", "package entry point"):
+        table.add_column(col)
+    for name, ep in sorted(available_adapters().items()):
+        table.add_row(name, ep.value)
+    console.print(table)
+    heads = list_heads()
+    table = Table(title=f"heads in {heads_dir()}")
+    for col in ("adapter", "head", "target", "base model", "held-out metrics"):
+        table.add_column(col)
+    for card in heads:
+        shown = {k: round(v, 3) for k, v in card.metrics.items() if k.startswith("heldout_r2")}
+        table.add_row(
+            card.adapter,
+            f"{card.name}@{card.version}",
+            card.target[:30],
+            f"{card.base_model} {card.base_content_hash[:19]}",
+            json.dumps(shown),
+        )
+    console.print(table if heads else f"no heads yet in {heads_dir()}")
+
+
+@adapters_app.command("show")
+def adapters_show(name: Annotated[str, typer.Argument(help="Adapter name, e.g. smiles.")]) -> None:
+    """An adapter's settings and the cards of its heads."""
+    from tpmflow.adapters import load_adapter
+    from tpmflow.adapters.heads import list_heads
+
+    adapter = load_adapter(name)
+    console.print(f"[bold]{adapter.name}[/] {adapter.version} ({adapter.modality}); config {adapter.config()}")
+    for card in list_heads():
+        if card.adapter == name:
+            console.print_json(card.model_dump_json())
+
+
+@adapters_app.command("fit")
+def adapters_fit(
+    name: Annotated[str, typer.Argument(help="Adapter name (smiles).")],
+    head: Annotated[str, typer.Option(help="Which head to fit (smiles: tpsa).")] = "tpsa",
+    config: Annotated[str, typer.Option("--config", help="Pool config of the core model.")] = "configs/local.yaml",
+    version: Annotated[str, typer.Option(help="Version of the new head.")] = "0.1.0",
+) -> None:
+    """Fit a head on embeddings from a pool of the core model and report it next to its baselines."""
+    if (name, head) != ("smiles", "tpsa"):
+        console.print(f"[red]no trainer for head {head!r} of adapter {name!r} (available: smiles/tpsa)[/]")
+        raise typer.Exit(2)
+    from tpmflow_smiles.tpsa import fit_tpsa_head
+
+    from tpmflow.models.smiles_data import load_split
+    from tpmflow.pool import Pool
+
+    split = load_split()  # the demo model's own split: train on its training molecules, test on held-out
+    with console.status("starting the pool…"):
+        pool = Pool.from_config(config)
+        pool.__enter__()
+    try:
+        with pool.client() as client:
+            path, card = fit_tpsa_head(client, split.train, split.heldout, version=version)
+    finally:
+        pool.stop()
+    table = Table(title=f"{card.adapter}/{card.name}@{card.version} on {card.base_model}: held-out R²")
+    table.add_column("features")
+    table.add_column("R²", justify="right")
+    m = card.metrics
+    table.add_row("core model embeddings (mean-pooled final states)", f"{m['heldout_r2_core_embeddings']:.3f}")
+    table.add_row("Morgan fingerprints alone (no core model)", f"{m['heldout_r2_fingerprints_alone']:.3f}")
+    table.add_row("random projector of the fingerprints", f"{m['heldout_r2_random_projector']:.3f}")
+    console.print(table)
+    console.print(f"{m['n_train']} training / {m['n_heldout']} held-out molecules; saved to {path}")
 
 
 def main() -> None:

@@ -126,6 +126,36 @@ class Embeddings:
         return item.numpy()
 
 
+@dataclass
+class Predictions:
+    """A head's outputs per item: a float, or the item's ``AdapterInputError``."""
+
+    values: list[float | AdapterInputError]
+    head: dict[str, Any]
+    usage: dict[str, Any]
+    provenance: dict[str, Any]
+
+    @property
+    def ok(self) -> list[int]:
+        return [i for i, v in enumerate(self.values) if not isinstance(v, AdapterInputError)]
+
+    @property
+    def errors(self) -> list[AdapterInputError]:
+        return [v for v in self.values if isinstance(v, AdapterInputError)]
+
+
+def _as_list(items: Any) -> list[Any]:
+    return [items] if isinstance(items, str) else list(items)
+
+
+def _predictions(data: dict[str, Any]) -> Predictions:
+    values: list[float | AdapterInputError] = [
+        AdapterInputError(d["error"]["message"], item=d["index"]) if d.get("error") else float(d["value"])
+        for d in sorted(data["data"], key=lambda d: d["index"])
+    ]
+    return Predictions(values, data.get("head", {}), data.get("usage", {}), data.get("provenance", {}))
+
+
 def _embed_body(
     inputs: Any, adapter: str | None, config: dict[str, Any] | None, pooling: str
 ) -> tuple[str, dict[str, Any]]:
@@ -334,6 +364,20 @@ class Client(_Base):
         path, body = _embed_body(inputs, adapter, adapter_config, pooling)
         return self._embeddings(self._request("POST", path, json=body, request_id=request_id))
 
+    def predict(
+        self,
+        items: Any,
+        *,
+        adapter: str,
+        head: str,
+        adapter_config: dict[str, Any] | None = None,
+        request_id: str | None = None,
+    ) -> Predictions:
+        """Domain items → adapter → core model → head (``name`` or ``name@version``): one value or one
+        ``AdapterInputError`` per item."""
+        body = {"adapter": adapter, "items": _as_list(items), "head": head, "config": adapter_config}
+        return _predictions(self._request("POST", "/v1/tpmflow/adapters/predict", json=body, request_id=request_id))
+
     def put(self, value: np.ndarray | bytes) -> Reference:
         """Write a payload into the pool's store and have the gateway sign a reference to it."""
         store = self._ensure_store()
@@ -480,6 +524,19 @@ class AsyncClient(_Base):
         await self._ensure_store()
         path, body = _embed_body(inputs, adapter, adapter_config, pooling)
         return self._embeddings(await self._request("POST", path, json=body, request_id=request_id))
+
+    async def predict(
+        self,
+        items: Any,
+        *,
+        adapter: str,
+        head: str,
+        adapter_config: dict[str, Any] | None = None,
+        request_id: str | None = None,
+    ) -> Predictions:
+        body = {"adapter": adapter, "items": _as_list(items), "head": head, "config": adapter_config}
+        data = await self._request("POST", "/v1/tpmflow/adapters/predict", json=body, request_id=request_id)
+        return _predictions(data)
 
     async def put(self, value: np.ndarray | bytes) -> Reference:
         store = await self._ensure_store()

@@ -86,6 +86,7 @@ class PoolConfig(BaseModel):
     launcher: LaunchConfig = Field(default_factory=LaunchConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite under $TPMFLOW_HOME")
+    heads_path: str | None = Field(None, description="trained adapter heads (default $TPMFLOW_HOME/heads)")
     service_classes: dict[str, ServiceClass] = Field(
         default_factory=lambda: {"interactive": ServiceClass(priority=0), "batch": ServiceClass(priority=10)}
     )

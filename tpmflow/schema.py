@@ -121,6 +121,28 @@ class AdapterEmbedResponse(BaseModel):
     provenance: Provenance
 
 
+class AdapterPredictRequest(BaseModel):
+    """Domain items through an adapter, the core model, and a head (``name`` or ``name@version``)."""
+
+    adapter: str = Field(min_length=1, max_length=64)
+    items: list[Any] = Field(min_length=1, max_length=MAX_BATCH)
+    head: str = Field(min_length=1, max_length=100)
+    config: dict[str, Any] | None = None
+
+
+class Prediction(BaseModel):
+    index: int
+    value: float | None = None
+    error: ItemFailure | None = None
+
+
+class AdapterPredictResponse(BaseModel):
+    data: list[Prediction]
+    head: dict[str, Any]
+    usage: Usage
+    provenance: Provenance
+
+
 class EmbedsGenerateRequest(BaseModel):
     """Generate from ``prompt_embeds`` (float [n_tokens, hidden]) instead of text."""
 

@@ -36,6 +36,8 @@ from tpmflow.schema import (
     AdapterEmbedItem,
     AdapterEmbedRequest,
     AdapterEmbedResponse,
+    AdapterPredictRequest,
+    AdapterPredictResponse,
     DigestRequest,
     DigestResponse,
     EmbedItem,
@@ -45,6 +47,7 @@ from tpmflow.schema import (
     GenerateResult,
     InlineArray,
     ItemFailure,
+    Prediction,
     Provenance,
     ReplicaInfo,
     Usage,
@@ -247,6 +250,17 @@ def build_router() -> APIRouter:
         except TpmflowError as exc:
             return _error(exc)
 
+    @router.post("/adapters/predict")
+    async def adapter_predict(request: Request) -> JSONResponse:
+        ctx: ReplicaContext = request.app.state.tpmflow
+        try:
+            principal, request_id, priority, salt = _caller(request)
+            body: AdapterPredictRequest = await _body(request, AdapterPredictRequest)
+            result = await _adapter_predict(ctx, body, principal, request_id, priority, salt)
+            return JSONResponse(result.model_dump())
+        except TpmflowError as exc:
+            return _error(exc)
+
     @router.post("/generate_embeds")
     async def generate_embeds(request: Request) -> JSONResponse:
         ctx: ReplicaContext = request.app.state.tpmflow
@@ -416,6 +430,32 @@ async def _adapter_embed(
         usage=usage,
         provenance=ctx.provenance(request_id, sampling, started),
     )
+
+
+async def _adapter_predict(
+    ctx: ReplicaContext, body: AdapterPredictRequest, principal: str, request_id: str, priority: int, salt: str | None
+) -> AdapterPredictResponse:
+    """Adapter → core model (mean-pooled final states) → head; per-item values or errors."""
+    from tpmflow.adapters.heads import load_head
+
+    head, card = await asyncio.to_thread(load_head, body.adapter, body.head)
+    if card.base_content_hash != ctx.content_hash or card.hidden_size != ctx.hidden_size:
+        raise InvalidRequest(
+            f"head {card.name}@{card.version} was trained on {card.base_model} ({card.base_content_hash[:19]}), "
+            f"not on this pool's model ({ctx.content_hash[:19]})"
+        )
+    embed_body = AdapterEmbedRequest(adapter=body.adapter, items=body.items, pooling="mean", config=body.config)
+    embedded = await _adapter_embed(ctx, embed_body, principal, request_id, priority, salt)
+    data: list[Prediction] = []
+    for item in embedded.data:
+        if item.error is not None or item.embedding is None:
+            data.append(Prediction(index=item.index, error=item.error))
+            continue
+        vector, _ = ctx.resolve_array(item.embedding, principal)
+        data.append(Prediction(index=item.index, value=float(head.predict(vector[None, :])[0])))
+    usage = embedded.usage.model_copy(update={"payload_bytes_out": 0})
+    head_info = {"name": card.name, "version": card.version, "target": card.target, "metrics": card.metrics}
+    return AdapterPredictResponse(data=data, head=head_info, usage=usage, provenance=embedded.provenance)
 
 
 async def _generate_embeds(

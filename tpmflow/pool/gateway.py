@@ -687,6 +687,10 @@ class Gateway:
         async def adapter_embed(request: Request) -> Response:
             return await tpmflow_route(request, "adapters/embed", "embed")
 
+        @app.post("/v1/tpmflow/adapters/predict")
+        async def adapter_predict(request: Request) -> Response:
+            return await tpmflow_route(request, "adapters/predict", "embed")
+
         @app.post("/v1/tpmflow/generate_embeds")
         async def generate_embeds(request: Request) -> Response:
             return await tpmflow_route(request, "generate_embeds", "generate")

@@ -93,6 +93,8 @@ def replica_env(
     )
     if bind is not None:
         env["VLLM_CPU_OMP_THREADS_BIND"] = bind
+    if cfg.heads_path:
+        env["TPMFLOW_HEADS"] = cfg.heads_path
     return env
 
 
