@@ -157,3 +157,20 @@ def test_predict_with_a_head_fitted_on_pool_embeddings(pool: object, client: obj
         client.predict(molecules, adapter="smiles", head="solubility")
     with pytest.raises(InvalidRequest, match="bad head name"):
         client.predict(molecules, adapter="smiles", head="../../etc/passwd")
+
+
+def test_generate_from_domain_prompts_decodes_each_output(client: object) -> None:
+    from tpmflow.adapters import Decoded
+    from tpmflow.errors import AdapterInputError
+
+    items = ["", "c1ccccc1", "CC^&", "two words"]
+    out = client.generate(items, adapter="smiles", n=3, max_tokens=12, temperature=1.0, seed=5)
+    assert len(out) == 4
+    for i in (0, 1):
+        assert len(out[i]) == 3 and all(isinstance(d, Decoded) for d in out[i])
+        assert all((d.value is None) == (d.reason is not None) for d in out[i])  # a value or a reason
+    assert out[1][0].text.startswith("c1ccccc1")  # completions continue the prefix
+    assert isinstance(out[2], AdapterInputError) and "^" in out[2].message and out[2].item == 2
+    assert isinstance(out[3], AdapterInputError) and out[3].item == 3
+    again = client.generate(items[:2], adapter="smiles", n=3, max_tokens=12, temperature=1.0, seed=5)
+    assert [[d.text for d in o] for o in again] == [[d.text for d in o] for o in out[:2]]

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from tpmflow.adapters.base import Decoded
 from tpmflow.errors import (
     ERROR_CLASSES,
     AdapterInputError,
@@ -154,6 +155,39 @@ def _predictions(data: dict[str, Any]) -> Predictions:
         for d in sorted(data["data"], key=lambda d: d["index"])
     ]
     return Predictions(values, data.get("head", {}), data.get("usage", {}), data.get("provenance", {}))
+
+
+def _adapter_generate_body(
+    items: Any,
+    adapter: str,
+    config: dict[str, Any] | None,
+    max_tokens: int,
+    temperature: float,
+    seed: int | None,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    if items is None:
+        raise InvalidRequest('give the items to generate from ("" for an unconditional sample)')
+    return {
+        "adapter": adapter,
+        "items": _as_list(items),
+        "config": config,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "seed": seed,
+        "n": extra.pop("n", 1),
+        **extra,
+    }
+
+
+def _decoded(data: dict[str, Any]) -> list[list[Decoded] | AdapterInputError]:
+    out: list[list[Decoded] | AdapterInputError] = []
+    for d in sorted(data["data"], key=lambda d: d["index"]):
+        if d.get("error"):
+            out.append(AdapterInputError(d["error"]["message"], item=d["index"]))
+        else:
+            out.append([Decoded(o["text"], o.get("value"), o.get("reason")) for o in d["outputs"]])
+    return out
 
 
 def _embed_body(
@@ -321,12 +355,21 @@ class Client(_Base):
         temperature: float = 1.0,
         seed: int | None = None,
         prompt_embeds: np.ndarray | Reference | None = None,
+        adapter: str | None = None,
+        adapter_config: dict[str, Any] | None = None,
         request_id: str | None = None,
         **extra: Any,
-    ) -> Generation | list[Generation]:
+    ) -> Any:
         """Text in, text out (one prompt → one ``Generation``; a list → a list). With
-        ``prompt_embeds`` ([n_tokens, hidden] floats) the model starts from vectors instead of text."""
+        ``prompt_embeds`` ([n_tokens, hidden] floats) the model starts from vectors instead of text.
+
+        With ``adapter=`` the prompts are domain items (e.g. SMILES prefixes, "" for none) and the
+        answer is, per item, a list of ``Decoded`` (value, or the reason it was rejected) — or the
+        item's ``AdapterInputError``. ``n`` asks for several completions per item."""
         rid = request_id or uuid.uuid4().hex
+        if adapter is not None:
+            body = _adapter_generate_body(prompt, adapter, adapter_config, max_tokens, temperature, seed, extra)
+            return _decoded(self._request("POST", "/v1/tpmflow/adapters/generate", json=body, request_id=rid))
         if prompt_embeds is not None:
             body = {
                 "prompt_embeds": self._array_payload(prompt_embeds),
@@ -487,10 +530,15 @@ class AsyncClient(_Base):
         temperature: float = 1.0,
         seed: int | None = None,
         prompt_embeds: np.ndarray | Reference | None = None,
+        adapter: str | None = None,
+        adapter_config: dict[str, Any] | None = None,
         request_id: str | None = None,
         **extra: Any,
-    ) -> Generation | list[Generation]:
+    ) -> Any:
         rid = request_id or uuid.uuid4().hex
+        if adapter is not None:
+            body = _adapter_generate_body(prompt, adapter, adapter_config, max_tokens, temperature, seed, extra)
+            return _decoded(await self._request("POST", "/v1/tpmflow/adapters/generate", json=body, request_id=rid))
         if prompt_embeds is not None:
             body = {
                 "prompt_embeds": await self._array_payload(prompt_embeds),

@@ -143,6 +143,36 @@ class AdapterPredictResponse(BaseModel):
     provenance: Provenance
 
 
+class AdapterGenerateRequest(BaseModel):
+    """Prompts as domain items (e.g. SMILES prefixes); completions decoded by the adapter."""
+
+    adapter: str = Field(min_length=1, max_length=64)
+    items: list[Any] = Field(min_length=1, max_length=MAX_BATCH)
+    n: int = Field(1, ge=1, le=64)
+    max_tokens: int = Field(64, ge=1, le=4096)
+    temperature: float = Field(1.0, ge=0.0, le=10.0)
+    seed: int | None = None
+    config: dict[str, Any] | None = None
+
+
+class DecodedOutput(BaseModel):
+    text: str
+    value: Any | None = None
+    reason: str | None = None
+
+
+class AdapterGenerateItem(BaseModel):
+    index: int
+    outputs: list[DecodedOutput] = Field(default_factory=list)
+    error: ItemFailure | None = None
+
+
+class AdapterGenerateResponse(BaseModel):
+    data: list[AdapterGenerateItem]
+    usage: Usage
+    provenance: Provenance
+
+
 class EmbedsGenerateRequest(BaseModel):
     """Generate from ``prompt_embeds`` (float [n_tokens, hidden]) instead of text."""
 

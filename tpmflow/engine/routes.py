@@ -36,8 +36,12 @@ from tpmflow.schema import (
     AdapterEmbedItem,
     AdapterEmbedRequest,
     AdapterEmbedResponse,
+    AdapterGenerateItem,
+    AdapterGenerateRequest,
+    AdapterGenerateResponse,
     AdapterPredictRequest,
     AdapterPredictResponse,
+    DecodedOutput,
     DigestRequest,
     DigestResponse,
     EmbedItem,
@@ -261,6 +265,17 @@ def build_router() -> APIRouter:
         except TpmflowError as exc:
             return _error(exc)
 
+    @router.post("/adapters/generate")
+    async def adapter_generate(request: Request) -> JSONResponse:
+        ctx: ReplicaContext = request.app.state.tpmflow
+        try:
+            principal, request_id, priority, salt = _caller(request)
+            body: AdapterGenerateRequest = await _body(request, AdapterGenerateRequest)
+            result = await _adapter_generate(ctx, body, request_id, priority, salt)
+            return JSONResponse(result.model_dump())
+        except TpmflowError as exc:
+            return _error(exc)
+
     @router.post("/generate_embeds")
     async def generate_embeds(request: Request) -> JSONResponse:
         ctx: ReplicaContext = request.app.state.tpmflow
@@ -456,6 +471,75 @@ async def _adapter_predict(
     usage = embedded.usage.model_copy(update={"payload_bytes_out": 0})
     head_info = {"name": card.name, "version": card.version, "target": card.target, "metrics": card.metrics}
     return AdapterPredictResponse(data=data, head=head_info, usage=usage, provenance=embedded.provenance)
+
+
+async def _adapter_generate(
+    ctx: ReplicaContext, body: AdapterGenerateRequest, request_id: str, priority: int, salt: str | None
+) -> AdapterGenerateResponse:
+    """Prompts from domain items, n completions each, decoded by the adapter (value or reason)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    from tpmflow.adapters import EncodedText, ItemError, check_fits
+
+    started = time.time()
+    adapter = ctx.adapter(body.adapter, body.config)
+    check_fits(adapter, ctx.hidden_size, ctx.content_hash)
+    encode = getattr(adapter, "encode_prefix", adapter.encode)
+    encoded = await asyncio.to_thread(encode, body.items)
+    tokenizer = ctx.engine.get_tokenizer()
+    results: dict[int, AdapterGenerateItem] = {}
+    jobs: list[tuple[int, str, list[int]]] = []
+    for i, enc in enumerate(encoded):
+        if isinstance(enc, ItemError):
+            results[i] = AdapterGenerateItem(index=i, error=ItemFailure(message=enc.reason))
+        elif not isinstance(enc, EncodedText):
+            results[i] = AdapterGenerateItem(
+                index=i, error=ItemFailure(message="the soft-token route is not served yet")
+            )
+        else:
+            ids = tokenizer.encode(enc.text) if enc.text else [tokenizer.bos_token_id]
+            if len(ids) + body.max_tokens > ctx.max_model_len:
+                results[i] = AdapterGenerateItem(
+                    index=i, error=ItemFailure(message=f"{len(ids)} prompt tokens + max_tokens exceed max_model_len")
+                )
+            else:
+                jobs.append((i, enc.text, ids))
+
+    usage = Usage()
+
+    async def one(i: int, prefix: str, ids: list[int]) -> None:
+        seed = None if body.seed is None else body.seed + i
+        # FINAL_ONLY: one output carrying all n completions (cumulative streaming can end on a
+        # partial view of a parent request's children).
+        params = SamplingParams(
+            n=body.n,
+            max_tokens=body.max_tokens,
+            temperature=body.temperature,
+            seed=seed,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        prompt: dict[str, Any] = {"prompt_token_ids": ids}
+        if salt:
+            prompt["cache_salt"] = salt
+        final = await _run(ctx.engine, prompt, params, f"{request_id}-gen-{i}", priority)
+        texts = [prefix + out.text for out in final.outputs]
+        decoded = await asyncio.to_thread(adapter.decode, texts)
+        usage.prompt_tokens += len(ids)
+        usage.completion_tokens += sum(len(out.token_ids) for out in final.outputs)
+        outputs = [DecodedOutput(text=d.text, value=d.value, reason=d.reason) for d in decoded]
+        results[i] = AdapterGenerateItem(index=i, outputs=outputs)
+
+    async with asyncio.TaskGroup() as group:
+        for job in jobs:
+            group.create_task(one(*job))
+    sampling = body.model_dump(exclude={"items", "adapter", "config"})
+    sampling["adapter"] = f"{adapter.name}@{adapter.version}"
+    return AdapterGenerateResponse(
+        data=[results[i] for i in range(len(body.items))],
+        usage=usage,
+        provenance=ctx.provenance(request_id, sampling, started),
+    )
 
 
 async def _generate_embeds(

@@ -691,6 +691,10 @@ class Gateway:
         async def adapter_predict(request: Request) -> Response:
             return await tpmflow_route(request, "adapters/predict", "embed")
 
+        @app.post("/v1/tpmflow/adapters/generate")
+        async def adapter_generate(request: Request) -> Response:
+            return await tpmflow_route(request, "adapters/generate", "generate")
+
         @app.post("/v1/tpmflow/generate_embeds")
         async def generate_embeds(request: Request) -> Response:
             return await tpmflow_route(request, "generate_embeds", "generate")

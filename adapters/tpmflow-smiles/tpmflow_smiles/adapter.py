@@ -10,6 +10,9 @@ import numpy as np
 
 from tpmflow.adapters import AdapterFit, Decoded, EncodedText, ItemError
 
+# Atoms, bonds, branches, rings, charges, isotopes, stereo: everything a SMILES string may contain.
+_SMILES_CHARS = frozenset("ABCDEFGHIKLMNOPRSTUVWXYZabcdefghiklmnoprstuy0123456789[]()=#$:/\\.+-@%*")
+
 
 @dataclass(frozen=True)
 class SmilesSettings:
@@ -86,6 +89,21 @@ class SmilesAdapter:
             c if isinstance(c, ItemError) else EncodedText(self.settings.template.format(smiles=c))
             for c in self.canonical(items)
         ]
+
+    def encode_prefix(self, items: Sequence[Any]) -> list[EncodedText | ItemError]:
+        """Generation prompts: a SMILES prefix (a fragment need not parse; "" is unconditional). Only
+        characters SMILES uses are allowed, so a prompt cannot smuggle instructions or huge text."""
+        out: list[EncodedText | ItemError] = []
+        for i, item in enumerate(items):
+            if not isinstance(item, str):
+                out.append(ItemError(i, f"expected a SMILES prefix string, got {type(item).__name__}"))
+            elif len(item) > self.settings.max_chars:
+                out.append(ItemError(i, f"{len(item)} characters exceeds the limit of {self.settings.max_chars}"))
+            elif bad := sorted(set(item) - _SMILES_CHARS):
+                out.append(ItemError(i, f"characters not used in SMILES: {''.join(bad)!r}"))
+            else:
+                out.append(EncodedText(item))
+        return out
 
     def fingerprints(self, items: Sequence[Any]) -> tuple[np.ndarray, list[ItemError]]:
         """Morgan fingerprints [n, bits] (float32 0/1; rows of bad items are zero) and the errors."""
