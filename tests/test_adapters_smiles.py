@@ -135,6 +135,9 @@ def test_predict_with_a_head_fitted_on_pool_embeddings(pool: object, client: obj
         card.metrics
     )
     assert (path / "head.safetensors").is_file()
+    from tpmflow.adapters.testing import check_head_folder
+
+    check_head_folder(path)
 
     labels = tpsa_labels()
     molecules = [s for s in split.heldout[:5] if s in labels]
@@ -174,3 +177,31 @@ def test_generate_from_domain_prompts_decodes_each_output(client: object) -> Non
     assert isinstance(out[3], AdapterInputError) and out[3].item == 3
     again = client.generate(items[:2], adapter="smiles", n=3, max_tokens=12, temperature=1.0, seed=5)
     assert [[d.text for d in o] for o in again] == [[d.text for d in o] for o in out[:2]]
+
+
+def test_smiles_adapter_passes_the_conformance_kit(smiles: Adapter) -> None:
+    from tpmflow.adapters.testing import check_adapter
+
+    check_adapter(smiles, good=["CCO", "c1ccccc1O", "InChI=1S/CH4/h1H4"], bad=["", "C1CC", "C" * 400, 7])
+
+
+def test_conformance_kit_catches_a_broken_adapter() -> None:
+    from tpmflow.adapters.testing import check_adapter
+
+    class Sloppy:
+        """Drops bad items instead of reporting them: the batch shifts under the caller."""
+
+        name, version, modality = "sloppy", "0", "text"
+        fit = AdapterFit()
+
+        def encode(self, items):
+            return [EncodedText(x) for x in items if isinstance(x, str) and x]
+
+        def decode(self, texts):
+            return []
+
+        def config(self):
+            return {}
+
+    with pytest.raises(AssertionError, match="one result per item"):
+        check_adapter(Sloppy(), good=["a"], bad=[""])
