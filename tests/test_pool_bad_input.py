@@ -168,7 +168,8 @@ def test_payloads_above_the_limit(pool: Any, client: Client, still_serving: None
 
 def test_client_disconnects_mid_stream(pool: Any, still_serving: None) -> None:
     headers = {"Authorization": f"Bearer {pool.token}", "X-Request-Id": "disconnect-test"}
-    body = {"model": "tiny-llama", "prompt": "long stream", "max_tokens": 400, "stream": True, "ignore_eos": True}
+    # Long enough (seconds) that the gateway is still relaying when the client hangs up.
+    body = {"model": "tiny-llama", "prompt": "long stream", "max_tokens": 1000, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", pool.url + "/v1/completions", json=body, headers=headers, timeout=60) as resp:
         assert resp.status_code == 200
         for _ in resp.iter_raw():

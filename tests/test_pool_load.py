@@ -56,7 +56,8 @@ def test_admission_beyond_the_queue_is_503_with_retry_after(pool: Any) -> None:
     try:
 
         async def burst() -> list[httpx.Response]:
-            body = {"model": "tiny-llama", "prompt": "busy", "max_tokens": 48, "ignore_eos": True}
+            # Long enough that the first request still holds the only slot when the last ones arrive.
+            body = {"model": "tiny-llama", "prompt": "busy", "max_tokens": 400, "ignore_eos": True}
             headers = {"Authorization": f"Bearer {pool.token}"}
             async with httpx.AsyncClient(timeout=60) as http:
                 return await asyncio.gather(

@@ -20,13 +20,14 @@ import signal
 import time
 import uuid
 from argparse import Namespace
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import State
 
 from tpmflow.engine.hooks import capture_array
@@ -224,6 +225,27 @@ async def _run(engine: Any, prompt: Any, params: Any, request_id: str, priority:
     return final
 
 
+def _endpoint(model: type, handler: Callable[..., Awaitable[Any]]) -> Callable[[Request], Awaitable[JSONResponse]]:
+    async def endpoint(request: Request) -> JSONResponse:
+        ctx: ReplicaContext = request.app.state.tpmflow
+        try:
+            principal, request_id, priority, salt = _caller(request)
+            body = await _body(request, model)
+            result = await handler(ctx, body, principal, request_id, priority, salt)
+        except TpmflowError as exc:
+            return _error(exc)
+        return JSONResponse(result.model_dump() if isinstance(result, BaseModel) else result)
+
+    return endpoint
+
+
+async def _digest_route(
+    ctx: ReplicaContext, body: DigestRequest, principal: str, request_id: str, priority: int, salt: str | None
+) -> dict[str, Any]:
+    """Resolve an inline array or a reference and report what arrived (verifies transfers)."""
+    return await asyncio.to_thread(_digest, ctx, body.payload, principal)
+
+
 def build_router() -> APIRouter:
     router = APIRouter(prefix="/v1/tpmflow")
 
@@ -233,72 +255,16 @@ def build_router() -> APIRouter:
         stats = await ctx.engine.collective_rpc("tpmflow_stats")
         return JSONResponse({**ctx.info().model_dump(), "hooks": stats[0]})
 
-    @router.post("/embed")
-    async def embed(request: Request) -> JSONResponse:
-        ctx: ReplicaContext = request.app.state.tpmflow
-        try:
-            principal, request_id, priority, salt = _caller(request)
-            body: EmbedRequest = await _body(request, EmbedRequest)
-            return JSONResponse((await _embed(ctx, body, principal, request_id, priority, salt)).model_dump())
-        except TpmflowError as exc:
-            return _error(exc)
-
-    @router.post("/adapters/embed")
-    async def adapter_embed(request: Request) -> JSONResponse:
-        ctx: ReplicaContext = request.app.state.tpmflow
-        try:
-            principal, request_id, priority, salt = _caller(request)
-            body: AdapterEmbedRequest = await _body(request, AdapterEmbedRequest)
-            result = await _adapter_embed(ctx, body, principal, request_id, priority, salt)
-            return JSONResponse(result.model_dump())
-        except TpmflowError as exc:
-            return _error(exc)
-
-    @router.post("/adapters/predict")
-    async def adapter_predict(request: Request) -> JSONResponse:
-        ctx: ReplicaContext = request.app.state.tpmflow
-        try:
-            principal, request_id, priority, salt = _caller(request)
-            body: AdapterPredictRequest = await _body(request, AdapterPredictRequest)
-            result = await _adapter_predict(ctx, body, principal, request_id, priority, salt)
-            return JSONResponse(result.model_dump())
-        except TpmflowError as exc:
-            return _error(exc)
-
-    @router.post("/adapters/generate")
-    async def adapter_generate(request: Request) -> JSONResponse:
-        ctx: ReplicaContext = request.app.state.tpmflow
-        try:
-            principal, request_id, priority, salt = _caller(request)
-            body: AdapterGenerateRequest = await _body(request, AdapterGenerateRequest)
-            result = await _adapter_generate(ctx, body, request_id, priority, salt)
-            return JSONResponse(result.model_dump())
-        except TpmflowError as exc:
-            return _error(exc)
-
-    @router.post("/generate_embeds")
-    async def generate_embeds(request: Request) -> JSONResponse:
-        ctx: ReplicaContext = request.app.state.tpmflow
-        try:
-            principal, request_id, priority, salt = _caller(request)
-            body: EmbedsGenerateRequest = await _body(request, EmbedsGenerateRequest)
-            result = await _generate_embeds(ctx, body, principal, request_id, priority, salt)
-            return JSONResponse(result.model_dump())
-        except TpmflowError as exc:
-            return _error(exc)
-
-    @router.post("/digest")
-    async def digest(request: Request) -> JSONResponse:
-        """Resolve an inline array or a reference and report what arrived (verifies transfers)."""
-        ctx: ReplicaContext = request.app.state.tpmflow
-        try:
-            principal, _, _, _ = _caller(request)
-            body: DigestRequest = await _body(request, DigestRequest)
-            out = await asyncio.to_thread(_digest, ctx, body.payload, principal)
-            return JSONResponse(out)
-        except TpmflowError as exc:
-            return _error(exc)
-
+    # Every POST route: who is asking (from the gateway's headers), a validated body, a typed error.
+    for path, model, handler in (
+        ("/embed", EmbedRequest, _embed),
+        ("/adapters/embed", AdapterEmbedRequest, _adapter_embed),
+        ("/adapters/predict", AdapterPredictRequest, _adapter_predict),
+        ("/adapters/generate", AdapterGenerateRequest, _adapter_generate),
+        ("/generate_embeds", EmbedsGenerateRequest, _generate_embeds),
+        ("/digest", DigestRequest, _digest_route),
+    ):
+        router.add_api_route(path, _endpoint(model, handler), methods=["POST"], name=handler.__name__.strip("_"))
     return router
 
 
@@ -474,7 +440,7 @@ async def _adapter_predict(
 
 
 async def _adapter_generate(
-    ctx: ReplicaContext, body: AdapterGenerateRequest, request_id: str, priority: int, salt: str | None
+    ctx: ReplicaContext, body: AdapterGenerateRequest, principal: str, request_id: str, priority: int, salt: str | None
 ) -> AdapterGenerateResponse:
     """Prompts from domain items, n completions each, decoded by the adapter (value or reason)."""
     from vllm import SamplingParams
