@@ -149,6 +149,8 @@ def usage(
     database_url: DatabaseOption = None,
 ) -> None:
     """Requests, tokens and payload bytes from the ledger, per principal or per project."""
+    from tpmflow.access.db import USAGE_COLUMNS
+
     rows = _access(config, database_url).usage(by=by)
     table = Table(title=f"usage by {by}")
     for col in (by, "requests", "prompt tokens", "output tokens", "bytes in", "bytes out", "activation bytes"):
@@ -156,17 +158,7 @@ def usage(
     for r in rows:
         table.add_row(
             str(r[by]),
-            *(
-                f"{r[k]:,}"
-                for k in (
-                    "requests",
-                    "prompt_tokens",
-                    "output_tokens",
-                    "payload_bytes_in",
-                    "payload_bytes_out",
-                    "activation_bytes",
-                )
-            ),
+            *(f"{r[k]:,}" for k in USAGE_COLUMNS),
         )
     console.print(table)
 

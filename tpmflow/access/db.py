@@ -16,6 +16,15 @@ from tpmflow.access.tables import Base, LedgerEntry, PayloadRow, PrincipalRow, T
 from tpmflow.errors import InvalidRequest, QuotaExceeded, Unauthorized
 
 TOKEN_PREFIX = "tpm_"
+# The totals ``usage()`` reports per principal or project, in order.
+USAGE_COLUMNS = (
+    "requests",
+    "prompt_tokens",
+    "output_tokens",
+    "payload_bytes_in",
+    "payload_bytes_out",
+    "activation_bytes",
+)
 
 
 def default_database_url() -> str:
@@ -225,15 +234,7 @@ class AccessDB:
             query = query.where(LedgerEntry.principal == principal)
         with Session(self.engine) as s:
             rows = s.execute(query).all()
-        keys = (
-            by,
-            "requests",
-            "prompt_tokens",
-            "output_tokens",
-            "payload_bytes_in",
-            "payload_bytes_out",
-            "activation_bytes",
-        )
+        keys = (by, *USAGE_COLUMNS)
         return [dict(zip(keys, (r[0], *(int(v or 0) for v in r[1:])), strict=True)) for r in rows]
 
     def ledger_rows(self, **where: Any) -> list[LedgerEntry]:

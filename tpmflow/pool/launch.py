@@ -27,6 +27,12 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def tail_log(log_dir: Path, replica_id: str, lines: int = 40) -> str:
+    """The last lines of a replica's log (every launcher writes ``<log_dir>/<replica_id>.log``)."""
+    path = log_dir / f"{replica_id}.log"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.is_file() else ""
+
+
 class Launcher(Protocol):
     """What a pool needs from a launcher."""
 
@@ -122,7 +128,4 @@ class LocalLauncher:
         return list(self.replicas)
 
     def log_tail(self, replica_id: str, lines: int = 40) -> str:
-        path = self.replicas[replica_id].log_path
-        if not path.is_file():
-            return ""
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        return tail_log(self.log_dir, replica_id, lines)

@@ -126,5 +126,6 @@ class ParslLauncher:
         return list(self.futures)
 
     def log_tail(self, replica_id: str, lines: int = 40) -> str:
-        path = self.log_dir / f"{replica_id}.log"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.is_file() else ""
+        from tpmflow.pool.launch import tail_log
+
+        return tail_log(self.log_dir, replica_id, lines)
