@@ -70,7 +70,7 @@ def pool(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         gateway=GatewayConfig(request_timeout_s=60, max_inflight=64, queue_limit=512),
         store=StoreConfig(path=str(root / "store"), inline_limit_bytes=256 << 10, max_payload_bytes=96 << 20),
         database_url=f"sqlite:///{root / 'access.db'}",
-        heads_path=str(root / "heads"),
+        parts_path=str(root / "parts"),
     )
     cfg.engine.max_model_len = 1024
     with Pool(cfg) as running:

@@ -127,17 +127,17 @@ def test_predict_with_a_head_fitted_on_pool_embeddings(pool: object, client: obj
     from tpmflow.errors import AdapterInputError
     from tpmflow.models.smiles_data import load_split
 
-    monkeypatch.setenv("TPMFLOW_HEADS", pool.cfg.heads_path)  # where the replicas look
+    monkeypatch.setenv("TPMFLOW_PARTS", pool.cfg.parts_path)  # where the replicas look
     split = load_split()
     path, card = fit_tpsa_head(client, split.train[:160], split.heldout[:40], version="0.0.1-test")
     assert card.base_content_hash.startswith("blake3:") and card.hidden_size == 128
     assert {"heldout_r2_core_embeddings", "heldout_r2_fingerprints_alone", "heldout_r2_random_projector"} <= set(
         card.metrics
     )
-    assert (path / "head.safetensors").is_file()
-    from tpmflow.adapters.testing import check_head_folder
+    assert (path / "weights.safetensors").is_file()
+    from tpmflow.adapters.testing import check_part_folder
 
-    check_head_folder(path)
+    check_part_folder(path)
 
     labels = tpsa_labels()
     molecules = [s for s in split.heldout[:5] if s in labels]
@@ -148,17 +148,17 @@ def test_predict_with_a_head_fitted_on_pool_embeddings(pool: object, client: obj
     assert out.head["version"] == "0.0.1-test"
 
     # A head trained on another core model is refused, as is one that does not exist.
-    other = Path(pool.cfg.heads_path) / "smiles" / "tpsa@0.0.2-other"
+    other = Path(pool.cfg.parts_path) / "smiles" / "tpsa@0.0.2-other"
     other.mkdir(parents=True)
-    (other / "head.safetensors").write_bytes((path / "head.safetensors").read_bytes())
-    (other / "head.json").write_text(
+    (other / "weights.safetensors").write_bytes((path / "weights.safetensors").read_bytes())
+    (other / "card.json").write_text(
         json.dumps({**card.model_dump(), "version": "0.0.2-other", "base_content_hash": "blake3:" + "0" * 64})
     )
     with pytest.raises(InvalidRequest, match="trained on"):
         client.predict(molecules, adapter="smiles", head="tpsa@0.0.2-other")
-    with pytest.raises(InvalidRequest, match="no head"):
+    with pytest.raises(InvalidRequest, match="no part"):
         client.predict(molecules, adapter="smiles", head="solubility")
-    with pytest.raises(InvalidRequest, match="bad head name"):
+    with pytest.raises(InvalidRequest, match="bad part name"):
         client.predict(molecules, adapter="smiles", head="../../etc/passwd")
 
 

@@ -68,11 +68,11 @@ def test_build_demo_runs_end_to_end_small(tmp_path: Path) -> None:
 
 
 def test_adapters_list_and_show(tmp_path: Path) -> None:
-    env = {**os.environ, "TPMFLOW_HEADS": str(tmp_path)}
+    env = {**os.environ, "TPMFLOW_PARTS": str(tmp_path)}
     listing = subprocess.run(
         [sys.executable, "-m", "tpmflow.cli", "adapters", "list"], capture_output=True, text=True, env=env, timeout=120
     )
-    assert listing.returncode == 0 and "smiles" in listing.stdout and "no heads yet" in listing.stdout
+    assert listing.returncode == 0 and "smiles" in listing.stdout and "no trained parts yet" in listing.stdout
     show = subprocess.run(
         [sys.executable, "-m", "tpmflow.cli", "adapters", "show", "smiles"],
         capture_output=True,

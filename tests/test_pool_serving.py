@@ -234,16 +234,23 @@ def test_expired_payloads_are_evicted(pool: Any, client: Client) -> None:
 
 
 def test_health_reports_engine_load(pool: Any, client: Client) -> None:
-    """Heartbeats carry vLLM's own running/waiting gauges: seen > 0 while a long generation runs."""
+    """Heartbeats carry vLLM's own running/waiting gauges: seen > 0 while long generations run.
+
+    Heartbeats come once a second, so the load must outlast several of them even on a fast
+    machine: 16 generations of 1000 tokens each, spread over both replicas.
+    """
     import time
 
-    future = client.submit_generate("busy " * 4, max_tokens=600, temperature=0.0, ignore_eos=True)
+    futures = [
+        client.submit_generate(f"busy {i} ", max_tokens=1000, temperature=0.0, ignore_eos=True) for i in range(16)
+    ]
     seen = 0
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and not future.done():
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not all(f.done() for f in futures):
         seen = max(seen, sum(r["running"] + r["waiting"] for r in client.health()["replicas"]))
         if seen:
             break
         time.sleep(0.2)
-    future.result(timeout=120)
+    for future in futures:
+        future.result(timeout=180)
     assert seen > 0, "no replica reported load while one was generating"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -277,9 +277,9 @@ def list_models() -> None:
 
 @adapters_app.command("list")
 def adapters_list() -> None:
-    """Adapters installed here (entry points) and the heads trained for them."""
+    """Adapters installed here (entry points) and the parts (projectors, heads) trained for them."""
     from tpmflow.adapters import available_adapters
-    from tpmflow.adapters.heads import heads_dir, list_heads
+    from tpmflow.adapters.parts import list_parts, parts_dir
 
     table = Table(title="installed adapters")
     for col in ("name", "package entry point"):
@@ -287,45 +287,55 @@ def adapters_list() -> None:
     for name, ep in sorted(available_adapters().items()):
         table.add_row(name, ep.value)
     console.print(table)
-    heads = list_heads()
-    table = Table(title=f"heads in {heads_dir()}")
-    for col in ("adapter", "head", "target", "base model", "held-out metrics"):
+    parts = list_parts()
+    table = Table(title=f"trained parts in {parts_dir()}")
+    for col in ("adapter", "part", "kind", "target", "base model", "held-out metrics"):
         table.add_column(col)
-    for card in heads:
-        shown = {k: round(v, 3) for k, v in card.metrics.items() if k.startswith("heldout_r2")}
+    for card in parts:
+        shown = {k: round(v, 3) for k, v in card.metrics.items() if k.startswith("heldout_") and isinstance(v, float)}
         table.add_row(
             card.adapter,
             f"{card.name}@{card.version}",
+            card.kind,
             card.target[:30],
             f"{card.base_model} {card.base_content_hash[:19]}",
             json.dumps(shown),
         )
-    console.print(table if heads else f"no heads yet in {heads_dir()}")
+    console.print(table if parts else f"no trained parts yet in {parts_dir()}")
 
 
 @adapters_app.command("show")
 def adapters_show(name: Annotated[str, typer.Argument(help="Adapter name, e.g. smiles.")]) -> None:
-    """An adapter's settings and the cards of its heads."""
+    """An adapter's settings and the cards of its trained parts."""
     from tpmflow.adapters import load_adapter
-    from tpmflow.adapters.heads import list_heads
+    from tpmflow.adapters.parts import list_parts
 
     adapter = load_adapter(name)
     console.print(f"[bold]{adapter.name}[/] {adapter.version} ({adapter.modality}); config {adapter.config()}")
-    for card in list_heads():
+    for card in list_parts():
         if card.adapter == name:
             console.print_json(card.model_dump_json())
 
 
 @adapters_app.command("fit")
 def adapters_fit(
-    name: Annotated[str, typer.Argument(help="Adapter name (smiles).")],
+    name: Annotated[str, typer.Argument(help="Adapter name (smiles, pointcloud, beamline).")],
     head: Annotated[str, typer.Option(help="Which head to fit (smiles: tpsa).")] = "tpsa",
     config: Annotated[str, typer.Option("--config", help="Pool config of the core model.")] = "configs/local.yaml",
-    version: Annotated[str, typer.Option(help="Version of the new head.")] = "0.1.0",
+    version: Annotated[str, typer.Option(help="Version of the new parts.")] = "0.1.0",
+    steps: Annotated[int, typer.Option(help="Training steps of a soft-token encoder + projector.")] = 300,
 ) -> None:
-    """Fit a head on embeddings from a pool of the core model and report it next to its baselines."""
+    """Fit an adapter's trained parts against the pool's core model and report the held-out score
+    next to its baselines (the adapter's features alone; a random projector)."""
+    from importlib.metadata import entry_points
+
+    fits = {ep.name: ep for ep in entry_points(group="tpmflow.fits")}
+    if name in fits:
+        _fit_soft(name, fits[name].load(), config, version, steps)
+        return
     if (name, head) != ("smiles", "tpsa"):
-        console.print(f"[red]no trainer for head {head!r} of adapter {name!r} (available: smiles/tpsa)[/]")
+        have = ", ".join(["smiles (--head tpsa)", *sorted(fits)])
+        console.print(f"[red]no trainer for head {head!r} of adapter {name!r} (available: {have})[/]")
         raise typer.Exit(2)
     from tpmflow_smiles.tpsa import fit_tpsa_head
 
@@ -350,6 +360,41 @@ def adapters_fit(
     table.add_row("random projector of the fingerprints", f"{m['heldout_r2_random_projector']:.3f}")
     console.print(table)
     console.print(f"{m['n_train']} training / {m['n_heldout']} held-out molecules; saved to {path}")
+
+
+def _fit_soft(name: str, quality_check: Any, config: str, version: str, steps: int) -> None:
+    """Run an adapter's ``tpmflow.fits`` entry point on a pool of ``config`` and print the report."""
+    from rich.progress import Progress
+
+    from tpmflow.pool import Pool
+
+    with console.status("starting the pool…"):
+        pool = Pool.from_config(config)
+        pool.__enter__()
+    try:
+        with pool.client() as client, Progress(console=console) as progress:
+            task = progress.add_task(f"training {name} encoder + projector through the frozen core", total=steps)
+
+            def tick(step: int, loss: float) -> None:
+                progress.update(task, completed=step + 1, description=f"training {name} (loss {loss:.3f})")
+
+            report = quality_check(client, pool.cfg.model_dir(), version=version, steps=steps, progress=tick)
+    finally:
+        pool.stop()
+    higher = report.metric == "accuracy"
+    table = Table(title=f"{name}: held-out {report.metric} ({'higher' if higher else 'lower'} is better)")
+    table.add_column("features")
+    table.add_column(report.metric, justify="right")
+    table.add_row(f"core model (head {report.head}, projector {report.projector})", f"{report.core:.3f}")
+    table.add_row("the trained encoder's features alone (no core model)", f"{report.encoder_alone:.3f}")
+    table.add_row("random encoder + projector through the core", f"{report.random_projector:.3f}")
+    for key, value in sorted(report.extra.items()):
+        if key.startswith("classical"):
+            table.add_row(key.replace("_", " "), f"{value:.3f}")
+    console.print(table)
+    console.print(
+        f"{report.n_train} training / {report.n_heldout} held-out items; training took {report.train_seconds:.0f} s"
+    )
 
 
 def main() -> None:

@@ -129,12 +129,14 @@ class Embeddings:
 
 @dataclass
 class Predictions:
-    """A head's outputs per item: a float, or the item's ``AdapterInputError``."""
+    """A head's outputs per item: a float (regression), a label (classification; its class
+    probabilities in ``probabilities``), or the item's ``AdapterInputError``."""
 
-    values: list[float | AdapterInputError]
+    values: list[float | str | AdapterInputError]
     head: dict[str, Any]
     usage: dict[str, Any]
     provenance: dict[str, Any]
+    probabilities: list[dict[str, float] | None] = field(default_factory=list)
 
     @property
     def ok(self) -> list[int]:
@@ -146,15 +148,78 @@ class Predictions:
 
 
 def _as_list(items: Any) -> list[Any]:
-    return [items] if isinstance(items, str) else list(items)
+    """One item (a string, file bytes, an array, a dict, a reference) or a sequence of items."""
+    single = (str, bytes, bytearray, np.ndarray, dict, Reference)
+    return [items] if isinstance(items, single) else list(items)
 
 
 def _predictions(data: dict[str, Any]) -> Predictions:
-    values: list[float | AdapterInputError] = [
-        AdapterInputError(d["error"]["message"], item=d["index"]) if d.get("error") else float(d["value"])
-        for d in sorted(data["data"], key=lambda d: d["index"])
-    ]
-    return Predictions(values, data.get("head", {}), data.get("usage", {}), data.get("provenance", {}))
+    rows = sorted(data["data"], key=lambda d: d["index"])
+    values: list[float | str | AdapterInputError] = []
+    for d in rows:
+        if d.get("error"):
+            values.append(AdapterInputError(d["error"]["message"], item=d["index"]))
+        else:
+            values.append(d["label"] if d.get("label") is not None else float(d["value"]))
+    probabilities = [d.get("probabilities") for d in rows]
+    return Predictions(values, data.get("head", {}), data.get("usage", {}), data.get("provenance", {}), probabilities)
+
+
+# Raw array bytes one request carries inline at most (base64 adds a third; the gateway's body limit
+# is 8 MiB): past it, the rest of a batch's arrays go by reference.
+INLINE_BUDGET_BYTES = 4 << 20
+
+# Item values that travel as payloads: arrays inline or by reference, file bytes always by reference.
+_PAYLOAD_TYPES = (np.ndarray, bytes, bytearray, Reference)
+
+
+def _payload_leaves(items: list[Any]) -> list[Any]:
+    """Values in adapter items (top level, or one level into a dict item) that must become payloads."""
+    leaves: list[Any] = []
+    for item in items:
+        values = item.values() if isinstance(item, dict) else [item]
+        leaves.extend(v for v in values if isinstance(v, _PAYLOAD_TYPES))
+    return leaves
+
+
+def _with_payloads(items: list[Any], wired: dict[int, dict[str, Any]]) -> list[Any]:
+    """Items with each payload leaf replaced by its wire form (keyed by the leaf's ``id``)."""
+
+    def swap(value: Any) -> Any:
+        return wired[id(value)] if isinstance(value, _PAYLOAD_TYPES) else value
+
+    return [{k: swap(v) for k, v in item.items()} if isinstance(item, dict) else swap(item) for item in items]
+
+
+def _local_inputs(adapter: Any, items: list[Any]) -> tuple[list[Any], list[int], dict[int, str]]:
+    """Run an adapter here (one the pool lacks): texts stay text, soft tokens become ``SoftPrompt``
+    inputs (arrays still to be wired). Returns the inputs, their item positions, and item errors."""
+    from tpmflow.adapters.base import EncodedEmbeds, EncodedText, ItemError
+
+    inputs: list[Any] = []
+    where: list[int] = []
+    errors: dict[int, str] = {}
+    for i, enc in enumerate(adapter.encode(items)):
+        if isinstance(enc, ItemError):
+            errors[i] = enc.reason
+            continue
+        if isinstance(enc, EncodedText):
+            inputs.append(enc.text)
+        elif isinstance(enc, EncodedEmbeds):
+            inputs.append({"prompt_embeds": enc.embeds, "prefix": enc.prefix, "suffix": enc.suffix})
+        else:
+            errors[i] = f"the adapter returned {type(enc).__name__}"
+            continue
+        where.append(i)
+    return inputs, where, errors
+
+
+def _merge_local(emb: Embeddings, n: int, where: list[int], errors: dict[int, str]) -> Embeddings:
+    items: list[Any] = [AdapterInputError(errors.get(i, ""), item=i) for i in range(n)]
+    tokens = [0] * n
+    for j, i in enumerate(where):
+        items[i], tokens[i] = emb.items[j], emb.n_tokens[j]
+    return Embeddings(items, tokens, emb.usage, emb.provenance)
 
 
 def _adapter_generate_body(
@@ -369,6 +434,7 @@ class Client(_Base):
         rid = request_id or uuid.uuid4().hex
         if adapter is not None:
             body = _adapter_generate_body(prompt, adapter, adapter_config, max_tokens, temperature, seed, extra)
+            body["items"] = self._wire_items(body["items"])
             return _decoded(self._request("POST", "/v1/tpmflow/adapters/generate", json=body, request_id=rid))
         if prompt_embeds is not None:
             body = {
@@ -401,10 +467,20 @@ class Client(_Base):
         request_id: str | None = None,
     ) -> Embeddings:
         """Final hidden states (after the final norm) of each input: pooled ``mean``/``last`` or per
-        token ``none``. With ``adapter=`` the inputs are domain items (e.g. SMILES) that the pool's
-        adapter turns into model inputs; bad items come back as per-item errors."""
+        token ``none``. With ``adapter=`` the inputs are domain items (e.g. SMILES, point-cloud file
+        bytes) that the pool's adapter turns into model inputs; bad items come back as per-item
+        errors. ``adapter`` may also be an adapter object: it then runs here, for adapters the pool
+        does not have installed, and only its text or soft tokens travel."""
         self._ensure_store()
+        if adapter is not None and not isinstance(adapter, str):
+            items = _as_list(inputs)
+            local, where, errors = _local_inputs(adapter, items)
+            body = {"input": self._wire_items(local), "pooling": pooling}
+            emb = self._embeddings(self._request("POST", "/v1/tpmflow/embed", json=body, request_id=request_id))
+            return _merge_local(emb, len(items), where, errors)
         path, body = _embed_body(inputs, adapter, adapter_config, pooling)
+        key = "items" if "items" in body else "input"  # soft-token inputs carry arrays too
+        body[key] = self._wire_items(body[key])
         return self._embeddings(self._request("POST", path, json=body, request_id=request_id))
 
     def predict(
@@ -418,7 +494,7 @@ class Client(_Base):
     ) -> Predictions:
         """Domain items → adapter → core model → head (``name`` or ``name@version``): one value or one
         ``AdapterInputError`` per item."""
-        body = {"adapter": adapter, "items": _as_list(items), "head": head, "config": adapter_config}
+        body = {"adapter": adapter, "items": self._wire_items(_as_list(items)), "head": head, "config": adapter_config}
         return _predictions(self._request("POST", "/v1/tpmflow/adapters/predict", json=body, request_id=request_id))
 
     def put(self, value: np.ndarray | bytes) -> Reference:
@@ -439,10 +515,25 @@ class Client(_Base):
         payload = value.model_dump() if isinstance(value, Reference) else InlineArray.from_numpy(value).model_dump()
         return self._request("POST", "/v1/tpmflow/digest", json={"payload": payload})
 
-    def _array_payload(self, value: np.ndarray | Reference) -> dict[str, Any]:
+    def _wire_items(self, items: list[Any]) -> list[Any]:
+        """Arrays inline (by reference when big, or once the request's inline budget is spent), bytes
+        by reference, references as they are."""
+        budget = [INLINE_BUDGET_BYTES]
+        wired = {
+            id(v): self.put(bytes(v)).model_dump()
+            if isinstance(v, (bytes, bytearray))
+            else self._array_payload(v, budget)
+            for v in _payload_leaves(items)
+        }
+        return _with_payloads(items, wired)
+
+    def _array_payload(self, value: np.ndarray | Reference, budget: list[int] | None = None) -> dict[str, Any]:
         if isinstance(value, Reference):
             return value.model_dump()
         limit = self._ensure_store().config.inline_limit_bytes
+        if budget is not None:
+            budget[0] -= value.nbytes
+            limit = limit if budget[0] >= 0 else -1
         if value.nbytes > limit:
             return self.put(value).model_dump()
         encode_payload(value)  # same dtype rules as by reference
@@ -538,6 +629,7 @@ class AsyncClient(_Base):
         rid = request_id or uuid.uuid4().hex
         if adapter is not None:
             body = _adapter_generate_body(prompt, adapter, adapter_config, max_tokens, temperature, seed, extra)
+            body["items"] = await self._wire_items(body["items"])
             return _decoded(await self._request("POST", "/v1/tpmflow/adapters/generate", json=body, request_id=rid))
         if prompt_embeds is not None:
             body = {
@@ -570,7 +662,15 @@ class AsyncClient(_Base):
         request_id: str | None = None,
     ) -> Embeddings:
         await self._ensure_store()
+        if adapter is not None and not isinstance(adapter, str):
+            items = _as_list(inputs)
+            local, where, errors = await asyncio.to_thread(_local_inputs, adapter, items)
+            body = {"input": await self._wire_items(local), "pooling": pooling}
+            data = await self._request("POST", "/v1/tpmflow/embed", json=body, request_id=request_id)
+            return _merge_local(self._embeddings(data), len(items), where, errors)
         path, body = _embed_body(inputs, adapter, adapter_config, pooling)
+        key = "items" if "items" in body else "input"
+        body[key] = await self._wire_items(body[key])
         return self._embeddings(await self._request("POST", path, json=body, request_id=request_id))
 
     async def predict(
@@ -582,7 +682,8 @@ class AsyncClient(_Base):
         adapter_config: dict[str, Any] | None = None,
         request_id: str | None = None,
     ) -> Predictions:
-        body = {"adapter": adapter, "items": _as_list(items), "head": head, "config": adapter_config}
+        items = await self._wire_items(_as_list(items))
+        body = {"adapter": adapter, "items": items, "head": head, "config": adapter_config}
         data = await self._request("POST", "/v1/tpmflow/adapters/predict", json=body, request_id=request_id)
         return _predictions(data)
 
@@ -610,10 +711,24 @@ class AsyncClient(_Base):
     def submit_embed(self, *args: Any, **kwargs: Any) -> asyncio.Task[Any]:
         return asyncio.get_running_loop().create_task(self.embed(*args, **kwargs))
 
-    async def _array_payload(self, value: np.ndarray | Reference) -> dict[str, Any]:
+    async def _wire_items(self, items: list[Any]) -> list[Any]:
+        budget = [INLINE_BUDGET_BYTES]
+        wired: dict[int, dict[str, Any]] = {}
+        for v in _payload_leaves(items):
+            wired[id(v)] = (
+                (await self.put(bytes(v))).model_dump()
+                if isinstance(v, (bytes, bytearray))
+                else await self._array_payload(v, budget)
+            )
+        return _with_payloads(items, wired)
+
+    async def _array_payload(self, value: np.ndarray | Reference, budget: list[int] | None = None) -> dict[str, Any]:
         if isinstance(value, Reference):
             return value.model_dump()
         limit = (await self._ensure_store()).config.inline_limit_bytes
+        if budget is not None:
+            budget[0] -= value.nbytes
+            limit = limit if budget[0] >= 0 else -1
         if value.nbytes > limit:
             return (await self.put(value)).model_dump()
         encode_payload(value)

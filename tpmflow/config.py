@@ -86,7 +86,9 @@ class PoolConfig(BaseModel):
     launcher: LaunchConfig = Field(default_factory=LaunchConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite under $TPMFLOW_HOME")
-    heads_path: str | None = Field(None, description="trained adapter heads (default $TPMFLOW_HOME/heads)")
+    parts_path: str | None = Field(
+        None, description="trained adapter parts, projectors and heads (default $TPMFLOW_HOME/parts)"
+    )
     service_classes: dict[str, ServiceClass] = Field(
         default_factory=lambda: {"interactive": ServiceClass(priority=0), "batch": ServiceClass(priority=10)}
     )

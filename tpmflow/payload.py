@@ -32,7 +32,10 @@ PayloadKind = Literal["ndarray", "bytes"]
 # Keys come from requests: only names a connector itself would make are accepted (no "../").
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 _SAFE_PRINCIPAL = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-ALLOWED_DTYPES = frozenset({"float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool"})
+# Plain numeric dtypes only (never object): detector frames come as uint16/uint32 counts.
+ALLOWED_DTYPES = frozenset(
+    {"float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool"}
+)
 
 
 class StoreConfig(BaseModel):

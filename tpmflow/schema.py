@@ -64,18 +64,27 @@ class Provenance(BaseModel):
     finished: float
 
 
+class SoftPrompt(BaseModel):
+    """Soft tokens [K, hidden] made by an adapter run on the client, spliced between embedded text."""
+
+    prompt_embeds: ArrayPayload
+    prefix: str = Field("", max_length=10_000)
+    suffix: str = Field("", max_length=10_000)
+
+
 class EmbedRequest(BaseModel):
-    """Final hidden states of each input (after the final norm), pooled or per token."""
+    """Final hidden states of each input (after the final norm), pooled or per token. An input is
+    text, token ids, or soft tokens from an adapter the client ran itself."""
 
     model: str | None = None
-    input: list[str] | list[list[int]] = Field(min_length=1, max_length=MAX_BATCH)
+    input: list[str | list[int] | SoftPrompt] = Field(min_length=1, max_length=MAX_BATCH)
     pooling: Literal["mean", "last", "none"] = "mean"
 
     @field_validator("input")
     @classmethod
-    def _non_empty_items(cls, items: list[str] | list[list[int]]) -> list[str] | list[list[int]]:
+    def _non_empty_items(cls, items: list[str | list[int] | SoftPrompt]) -> list[str | list[int] | SoftPrompt]:
         for i, item in enumerate(items):
-            if len(item) == 0:
+            if not isinstance(item, SoftPrompt) and len(item) == 0:
                 raise ValueError(f"input item {i} is empty")
         return items
 
@@ -131,8 +140,12 @@ class AdapterPredictRequest(BaseModel):
 
 
 class Prediction(BaseModel):
+    """A regression head's ``value``, or a classifier's ``label`` and class ``probabilities``."""
+
     index: int
     value: float | None = None
+    label: str | None = None
+    probabilities: dict[str, float] | None = None
     error: ItemFailure | None = None
 
 

@@ -34,9 +34,13 @@ class EncodedText:
 
 @dataclass(frozen=True)
 class EncodedEmbeds:
-    """Soft-token route: float32 [K, hidden] vectors for ``prompt_embeds``."""
+    """Soft-token route: float32 [K, hidden] vectors for ``prompt_embeds``, optionally spliced
+    between embedded text (``prefix`` + soft tokens + ``suffix``; the replica embeds the text with
+    the core model's own embedding table)."""
 
     embeds: np.ndarray
+    prefix: str = ""
+    suffix: str = ""
 
 
 @dataclass(frozen=True)

@@ -1,42 +1,23 @@
-"""Heads on pooled final hidden states: trained on embeddings fetched from the pool, served by name@version.
+"""Heads on pooled final hidden states: fitted on embeddings fetched from the pool, saved as
+adapter parts (``tpmflow.adapters.parts``) and served by name@version.
 
-vLLM has no backward pass, so heads are fitted here, on embeddings the pool returns, and saved as
-safetensors with a card. A head belongs to one core model (its content hash): the replica refuses to
-apply it to another.
+Two kinds: ridge regression (a value per item) and a softmax classifier (a label and class
+probabilities per item). Both standardise their inputs first; both are plain numpy at serving time.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 import numpy as np
-from pydantic import BaseModel, Field
 
-from tpmflow.config import tpmflow_home
-from tpmflow.errors import InvalidRequest
-
-_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+from tpmflow.adapters.parts import PartCard, load_part, save_part
 
 
-class HeadCard(BaseModel):
-    """Everything a reader needs to trust (or distrust) a head's numbers."""
-
-    adapter: str
-    name: str
-    version: str
-    kind: str = "ridge-regression"
-    owner: str = "facility"
-    modality: str
-    base_model: str
-    base_content_hash: str
-    hidden_size: int
-    target: str
-    training_data: dict[str, Any] = Field(default_factory=dict)
-    metrics: dict[str, Any] = Field(default_factory=dict, description="held-out metrics, head and baselines")
+class Head(Protocol):
+    def tensors(self) -> dict[str, np.ndarray]: ...
 
 
 @dataclass
@@ -79,59 +60,86 @@ class RidgeHead:
         }
 
 
+@dataclass
+class SoftmaxHead:
+    """Standardised multinomial logistic regression: p = softmax(((x - mean) / scale) @ weight + bias)."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    weight: np.ndarray  # [features, classes]
+    bias: np.ndarray  # [classes]
+    classes: list[str]
+
+    @classmethod
+    def fit(
+        cls, x: np.ndarray, y: np.ndarray, classes: list[str], weight_decay: float = 1e-3, steps: int = 300
+    ) -> SoftmaxHead:
+        """Full-batch L-BFGS on the cross-entropy (torch), L2-regularised."""
+        import torch
+
+        mean, scale = x.mean(axis=0), x.std(axis=0) + 1e-6
+        z = torch.from_numpy(((x - mean) / scale).astype(np.float32))
+        target = torch.from_numpy(y.astype(np.int64))
+        linear = torch.nn.Linear(z.shape[1], len(classes))
+        opt = torch.optim.LBFGS(linear.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(linear(z), target) + weight_decay * linear.weight.square().sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        weight = linear.weight.detach().numpy().T.copy()
+        bias = linear.bias.detach().numpy().copy()
+        return cls(mean.astype(np.float32), scale.astype(np.float32), weight, bias, list(classes))
+
+    @classmethod
+    def fit_with_validation(
+        cls, x: np.ndarray, y: np.ndarray, classes: list[str], seed: int = 0
+    ) -> tuple[SoftmaxHead, float]:
+        """Pick the weight decay on a validation fifth of the training data, refit on all."""
+        order = np.random.default_rng(seed).permutation(len(x))
+        cut = len(x) // 5
+        val, tr = order[:cut], order[cut:]
+        decays = [10.0**k for k in range(-4, 1)]
+        scores = [accuracy(y[val], cls.fit(x[tr], y[tr], classes, d).predict(x[val])) for d in decays]
+        best = decays[int(np.argmax(scores))]
+        return cls.fit(x, y, classes, best), best
+
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        logits = ((x - self.mean) / self.scale) @ self.weight + self.bias
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        return p / p.sum(axis=1, keepdims=True)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Class indices."""
+        return self.probabilities(x).argmax(axis=1)
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        return {"mean": self.mean, "scale": self.scale, "weight": self.weight, "bias": self.bias}
+
+
+def accuracy(y: np.ndarray, pred: np.ndarray) -> float:
+    return float((np.asarray(y) == np.asarray(pred)).mean())
+
+
 def r2(y: np.ndarray, pred: np.ndarray) -> float:
     """Coefficient of determination."""
     return float(1 - ((y - pred) ** 2).sum() / ((y - y.mean()) ** 2).sum())
 
 
-def heads_dir() -> Path:
-    """Where heads live: ``$TPMFLOW_HEADS`` (a pool's ``heads_path``) or ``$TPMFLOW_HOME/heads``."""
-    import os
-
-    env = os.environ.get("TPMFLOW_HEADS")
-    return Path(env) if env else tpmflow_home() / "heads"
+def save_head(head: Head, card: PartCard) -> Path:
+    return save_part(head.tensors(), card)
 
 
-def head_path(adapter: str, spec: str) -> Path:
-    """Folder of ``name`` (newest version) or ``name@version`` for an adapter."""
-    name, _, version = spec.partition("@")
-    if (
-        not _NAME.match(adapter)
-        or not _NAME.match(name)
-        or (version and not re.match(r"^[0-9A-Za-z._-]{1,32}$", version))
-    ):
-        raise InvalidRequest(f"bad head name {spec!r}")
-    root = heads_dir() / adapter
-    if version:
-        path = root / f"{name}@{version}"
-    else:
-        found = sorted(root.glob(f"{name}@*"), key=lambda p: p.stat().st_mtime)
-        if not found:
-            raise InvalidRequest(f"no head {name!r} for adapter {adapter!r} (fit one with `tpmflow adapters fit`)")
-        path = found[-1]
-    if not (path / "head.json").is_file():
-        raise InvalidRequest(f"no head {spec!r} for adapter {adapter!r}")
-    return path
-
-
-def save_head(head: RidgeHead, card: HeadCard) -> Path:
-    from safetensors.numpy import save_file
-
-    path = heads_dir() / card.adapter / f"{card.name}@{card.version}"
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(head.tensors(), str(path / "head.safetensors"))
-    (path / "head.json").write_text(card.model_dump_json(indent=2) + "\n")
-    return path
-
-
-def load_head(adapter: str, spec: str) -> tuple[RidgeHead, HeadCard]:
+def load_head(adapter: str, spec: str) -> tuple[Head, PartCard]:
+    """A head by ``name`` or ``name@version``; ``InvalidRequest`` when missing or not a head."""
     from safetensors.numpy import load_file
 
-    path = head_path(adapter, spec)
-    card = HeadCard.model_validate(json.loads((path / "head.json").read_text()))
-    t = load_file(str(path / "head.safetensors"))
+    path, card = load_part(adapter, spec, kind="head")
+    t = load_file(str(path / "weights.safetensors"))
+    if card.kind == "softmax-classifier":
+        return SoftmaxHead(t["mean"], t["scale"], t["weight"], t["bias"], list(card.classes)), card
     return RidgeHead(t["mean"], t["scale"], t["weight"], float(t["bias"][0])), card
-
-
-def list_heads() -> list[HeadCard]:
-    return [HeadCard.model_validate(json.loads(p.read_text())) for p in sorted(heads_dir().glob("*/*/head.json"))]

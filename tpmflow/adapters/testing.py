@@ -84,14 +84,20 @@ def check_adapter(adapter: Any, good: Sequence[Any], bad: Sequence[Any], hidden_
     assert all((d.value is None) == (d.reason is not None) for d in decoded), "each Decoded is a value or a reason"
 
 
-def check_head_folder(path: Path) -> None:
-    """A saved head: a valid card and weights whose shapes agree with it."""
+def check_part_folder(path: Path) -> None:
+    """A saved part (projector or head): a valid card and weights whose shapes agree with it."""
     from safetensors.numpy import load_file
 
-    from tpmflow.adapters.heads import HeadCard
+    from tpmflow.adapters.parts import PartCard
 
-    card = HeadCard.model_validate(json.loads((path / "head.json").read_text()))
-    tensors = load_file(str(path / "head.safetensors"))
-    assert tensors["weight"].shape == (card.hidden_size,), "head weight does not match the card's hidden size"
+    card = PartCard.model_validate(json.loads((path / "card.json").read_text()))
+    tensors = load_file(str(path / "weights.safetensors"))
+    if card.kind == "ridge-regression":
+        assert tensors["weight"].shape == (card.hidden_size,), "head weight does not match the card's hidden size"
+    elif card.kind == "softmax-classifier":
+        assert tensors["weight"].shape == (card.hidden_size, len(card.classes)), "weight is not [hidden, classes]"
+    else:
+        last = [k for k in tensors if k.startswith("projector.") and k.endswith(".weight")]
+        assert last and tensors[sorted(last)[-1]].shape[0] == card.hidden_size, "projector does not end at hidden"
     assert card.base_content_hash.startswith("blake3:"), "the card must name the core model's content hash"
     assert card.metrics, "the card must carry held-out metrics"

@@ -131,6 +131,26 @@ class TpmflowWorkerExtension:
         self._tpmflow_drop_orphans()
         return out
 
+    def tpmflow_embed_tokens(self, ids: list[int]) -> dict[str, Any] | None:
+        """The core model's own input embeddings of ``ids`` (to splice text around soft tokens).
+
+        ``None`` on a worker without the embedding table (a later pipeline stage). Bytes, as in
+        ``tpmflow_take``; decode with ``capture_array``.
+        """
+        import torch
+
+        model = self.model_runner.model  # type: ignore[attr-defined]
+        if not hasattr(model, "embed_input_ids"):
+            return None
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            try:
+                out = model.embed_input_ids(torch.tensor(ids, dtype=torch.long, device=device))
+            except (AttributeError, RuntimeError):  # a pipeline stage whose embedding is a placeholder
+                return None
+        rows = out.float().cpu().numpy()
+        return {"hidden": rows.tobytes(), "shape": list(rows.shape), "complete": True}
+
     def tpmflow_stats(self) -> dict[str, int]:
         """How often the hook fired and how many captures wait to be fetched."""
         return {

@@ -34,15 +34,9 @@ from tpmflow.engine.hooks import capture_array
 from tpmflow.errors import InvalidRequest, TpmflowError
 from tpmflow.payload import PayloadStore, Reference, Signer, StoreConfig
 from tpmflow.schema import (
-    AdapterEmbedItem,
     AdapterEmbedRequest,
-    AdapterEmbedResponse,
-    AdapterGenerateItem,
     AdapterGenerateRequest,
-    AdapterGenerateResponse,
     AdapterPredictRequest,
-    AdapterPredictResponse,
-    DecodedOutput,
     DigestRequest,
     DigestResponse,
     EmbedItem,
@@ -51,10 +45,9 @@ from tpmflow.schema import (
     EmbedsGenerateRequest,
     GenerateResult,
     InlineArray,
-    ItemFailure,
-    Prediction,
     Provenance,
     ReplicaInfo,
+    SoftPrompt,
     Usage,
 )
 
@@ -197,7 +190,7 @@ def _first_error(exc: ValidationError) -> str:
     return f"{where}: {err.get('msg')}" if where else str(err.get("msg"))
 
 
-def _check_finite_embeds(array: np.ndarray, hidden: int, max_len: int) -> np.ndarray:
+def check_embeds(array: np.ndarray, hidden: int, max_len: int) -> np.ndarray:
     if array.ndim != 2:
         raise InvalidRequest(f"prompt_embeds must have rank 2 [n_tokens, hidden], got shape {list(array.shape)}")
     if array.shape[1] != hidden:
@@ -213,7 +206,7 @@ def _check_finite_embeds(array: np.ndarray, hidden: int, max_len: int) -> np.nda
     return array.astype(np.float32)
 
 
-async def _run(engine: Any, prompt: Any, params: Any, request_id: str, priority: int) -> Any:
+async def run_request(engine: Any, prompt: Any, params: Any, request_id: str, priority: int) -> Any:
     final = None
     try:
         async for out in engine.generate(prompt, params, request_id, priority=priority):
@@ -247,6 +240,9 @@ async def _digest_route(
 
 
 def build_router() -> APIRouter:
+    # The adapter routes build on this module's primitives, so they are imported here, not at the top.
+    from tpmflow.engine.adapter_routes import adapter_embed, adapter_generate, adapter_predict
+
     router = APIRouter(prefix="/v1/tpmflow")
 
     @router.get("/info")
@@ -258,9 +254,9 @@ def build_router() -> APIRouter:
     # Every POST route: who is asking (from the gateway's headers), a validated body, a typed error.
     for path, model, handler in (
         ("/embed", EmbedRequest, _embed),
-        ("/adapters/embed", AdapterEmbedRequest, _adapter_embed),
-        ("/adapters/predict", AdapterPredictRequest, _adapter_predict),
-        ("/adapters/generate", AdapterGenerateRequest, _adapter_generate),
+        ("/adapters/embed", AdapterEmbedRequest, adapter_embed),
+        ("/adapters/predict", AdapterPredictRequest, adapter_predict),
+        ("/adapters/generate", AdapterGenerateRequest, adapter_generate),
         ("/generate_embeds", EmbedsGenerateRequest, _generate_embeds),
         ("/digest", DigestRequest, _digest_route),
     ):
@@ -290,7 +286,7 @@ def _digest(ctx: ReplicaContext, payload: InlineArray | Reference, principal: st
     return {**out.model_dump(), "usage": Usage(payload_bytes_in=nbytes_in).model_dump()}
 
 
-def _tokens(ctx: ReplicaContext, tokenizer: Any, i: int, item: str | list[int]) -> list[int]:
+def prompt_tokens(ctx: ReplicaContext, tokenizer: Any, i: int, item: str | list[int]) -> list[int]:
     """Token ids of one input, checked against the vocabulary and the context length."""
     ids = tokenizer.encode(item) if isinstance(item, str) else list(item)
     if not ids:
@@ -302,13 +298,26 @@ def _tokens(ctx: ReplicaContext, tokenizer: Any, i: int, item: str | list[int]) 
     return ids
 
 
-async def _final_hidden_states(
-    ctx: ReplicaContext, token_lists: list[list[int]], request_id: str, priority: int, salt: str | None
+def engine_prompt(prompt: list[int] | np.ndarray, salt: str | None) -> dict[str, Any]:
+    """vLLM's prompt for token ids or (soft-token) prompt embeddings [n, hidden]."""
+    import torch
+
+    out: dict[str, Any] = (
+        {"prompt_embeds": torch.from_numpy(prompt)} if isinstance(prompt, np.ndarray) else {"prompt_token_ids": prompt}
+    )
+    if salt:
+        out["cache_salt"] = salt
+    return out
+
+
+async def final_hidden_states(
+    ctx: ReplicaContext, prompts: list[list[int] | np.ndarray], request_id: str, priority: int, salt: str | None
 ) -> list[np.ndarray]:
-    """Per-token final hidden states [n_tokens, hidden] of each prompt, through the worker hook."""
+    """Per-position final hidden states [n, hidden] of each prompt (token ids or prompt embeddings),
+    through the worker hook."""
     from vllm import SamplingParams
 
-    keys = [f"{request_id}:{i}:{uuid.uuid4().hex[:8]}" for i in range(len(token_lists))]
+    keys = [f"{request_id}:{i}:{uuid.uuid4().hex[:8]}" for i in range(len(prompts))]
 
     async def one(i: int) -> None:
         # max_tokens=1: the prefill computes every prompt position's final state; the one sampled
@@ -317,15 +326,12 @@ async def _final_hidden_states(
         params = SamplingParams(
             max_tokens=1, temperature=0.0, skip_reading_prefix_cache=True, extra_args={"tpmflow": {"embed": keys[i]}}
         )
-        prompt: dict[str, Any] = {"prompt_token_ids": token_lists[i]}
-        if salt:
-            prompt["cache_salt"] = salt
-        await _run(ctx.engine, prompt, params, f"{request_id}-embed-{i}", priority)
+        await run_request(ctx.engine, engine_prompt(prompts[i], salt), params, f"{request_id}-embed-{i}", priority)
 
     try:
         # A TaskGroup cancels (and so aborts in vLLM) the other items when one fails.
         async with asyncio.TaskGroup() as group:
-            for i in range(len(token_lists)):
+            for i in range(len(prompts)):
                 group.create_task(one(i))
     except* TpmflowError as errors:
         raise errors.exceptions[0] from None
@@ -348,7 +354,49 @@ async def _final_hidden_states(
     return hidden
 
 
-def _pool(hidden: np.ndarray, pooling: str) -> np.ndarray:
+async def token_embeddings(ctx: ReplicaContext, ids: list[int]) -> dict[int, np.ndarray]:
+    """The core's input embedding of each distinct id, from the worker holding the table (one RPC)."""
+    unique = sorted(set(ids))
+    if not unique:
+        return {}
+    if any(t < 0 or t >= ctx.vocab_size for t in unique):
+        raise InvalidRequest(f"token ids outside [0, {ctx.vocab_size})")
+    results = await ctx.engine.collective_rpc("tpmflow_embed_tokens", args=(unique,))
+    rows = next((capture_array(r) for r in results if r is not None), None)
+    if rows is None:
+        raise RuntimeError("no worker holds the input embedding table")
+    return dict(zip(unique, rows, strict=True))
+
+
+async def splice_soft_tokens(
+    ctx: ReplicaContext, soft: dict[int, tuple[np.ndarray, str, str]], reserve: int = 0
+) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+    """Soft tokens with their text around them (``text_around``) as prompt embeddings, per item;
+    items that fail validation (shape, NaN/inf, length + ``reserve`` positions) get a reason instead."""
+    from tpmflow.adapters.soft import text_around
+
+    tokenizer = ctx.engine.get_tokenizer()
+    around = {i: text_around(tokenizer, prefix, suffix) for i, (_, prefix, suffix) in soft.items()}
+    table = await token_embeddings(ctx, [t for before, after in around.values() for t in before + after])
+    prompts: dict[int, np.ndarray] = {}
+    errors: dict[int, str] = {}
+    for i, (embeds, _, _) in soft.items():
+        before, after = around[i]
+        try:
+            core = check_embeds(np.asarray(embeds), ctx.hidden_size, ctx.max_model_len)
+            rows = [table[t][None, :] for t in before] + [core] + [table[t][None, :] for t in after]
+            spliced = np.ascontiguousarray(np.concatenate(rows), dtype=np.float32)
+            if spliced.shape[0] + reserve >= ctx.max_model_len:
+                raise InvalidRequest(
+                    f"{spliced.shape[0]} prompt positions + {reserve} exceed max_model_len {ctx.max_model_len}"
+                )
+            prompts[i] = spliced
+        except InvalidRequest as exc:
+            errors[i] = exc.message
+    return prompts, errors
+
+
+def pool_states(hidden: np.ndarray, pooling: str) -> np.ndarray:
     vec = hidden.mean(axis=0) if pooling == "mean" else hidden[-1] if pooling == "last" else hidden
     return np.ascontiguousarray(vec, dtype=np.float32)
 
@@ -360,151 +408,28 @@ async def _embed(
     if body.model is not None and body.model != ctx.model_name:
         raise InvalidRequest(f"unknown model {body.model!r}; this pool serves {ctx.model_name!r}")
     tokenizer = ctx.engine.get_tokenizer()
-    token_lists = [_tokens(ctx, tokenizer, i, item) for i, item in enumerate(body.input)]
-    hidden = await _final_hidden_states(ctx, token_lists, request_id, priority, salt)
+    prompts: list[list[int] | np.ndarray] = []
+    bytes_in = 0
+    for i, item in enumerate(body.input):
+        if not isinstance(item, SoftPrompt):
+            prompts.append(prompt_tokens(ctx, tokenizer, i, item))
+            continue
+        array, nbytes = await asyncio.to_thread(ctx.resolve_array, item.prompt_embeds, principal)
+        bytes_in += nbytes
+        spliced, errors = await splice_soft_tokens(ctx, {i: (array, item.prefix, item.suffix)})
+        if errors:
+            raise InvalidRequest(f"input item {i}: {errors[i]}", item=i)
+        prompts.append(spliced[i])
+    hidden = await final_hidden_states(ctx, prompts, request_id, priority, salt)
     items: list[EmbedItem] = []
     bytes_out = 0
     for i, states in enumerate(hidden):
-        payload, nbytes = ctx.output_array(_pool(states, body.pooling), principal)
+        payload, nbytes = ctx.output_array(pool_states(states, body.pooling), principal)
         bytes_out += nbytes
-        items.append(EmbedItem(index=i, n_tokens=len(token_lists[i]), embedding=payload))
-    usage = Usage(prompt_tokens=sum(len(t) for t in token_lists), payload_bytes_out=bytes_out)
+        items.append(EmbedItem(index=i, n_tokens=len(prompts[i]), embedding=payload))
+    usage = Usage(prompt_tokens=sum(len(p) for p in prompts), payload_bytes_in=bytes_in, payload_bytes_out=bytes_out)
     return EmbedResponse(
         data=items, usage=usage, provenance=ctx.provenance(request_id, {"pooling": body.pooling}, started)
-    )
-
-
-async def _adapter_embed(
-    ctx: ReplicaContext, body: AdapterEmbedRequest, principal: str, request_id: str, priority: int, salt: str | None
-) -> AdapterEmbedResponse:
-    """Domain items through an installed adapter, then the core model. A bad item gets its own
-    error (index and reason) and the valid items of the batch still complete."""
-    from tpmflow.adapters import EncodedText, ItemError, check_fits
-
-    started = time.time()
-    adapter = ctx.adapter(body.adapter, body.config)
-    check_fits(adapter, ctx.hidden_size, ctx.content_hash)
-    encoded = await asyncio.to_thread(adapter.encode, body.items)
-    tokenizer = ctx.engine.get_tokenizer()
-    results: dict[int, AdapterEmbedItem] = {}
-    good: list[tuple[int, list[int]]] = []
-    for i, enc in enumerate(encoded):
-        if isinstance(enc, ItemError):
-            results[i] = AdapterEmbedItem(index=i, error=ItemFailure(message=enc.reason))
-        elif not isinstance(enc, EncodedText):
-            results[i] = AdapterEmbedItem(index=i, error=ItemFailure(message="the soft-token route is not served yet"))
-        else:
-            try:
-                good.append((i, _tokens(ctx, tokenizer, i, enc.text)))
-            except InvalidRequest as exc:
-                results[i] = AdapterEmbedItem(index=i, error=ItemFailure(message=exc.message))
-    hidden = await _final_hidden_states(ctx, [t for _, t in good], request_id, priority, salt) if good else []
-    bytes_out = 0
-    for (i, tokens), states in zip(good, hidden, strict=True):
-        payload, nbytes = ctx.output_array(_pool(states, body.pooling), principal)
-        bytes_out += nbytes
-        results[i] = AdapterEmbedItem(index=i, n_tokens=len(tokens), embedding=payload)
-    usage = Usage(prompt_tokens=sum(len(t) for _, t in good), payload_bytes_out=bytes_out)
-    sampling = {"pooling": body.pooling, "adapter": f"{adapter.name}@{adapter.version}", "config": adapter.config()}
-    return AdapterEmbedResponse(
-        data=[results[i] for i in range(len(body.items))],
-        usage=usage,
-        provenance=ctx.provenance(request_id, sampling, started),
-    )
-
-
-async def _adapter_predict(
-    ctx: ReplicaContext, body: AdapterPredictRequest, principal: str, request_id: str, priority: int, salt: str | None
-) -> AdapterPredictResponse:
-    """Adapter → core model (mean-pooled final states) → head; per-item values or errors."""
-    from tpmflow.adapters.heads import load_head
-
-    head, card = await asyncio.to_thread(load_head, body.adapter, body.head)
-    if card.base_content_hash != ctx.content_hash or card.hidden_size != ctx.hidden_size:
-        raise InvalidRequest(
-            f"head {card.name}@{card.version} was trained on {card.base_model} ({card.base_content_hash[:19]}), "
-            f"not on this pool's model ({ctx.content_hash[:19]})"
-        )
-    embed_body = AdapterEmbedRequest(adapter=body.adapter, items=body.items, pooling="mean", config=body.config)
-    embedded = await _adapter_embed(ctx, embed_body, principal, request_id, priority, salt)
-    data: list[Prediction] = []
-    for item in embedded.data:
-        if item.error is not None or item.embedding is None:
-            data.append(Prediction(index=item.index, error=item.error))
-            continue
-        vector, _ = ctx.resolve_array(item.embedding, principal)
-        data.append(Prediction(index=item.index, value=float(head.predict(vector[None, :])[0])))
-    usage = embedded.usage.model_copy(update={"payload_bytes_out": 0})
-    head_info = {"name": card.name, "version": card.version, "target": card.target, "metrics": card.metrics}
-    return AdapterPredictResponse(data=data, head=head_info, usage=usage, provenance=embedded.provenance)
-
-
-async def _adapter_generate(
-    ctx: ReplicaContext, body: AdapterGenerateRequest, principal: str, request_id: str, priority: int, salt: str | None
-) -> AdapterGenerateResponse:
-    """Prompts from domain items, n completions each, decoded by the adapter (value or reason)."""
-    from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
-
-    from tpmflow.adapters import EncodedText, ItemError, check_fits
-
-    started = time.time()
-    adapter = ctx.adapter(body.adapter, body.config)
-    check_fits(adapter, ctx.hidden_size, ctx.content_hash)
-    encode = getattr(adapter, "encode_prefix", adapter.encode)
-    encoded = await asyncio.to_thread(encode, body.items)
-    tokenizer = ctx.engine.get_tokenizer()
-    results: dict[int, AdapterGenerateItem] = {}
-    jobs: list[tuple[int, str, list[int]]] = []
-    for i, enc in enumerate(encoded):
-        if isinstance(enc, ItemError):
-            results[i] = AdapterGenerateItem(index=i, error=ItemFailure(message=enc.reason))
-        elif not isinstance(enc, EncodedText):
-            results[i] = AdapterGenerateItem(
-                index=i, error=ItemFailure(message="the soft-token route is not served yet")
-            )
-        else:
-            ids = tokenizer.encode(enc.text) if enc.text else [tokenizer.bos_token_id]
-            if len(ids) + body.max_tokens > ctx.max_model_len:
-                results[i] = AdapterGenerateItem(
-                    index=i, error=ItemFailure(message=f"{len(ids)} prompt tokens + max_tokens exceed max_model_len")
-                )
-            else:
-                jobs.append((i, enc.text, ids))
-
-    usage = Usage()
-
-    async def one(i: int, prefix: str, ids: list[int]) -> None:
-        seed = None if body.seed is None else body.seed + i
-        # FINAL_ONLY: one output carrying all n completions (cumulative streaming can end on a
-        # partial view of a parent request's children).
-        params = SamplingParams(
-            n=body.n,
-            max_tokens=body.max_tokens,
-            temperature=body.temperature,
-            seed=seed,
-            output_kind=RequestOutputKind.FINAL_ONLY,
-        )
-        prompt: dict[str, Any] = {"prompt_token_ids": ids}
-        if salt:
-            prompt["cache_salt"] = salt
-        final = await _run(ctx.engine, prompt, params, f"{request_id}-gen-{i}", priority)
-        texts = [prefix + out.text for out in final.outputs]
-        decoded = await asyncio.to_thread(adapter.decode, texts)
-        usage.prompt_tokens += len(ids)
-        usage.completion_tokens += sum(len(out.token_ids) for out in final.outputs)
-        outputs = [DecodedOutput(text=d.text, value=d.value, reason=d.reason) for d in decoded]
-        results[i] = AdapterGenerateItem(index=i, outputs=outputs)
-
-    async with asyncio.TaskGroup() as group:
-        for job in jobs:
-            group.create_task(one(*job))
-    sampling = body.model_dump(exclude={"items", "adapter", "config"})
-    sampling["adapter"] = f"{adapter.name}@{adapter.version}"
-    return AdapterGenerateResponse(
-        data=[results[i] for i in range(len(body.items))],
-        usage=usage,
-        provenance=ctx.provenance(request_id, sampling, started),
     )
 
 
@@ -523,7 +448,7 @@ async def _generate_embeds(
     if body.model is not None and body.model != ctx.model_name:
         raise InvalidRequest(f"unknown model {body.model!r}; this pool serves {ctx.model_name!r}")
     array, bytes_in = await asyncio.to_thread(ctx.resolve_array, body.prompt_embeds, principal)
-    array = _check_finite_embeds(array, ctx.hidden_size, ctx.max_model_len)
+    array = check_embeds(array, ctx.hidden_size, ctx.max_model_len)
     if array.shape[0] + body.max_tokens > ctx.max_model_len:
         raise InvalidRequest(
             f"{array.shape[0]} prompt positions + max_tokens {body.max_tokens} exceed max_model_len {ctx.max_model_len}"
@@ -532,7 +457,7 @@ async def _generate_embeds(
     prompt: dict[str, Any] = {"prompt_embeds": torch.from_numpy(array)}
     if salt:
         prompt["cache_salt"] = salt
-    final = await _run(ctx.engine, prompt, params, request_id, priority)
+    final = await run_request(ctx.engine, prompt, params, request_id, priority)
     out = final.outputs[0]
     usage = Usage(prompt_tokens=int(array.shape[0]), completion_tokens=len(out.token_ids), payload_bytes_in=bytes_in)
     sampling = body.model_dump(exclude={"prompt_embeds", "model"})

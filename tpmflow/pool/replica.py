@@ -93,8 +93,8 @@ def replica_env(
     )
     if bind is not None:
         env["VLLM_CPU_OMP_THREADS_BIND"] = bind
-    if cfg.heads_path:
-        env["TPMFLOW_HEADS"] = cfg.heads_path
+    if cfg.parts_path:
+        env["TPMFLOW_PARTS"] = cfg.parts_path
     return env
 
 

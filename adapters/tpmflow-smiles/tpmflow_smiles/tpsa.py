@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from tpmflow.adapters.heads import HeadCard, RidgeHead, r2, save_head
+from tpmflow.adapters.heads import RidgeHead, r2, save_head
+from tpmflow.adapters.parts import PartCard
 
 
 def tpsa_labels() -> dict[str, float]:
@@ -55,7 +56,7 @@ def fit_tpsa_head(
     owner: str = "facility",
     batch: int = 64,
     seed: int = 0,
-) -> tuple[Path, HeadCard]:
+) -> tuple[Path, PartCard]:
     """Fit on ``train`` molecules, score on ``heldout``, save the head and its card."""
     from tpmflow_smiles import SmilesAdapter
 
@@ -86,7 +87,8 @@ def fit_tpsa_head(
         "n_train": len(train),
         "n_heldout": len(heldout),
     }
-    card = HeadCard(
+    card = PartCard(
+        kind="ridge-regression",
         adapter="smiles",
         name="tpsa",
         version=version,

@@ -1,0 +1,96 @@
+"""Trained adapter parts — projectors and heads — saved as safetensors with a card, served by
+``name@version``.
+
+A part belongs to one core model (its content hash and hidden size): the replica refuses to use
+it with another. Layout: ``<parts dir>/<adapter>/<name>@<version>/{card.json, weights.safetensors}``,
+where the parts dir is ``$TPMFLOW_PARTS`` (a pool's ``parts_path``) or ``$TPMFLOW_HOME/parts``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from tpmflow.config import tpmflow_home
+from tpmflow.errors import InvalidRequest
+
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_VERSION = re.compile(r"^[0-9A-Za-z._-]{1,32}$")
+PartKind = Literal["projector", "ridge-regression", "softmax-classifier"]
+
+
+class PartCard(BaseModel):
+    """Everything a reader needs to trust (or distrust) a trained part's numbers."""
+
+    adapter: str
+    name: str
+    version: str
+    kind: PartKind
+    owner: str = "facility"
+    modality: str
+    base_model: str
+    base_content_hash: str
+    hidden_size: int
+    target: str = ""
+    classes: list[str] = Field(default_factory=list, description="labels of a classifier, in output order")
+    settings: dict[str, Any] = Field(default_factory=dict, description="adapter settings the part was trained with")
+    training_data: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict, description="held-out metrics, the part and baselines")
+
+
+def parts_dir() -> Path:
+    env = os.environ.get("TPMFLOW_PARTS")
+    return Path(env) if env else tpmflow_home() / "parts"
+
+
+def part_path(adapter: str, spec: str) -> Path:
+    """Folder of ``name`` (newest version) or ``name@version`` for an adapter."""
+    name, _, version = spec.partition("@")
+    if not _NAME.match(adapter) or not _NAME.match(name) or (version and not _VERSION.match(version)):
+        raise InvalidRequest(f"bad part name {spec!r} (expected name or name@version)")
+    root = parts_dir() / adapter
+    if version:
+        path = root / f"{name}@{version}"
+    else:
+        found = sorted(root.glob(f"{name}@*"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise InvalidRequest(f"no part {name!r} for adapter {adapter!r} (fit one with `tpmflow adapters fit`)")
+        path = found[-1]
+    if not (path / "card.json").is_file():
+        raise InvalidRequest(f"no part {spec!r} for adapter {adapter!r}")
+    return path
+
+
+def save_part(tensors: dict[str, Any], card: PartCard) -> Path:
+    """Write weights (numpy arrays or torch tensors) and card; the card last, so a folder with a
+    card always has its weights."""
+    path = parts_dir() / card.adapter / f"{card.name}@{card.version}"
+    path.mkdir(parents=True, exist_ok=True)
+    if tensors and all(hasattr(t, "detach") for t in tensors.values()):
+        from safetensors.torch import save_file as save_torch
+
+        save_torch({k: v.detach().contiguous() for k, v in tensors.items()}, str(path / "weights.safetensors"))
+    else:
+        from safetensors.numpy import save_file
+
+        save_file(tensors, str(path / "weights.safetensors"))
+    (path / "card.json").write_text(card.model_dump_json(indent=2) + "\n")
+    return path
+
+
+def load_part(adapter: str, spec: str, kind: str | None = None) -> tuple[Path, PartCard]:
+    """The folder and card of a part; ``InvalidRequest`` when it is missing or of another kind."""
+    path = part_path(adapter, spec)
+    card = PartCard.model_validate(json.loads((path / "card.json").read_text()))
+    if kind is not None and card.kind != kind and not (kind == "head" and card.kind != "projector"):
+        raise InvalidRequest(f"part {card.name}@{card.version} of adapter {adapter!r} is a {card.kind}, not a {kind}")
+    return path, card
+
+
+def list_parts() -> list[PartCard]:
+    return [PartCard.model_validate(json.loads(p.read_text())) for p in sorted(parts_dir().glob("*/*/card.json"))]
