@@ -124,7 +124,8 @@ def test_bundle_virtual_sources_come_from_the_bundle_only(tmp_path: Any, monkeyp
         f.create_virtual_dataset("entry/data/data", layout)
 
     master = _h5(build)
-    (tmp_path / "src_000001.h5").write_bytes(source)  # a same-named file in the working directory
+    decoy = _h5(lambda f: f.create_dataset("data", data=stack + 1000))
+    (tmp_path / "src_000001.h5").write_bytes(decoy)  # a same-named file, other data, in the working directory
     monkeypatch.chdir(tmp_path)
     both = _zip({"vds_master.h5": master, "src_000001.h5": source})
     np.testing.assert_array_equal(read_frame({"data": both, "frame": 1})["frame"], stack[1])
@@ -299,3 +300,15 @@ def test_classical_peak_count_is_close_to_truth() -> None:
     assert mae <= 0.5
     with_gaps = [simulate(np.random.default_rng(s), 10, 256, beamstop=True, gaps=True) for s in range(5)]
     assert [count_peaks(_expected(s.frame), s.mask) for s in with_gaps] == [10] * 5
+
+
+def test_a_thin_long_frame_is_cheap_and_an_over_long_one_refused() -> None:
+    import time
+
+    from tpmflow_beamline.frames import MAX_SIDE, prepare_frame
+
+    started = time.monotonic()
+    assert prepare_frame(np.ones((4, MAX_SIDE), np.float32)).shape == (16, 256)
+    assert time.monotonic() - started < 5, "the padding square must never be built"
+    with pytest.raises(ValueError, match="exceeds the limit"):
+        prepare_frame(np.ones((2, MAX_SIDE + 1), np.float32))

@@ -109,15 +109,37 @@ def test_a_forged_reference_is_that_item_s_error(client: Any, shapes_report: Any
 
 def test_a_part_trained_for_another_model_is_refused(client: Any, shapes_report: Any, parts: Path) -> None:
     src = parts / "pointcloud" / shapes_report.projector
-    other = parts / "pointcloud" / "shapes@0.0.2-other"
+    other = parts / "pointcloud" / "other-model@0.0.2"
     other.mkdir(parents=True, exist_ok=True)
     (other / "weights.safetensors").write_bytes((src / "weights.safetensors").read_bytes())
     card = json.loads((src / "card.json").read_text())
-    (other / "card.json").write_text(json.dumps({**card, "version": "0.0.2-other", "base_content_hash": "blake3:0"}))
+    (other / "card.json").write_text(
+        json.dumps({**card, "name": "other-model", "version": "0.0.2", "base_content_hash": "blake3:0"})
+    )
     with pytest.raises(InvalidRequest, match="trained against another model"):
-        client.embed([np.ones((64, 3))], adapter="pointcloud", adapter_config={"part": "shapes@0.0.2-other"})
+        client.embed([np.ones((64, 3))], adapter="pointcloud", adapter_config={"part": "other-model@0.0.2"})
     with pytest.raises(InvalidRequest, match="needs a trained projector"):
         client.embed([np.ones((64, 3))], adapter="pointcloud")
+    with pytest.raises(InvalidRequest, match="carries its own settings"):
+        client.embed([np.ones((64, 3))], adapter="pointcloud", adapter_config={"part": "shapes", "groups": 4})
+
+
+def test_parts_are_immutable_resolved_to_a_version_and_matched_to_their_head(
+    client: Any, shapes_report: Any, parts: Path
+) -> None:
+    from tpmflow.adapters.parts import PartCard, save_part
+
+    name = shapes_report.projector.split("@")[0]
+    out = client.embed([np.ones((64, 3))], adapter="pointcloud", adapter_config={"part": name})  # newest version
+    assert out.provenance["sampling"]["config"]["part"] == shapes_report.projector
+    card = json.loads((parts / "pointcloud" / shapes_report.projector / "card.json").read_text())
+    with pytest.raises(FileExistsError, match="choose a new version"):
+        save_part({}, PartCard.model_validate(card))
+    random_projector = shapes_report.projector.replace(name, f"{name}-random")
+    with pytest.raises(InvalidRequest, match="fitted on projector"):
+        client.predict(
+            [np.ones((64, 3))], adapter="pointcloud", head="shape@0.0.1-test", adapter_config={"part": random_projector}
+        )
 
 
 def test_detector_frames_as_nexus_files_and_eiger_bundles(client: Any, parts: Path, tiny_model_dir: Path) -> None:

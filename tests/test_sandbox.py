@@ -27,3 +27,31 @@ def test_caps_turn_failures_into_item_errors_and_the_rest_completes() -> None:
     assert "died" in reasons[2]
     assert "corrupted header" in reasons[3]
     assert time.monotonic() - started < 60
+
+
+def test_a_child_killed_by_one_item_loses_none_of_the_others() -> None:
+    items = [1, 2, -1, 0, 5, 6, 7, 8, 9]
+    out = run_capped(p.crash_on_negative, items, Caps(seconds=20, memory_bytes=1 << 30), workers=2, per_child=4)
+    assert [o for o in out if not isinstance(o, ItemError)] == [2, 4, 10, 12, 14, 16, 18]
+    errors = {o.index: o.reason for o in out if isinstance(o, ItemError)}
+    assert set(errors) == {2, 3}
+    assert "died" in errors[2] and "zero is refused" in errors[3]
+
+
+def test_answers_are_never_unpickled() -> None:
+    """Arrays, dicts with None and scalars come back through .npz and JSON; an answer carrying a
+    pickled object (what a subverted parser would send) is refused, not loaded."""
+    import io
+
+    import numpy as np
+    import pytest
+
+    from tpmflow.adapters.sandbox import _decode_results
+
+    out = run_capped(p.mixed_answer, [1, 2], Caps(seconds=20, memory_bytes=1 << 30))
+    assert out[0]["mask"] is None and out[0]["n"] == 1 and np.array_equal(out[0]["frame"], np.ones((2, 2)))
+    assert out[1]["n"] == 2
+    evil = io.BytesIO()
+    np.savez(evil, __json__=np.array('[{"array": true}]'), **{"0": np.array([object()], dtype=object)})
+    with pytest.raises(ValueError, match="pickle"):
+        _decode_results(evil.getvalue(), [0])

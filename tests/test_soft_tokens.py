@@ -106,3 +106,26 @@ def test_an_item_error_from_a_local_adapter_keeps_its_index(client: Any, local_a
     out = client.embed([np.ones((4, 8)), "not an array", np.ones((4, 8))], adapter=local_adapter)
     assert out.ok == [0, 2]
     assert isinstance(out.items[1], AdapterInputError) and out.items[1].item == 1
+
+
+def test_local_errors_name_the_caller_s_items(client: Any, local_adapter: VectorAdapter) -> None:
+    """Items refused here never travel; a refusal by the pool names the item in the caller's list."""
+    out = client.embed(["no", "nope"], adapter=local_adapter)
+    assert out.ok == [] and [e.item for e in out.errors] == [0, 1]
+    with pytest.raises(InvalidRequest, match="NaN") as caught:
+        client.embed(["no", np.ones((4, 8)), np.full((4, 8), np.nan)], adapter=local_adapter)
+    assert caught.value.item == 2
+
+
+def test_an_adapter_that_breaks_on_one_item_loses_only_that_item() -> None:
+    from tpmflow.engine.adapter_routes import _encode_isolated
+
+    def encode(items: list[Any]) -> list[Any]:
+        if any(x == "boom" for x in items):
+            raise RuntimeError("unforeseen input")
+        return [ItemError(0, "refused") if x == "bad" else f"ok:{x}" for x in items]
+
+    out = _encode_isolated(encode, ["a", "boom", "bad", "b"])
+    assert out[0] == "ok:a" and out[3] == "ok:b"
+    assert isinstance(out[1], ItemError) and "unforeseen input" in out[1].reason
+    assert isinstance(out[2], ItemError) and out[2].reason == "refused"

@@ -364,6 +364,8 @@ def adapters_fit(
 
 def _fit_soft(name: str, quality_check: Any, config: str, version: str, steps: int) -> None:
     """Run an adapter's ``tpmflow.fits`` entry point on a pool of ``config`` and print the report."""
+    import os
+
     from rich.progress import Progress
 
     from tpmflow.pool import Pool
@@ -371,6 +373,8 @@ def _fit_soft(name: str, quality_check: Any, config: str, version: str, steps: i
     with console.status("starting the pool…"):
         pool = Pool.from_config(config)
         pool.__enter__()
+    if pool.cfg.parts_path:  # save the parts where the replicas look for them
+        os.environ["TPMFLOW_PARTS"] = pool.cfg.parts_path
     try:
         with pool.client() as client, Progress(console=console) as progress:
             task = progress.add_task(f"training {name} encoder + projector through the frozen core", total=steps)
@@ -385,12 +389,20 @@ def _fit_soft(name: str, quality_check: Any, config: str, version: str, steps: i
     table = Table(title=f"{name}: held-out {report.metric} ({'higher' if higher else 'lower'} is better)")
     table.add_column("features")
     table.add_column(report.metric, justify="right")
-    table.add_row(f"core model (head {report.head}, projector {report.projector})", f"{report.core:.3f}")
-    table.add_row("the trained encoder's features alone (no core model)", f"{report.encoder_alone:.3f}")
-    table.add_row("random encoder + projector through the core", f"{report.random_projector:.3f}")
-    for key, value in sorted(report.extra.items()):
+    x = report.extra
+    r2 = (lambda key: f"{x[key]:.3f}") if not higher else None  # regression: R² beside the MAE
+    if r2 is not None:
+        table.add_column("R²", justify="right")
+    rows = [
+        (f"core model (head {report.head}, projector {report.projector})", report.core, "core_r2"),
+        ("the trained encoder's features alone (no core model)", report.encoder_alone, "encoder_r2"),
+        ("random encoder + projector through the core", report.random_projector, "random_r2"),
+    ]
+    for label, value, key in rows:
+        table.add_row(label, f"{value:.3f}", *([r2(key)] if r2 is not None else []))
+    for key, value in sorted(x.items()):
         if key.startswith("classical"):
-            table.add_row(key.replace("_", " "), f"{value:.3f}")
+            table.add_row(key.replace("_", " "), f"{value:.3f}", *([""] if r2 is not None else []))
     console.print(table)
     console.print(
         f"{report.n_train} training / {report.n_heldout} held-out items; training took {report.train_seconds:.0f} s"

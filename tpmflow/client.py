@@ -214,6 +214,16 @@ def _local_inputs(adapter: Any, items: list[Any]) -> tuple[list[Any], list[int],
     return inputs, where, errors
 
 
+def _local_error(exc: TpmflowError, where: list[int]) -> TpmflowError:
+    """A request-level error about the j-th input sent names the caller's item ``where[j]``."""
+    item = getattr(exc, "item", None)
+    if isinstance(item, int) and 0 <= item < len(where):
+        exc.item = where[item]
+        exc.message = exc.message.replace(f"input item {item}", f"input item {where[item]}")
+        exc.args = (exc.message,)
+    return exc
+
+
 def _merge_local(emb: Embeddings, n: int, where: list[int], errors: dict[int, str]) -> Embeddings:
     items: list[Any] = [AdapterInputError(errors.get(i, ""), item=i) for i in range(n)]
     tokens = [0] * n
@@ -258,7 +268,7 @@ def _decoded(data: dict[str, Any]) -> list[list[Decoded] | AdapterInputError]:
 def _embed_body(
     inputs: Any, adapter: str | None, config: dict[str, Any] | None, pooling: str
 ) -> tuple[str, dict[str, Any]]:
-    items = [inputs] if isinstance(inputs, str) else list(inputs)
+    items = _as_list(inputs)
     if adapter is None:
         return "/v1/tpmflow/embed", {"input": items, "pooling": pooling}
     return "/v1/tpmflow/adapters/embed", {"adapter": adapter, "items": items, "pooling": pooling, "config": config}
@@ -475,9 +485,14 @@ class Client(_Base):
         if adapter is not None and not isinstance(adapter, str):
             items = _as_list(inputs)
             local, where, errors = _local_inputs(adapter, items)
+            if not where:  # every item was refused here: nothing to send
+                return _merge_local(Embeddings([], [], {}, {}), len(items), where, errors)
             body = {"input": self._wire_items(local), "pooling": pooling}
-            emb = self._embeddings(self._request("POST", "/v1/tpmflow/embed", json=body, request_id=request_id))
-            return _merge_local(emb, len(items), where, errors)
+            try:
+                data = self._request("POST", "/v1/tpmflow/embed", json=body, request_id=request_id)
+            except TpmflowError as exc:
+                raise _local_error(exc, where) from None
+            return _merge_local(self._embeddings(data), len(items), where, errors)
         path, body = _embed_body(inputs, adapter, adapter_config, pooling)
         key = "items" if "items" in body else "input"  # soft-token inputs carry arrays too
         body[key] = self._wire_items(body[key])
@@ -665,8 +680,13 @@ class AsyncClient(_Base):
         if adapter is not None and not isinstance(adapter, str):
             items = _as_list(inputs)
             local, where, errors = await asyncio.to_thread(_local_inputs, adapter, items)
+            if not where:
+                return _merge_local(Embeddings([], [], {}, {}), len(items), where, errors)
             body = {"input": await self._wire_items(local), "pooling": pooling}
-            data = await self._request("POST", "/v1/tpmflow/embed", json=body, request_id=request_id)
+            try:
+                data = await self._request("POST", "/v1/tpmflow/embed", json=body, request_id=request_id)
+            except TpmflowError as exc:
+                raise _local_error(exc, where) from None
             return _merge_local(self._embeddings(data), len(items), where, errors)
         path, body = _embed_body(inputs, adapter, adapter_config, pooling)
         key = "items" if "items" in body else "input"

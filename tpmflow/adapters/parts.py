@@ -68,8 +68,13 @@ def part_path(adapter: str, spec: str) -> Path:
 
 def save_part(tensors: dict[str, Any], card: PartCard) -> Path:
     """Write weights (numpy arrays or torch tensors) and card; the card last, so a folder with a
-    card always has its weights."""
+    card always has its weights. A version is never overwritten: results name it, and replicas
+    that loaded it keep serving it."""
     path = parts_dir() / card.adapter / f"{card.name}@{card.version}"
+    if (path / "card.json").exists():
+        raise FileExistsError(
+            f"{card.adapter} part {card.name}@{card.version} exists in {path.parent}; choose a new version"
+        )
     path.mkdir(parents=True, exist_ok=True)
     if tensors and all(hasattr(t, "detach") for t in tensors.values()):
         from safetensors.torch import save_file as save_torch
@@ -81,6 +86,22 @@ def save_part(tensors: dict[str, Any], card: PartCard) -> Path:
         save_file(tensors, str(path / "weights.safetensors"))
     (path / "card.json").write_text(card.model_dump_json(indent=2) + "\n")
     return path
+
+
+def update_metrics(adapter: str, spec: str, metrics: dict[str, Any]) -> PartCard:
+    """Add held-out metrics to a saved part's card (its weights stay as they are)."""
+    path = part_path(adapter, spec)
+    card = PartCard.model_validate(json.loads((path / "card.json").read_text()))
+    card.metrics.update(metrics)
+    tmp = path / "card.json.tmp"
+    tmp.write_text(card.model_dump_json(indent=2) + "\n")
+    tmp.replace(path / "card.json")
+    return card
+
+
+def resolved_spec(adapter: str, spec: str) -> str:
+    """``name`` (the newest version) or ``name@version`` as the exact ``name@version`` served."""
+    return part_path(adapter, spec).name
 
 
 def load_part(adapter: str, spec: str, kind: str | None = None) -> tuple[Path, PartCard]:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from tpmflow.adapters.heads import RidgeHead, SoftmaxHead, accuracy, r2, save_head
-from tpmflow.adapters.parts import PartCard, save_part
+from tpmflow.adapters.parts import PartCard, update_metrics
 from tpmflow.adapters.soft import SoftTokenAdapter
 from tpmflow.adapters.training import FrozenCore, Task, save_projector, train_soft_tokens
 
@@ -143,7 +143,7 @@ def fit_soft_adapter(
             training_data={**data, "features": f"mean-pooled final states through projector {part}"},
             **base,
         )
-        path = save_head(head, card)
+        save_head(head, card)
         heads[label] = f"{head_name}@{version}"
         values: list[Any] = []
         for start in range(0, len(held_items), 64):
@@ -156,17 +156,15 @@ def fit_soft_adapter(
         else:
             pred = np.array(values, dtype=np.float64)
         scores[label] = _score(task, y_held, pred)
-        card.metrics = {f"heldout_{k}": v for k, v in scores[label].items()}
-        if label == "core":
-            card.metrics.update({f"heldout_{k}_encoder_alone": v for k, v in encoder_scores.items()})
-        (path / "card.json").write_text(card.model_dump_json(indent=2) + "\n")
+        update_metrics(adapter.name, heads[label], {f"heldout_{k}": v for k, v in scores[label].items()})
 
-    # The core head's card was written before the random baseline was scored: complete it.
-    from tpmflow.adapters.heads import load_head
-
-    _, core_card = load_head(adapter.name, heads["core"])
-    core_card.metrics.update({f"heldout_{k}_random_projector": v for k, v in scores["random"].items()})
-    save_part(load_head(adapter.name, heads["core"])[0].tensors(), core_card)
+    # The core head's card carries both baselines beside its own score.
+    update_metrics(
+        adapter.name,
+        heads["core"],
+        {f"heldout_{k}_encoder_alone": v for k, v in encoder_scores.items()}
+        | {f"heldout_{k}_random_projector": v for k, v in scores["random"].items()},
+    )
 
     metric = "accuracy" if task == "classification" else "mae"
     extra = {f"{label}_{k}": v for label, s in scores.items() for k, v in s.items()}

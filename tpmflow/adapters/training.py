@@ -1,8 +1,9 @@
 """Training soft-token encoders and projectors against a frozen transformers copy of the core.
 
 vLLM has no backward pass. The served model and a transformers model loaded from the same folder
-compute the same final hidden states (``tests/test_vllm_internals.py`` checks it), so parts trained
-here behave the same when the pool serves them. The core stays frozen: only the adapter's encoder,
+compute the same final hidden states for the same soft tokens and text (``tests/test_soft_tokens.py``
+checks it to 2e-3 in float32), so parts trained here behave the same when the pool serves them.
+Train against the dtype the pool serves; the card records what the part was trained with. The core stays frozen: only the adapter's encoder,
 its projector and a temporary linear head on the pooled final states learn. The head that is
 finally served is refitted on embeddings fetched from the pool (``fit_served_head``).
 """

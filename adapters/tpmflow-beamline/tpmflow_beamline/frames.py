@@ -24,6 +24,10 @@ import numpy as np
 HOT_K = 50.0  # hot: above median + HOT_K x robust spread of the 3x3 neighbourhood
 
 
+# Longest frame side accepted (Eiger2 16M is 4148 x 4362): bounds the work on a thin, long frame.
+MAX_SIDE = 16384
+
+
 def _neighbours(x: np.ndarray) -> list[np.ndarray]:
     """The eight 3x3 neighbours of every pixel (edges reflected), as shifted views."""
     p = np.pad(x, 1, mode="reflect") if min(x.shape) > 1 else np.pad(x, 1, mode="edge")
@@ -94,10 +98,10 @@ def resize(frame: np.ndarray, size: int) -> np.ndarray:
     detector's geometry is not stretched."""
     h, w = frame.shape
     n = max(h, w)
-    square = np.zeros((n, n), dtype=np.float64)
-    square[:h, :w] = frame
-    rows, cols = _area_matrix(n, size), _area_matrix(n, size)
-    return (rows @ square @ cols.T).astype(np.float32)
+    # The padding is zeros, so only the frame's own rows and columns of the averaging matrices
+    # matter: never build the (possibly huge) square itself.
+    area = _area_matrix(n, size)
+    return (area[:, :h] @ frame.astype(np.float64) @ area[:, :w].T).astype(np.float32)
 
 
 def scale(frame: np.ndarray) -> np.ndarray:
@@ -128,4 +132,6 @@ def prepare_frame(
     """The whole pipeline: float32 ``[(size/patch)^2, patch*patch]`` encoder input."""
     if frame.ndim != 2 or min(frame.shape) < 1:
         raise ValueError(f"a frame must be 2-D (H, W), got shape {frame.shape}")
+    if max(frame.shape) > MAX_SIDE:
+        raise ValueError(f"a frame side of {max(frame.shape)} pixels exceeds the limit of {MAX_SIDE}")
     return patchify(scale(resize(clean(frame, mask, saturation, hot_k), size)), patch)

@@ -366,12 +366,13 @@ def _read(payload: _Payload, f: Any, path: str | None, frame: int, max_pixels: i
     h, w = dset.shape[-2:]
     if h < 1 or w < 1 or h * w > max_pixels:
         raise ValueError(f"frames of {h}x{w} pixels are refused (cap: {max_pixels} pixels)")
-    with _vds_prefix(dset.file):
+    with _vds_prefix(dset.file):  # every read, the mask's too, resolves sources inside the payload only
         raw = dset[frame] if dset.ndim == 3 else dset[()]  # one frame: a chunk-wise, lazy read
+        mask, saturation = _mask(payload, f, (h, w)), _saturation(payload, f)
     pixels = raw.astype(np.float32)
     if kind in "iu":
         pixels[raw == np.iinfo(raw.dtype).max] = np.nan  # Eiger's "no value" marker
-    return {"frame": pixels, "mask": _mask(payload, f, (h, w)), "saturation": _saturation(payload, f)}
+    return {"frame": pixels, "mask": mask, "saturation": saturation}
 
 
 @contextmanager
