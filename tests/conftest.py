@@ -71,6 +71,7 @@ def pool(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         store=StoreConfig(path=str(root / "store"), inline_limit_bytes=256 << 10, max_payload_bytes=96 << 20),
         database_url=f"sqlite:///{root / 'access.db'}",
         parts_path=str(root / "parts"),
+        max_activation_bytes=1 << 20,
     )
     cfg.engine.max_model_len = 1024
     with Pool(cfg) as running:

@@ -21,7 +21,7 @@ def test_install_finds_every_internal_and_the_hook_fires(tiny_llm: Any) -> None:
     from vllm import SamplingParams
 
     info = tiny_llm.collective_rpc("tpmflow_install")[0]
-    assert info["hidden_size"] == 128 and info["hooks"] == ["final_norm"]
+    assert info["hidden_size"] == 128 and info["hooks"] == ["final_norm", "layers"]
     assert len(REQUIRED_INTERNALS) >= 5
     before = tiny_llm.collective_rpc("tpmflow_stats")[0]["hook_calls"]
     params = SamplingParams(max_tokens=1, skip_reading_prefix_cache=True, extra_args={"tpmflow": {"embed": "k1"}})

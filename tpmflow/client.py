@@ -147,6 +147,41 @@ class Predictions:
         return [v for v in self.values if isinstance(v, AdapterInputError)]
 
 
+@dataclass
+class Trace:
+    """What a probe saw: the generated text, captured activations (``trace["blocks.3.hook_resid_post"]``
+    is a ``[positions, hidden]`` array, fetched lazily when it came by reference; ``hook_z`` is
+    ``[positions, heads, head_dim]``), the logit-lens table, usage (activation bytes included) and
+    provenance."""
+
+    text: str
+    prompt_tokens: list[str]
+    captures: dict[str, LazyArray]
+    positions: dict[str, list[int]]
+    lens: list[dict[str, Any]]
+    steps: list[int]
+    usage: dict[str, Any]
+    provenance: dict[str, Any]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.captures:
+            raise KeyError(f"{name!r} was not captured; captured: {sorted(self.captures)}")
+        return self.captures[name].numpy()
+
+    def top_tokens(self) -> list[list[str]]:
+        """The logit lens's top token per layer (rows) and position (columns)."""
+        return [[row[0] for row in layer["tokens"]] for layer in self.lens]
+
+
+def _spec_dump(spec: Any, to_payload: Any) -> dict[str, Any]:
+    """A capture / intervention / lens given as a pydantic model or a dict, arrays made payloads."""
+    data = dict(spec.model_dump(exclude_none=True) if hasattr(spec, "model_dump") else spec)
+    for key in ("vector", "values"):
+        if isinstance(data.get(key), (np.ndarray, Reference)):
+            data[key] = to_payload(data[key])
+    return data
+
+
 def _as_list(items: Any) -> list[Any]:
     """One item (a string, file bytes, an array, a dict, a reference) or a sequence of items."""
     single = (str, bytes, bytearray, np.ndarray, dict, Reference)
@@ -334,6 +369,19 @@ class _Base:
             max_payload_bytes=info["max_payload_bytes"],
         )
         return PayloadStore(cfg)
+
+    def _trace(self, data: dict[str, Any]) -> Trace:
+        names = [f"blocks.{c['layer']}.{c['site']}" for c in data["captures"]]
+        return Trace(
+            text=data["text"],
+            prompt_tokens=data["prompt_tokens"],
+            captures={n: LazyArray(c["array"], self._store) for n, c in zip(names, data["captures"], strict=True)},
+            positions={n: c["positions"] for n, c in zip(names, data["captures"], strict=True)},
+            lens=data["lens"],
+            steps=data.get("steps", []),
+            usage=data.get("usage", {}),
+            provenance=data.get("provenance", {}),
+        )
 
     def _embeddings(self, data: dict[str, Any]) -> Embeddings:
         items = sorted(data["data"], key=lambda d: d["index"])
@@ -523,6 +571,33 @@ class Client(_Base):
             json={"key": ref.key, "kind": ref.kind, "nbytes": ref.nbytes, "digest": ref.digest},
         )
         return Reference.model_validate(signed)
+
+    def probe(
+        self,
+        prompt: str | list[int],
+        *,
+        capture: Sequence[Any] = (),
+        interventions: Sequence[Any] = (),
+        lens: Any = None,
+        max_tokens: int = 1,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        request_id: str | None = None,
+    ) -> Trace:
+        """Intermediary access: run ``prompt`` while capturing activations (``Capture``), editing them
+        (``Add`` steering vectors, ``Replace`` patches, ``Zero`` ablations) and reading the logit lens
+        (``LogitLens``), all inside the pool's vLLM engine. Needs the ``probe`` permission."""
+        self._ensure_store()
+        body = {
+            "prompt": prompt,
+            "captures": [_spec_dump(c, self._array_payload) for c in capture],
+            "interventions": [_spec_dump(e, self._array_payload) for e in interventions],
+            "lens": None if lens is None else _spec_dump(lens, self._array_payload),
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "seed": seed,
+        }
+        return self._trace(self._request("POST", "/v1/tpmflow/probe", json=body, request_id=request_id))
 
     def digest(self, value: Reference | np.ndarray) -> dict[str, Any]:
         """Deliver an array (inline) or a reference to a replica; it reports the blake3 digest of what
@@ -717,6 +792,37 @@ class AsyncClient(_Base):
             json={"key": ref.key, "kind": ref.kind, "nbytes": ref.nbytes, "digest": ref.digest},
         )
         return Reference.model_validate(signed)
+
+    async def probe(
+        self,
+        prompt: str | list[int],
+        *,
+        capture: Sequence[Any] = (),
+        interventions: Sequence[Any] = (),
+        lens: Any = None,
+        max_tokens: int = 1,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        request_id: str | None = None,
+    ) -> Trace:
+        """See ``Client.probe``."""
+        await self._ensure_store()
+        payloads: dict[int, dict[str, Any]] = {}
+        for spec in interventions:
+            for key in ("vector", "values"):
+                value = getattr(spec, key, None) if not isinstance(spec, dict) else spec.get(key)
+                if isinstance(value, (np.ndarray, Reference)):
+                    payloads[id(value)] = await self._array_payload(value)
+        body = {
+            "prompt": prompt,
+            "captures": [_spec_dump(c, None) for c in capture],
+            "interventions": [_spec_dump(e, lambda v: payloads[id(v)]) for e in interventions],
+            "lens": None if lens is None else _spec_dump(lens, None),
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "seed": seed,
+        }
+        return self._trace(await self._request("POST", "/v1/tpmflow/probe", json=body, request_id=request_id))
 
     async def digest(self, value: Reference | np.ndarray) -> dict[str, Any]:
         payload = value.model_dump() if isinstance(value, Reference) else InlineArray.from_numpy(value).model_dump()

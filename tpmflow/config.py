@@ -86,6 +86,9 @@ class PoolConfig(BaseModel):
     launcher: LaunchConfig = Field(default_factory=LaunchConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite under $TPMFLOW_HOME")
+    max_activation_bytes: int = Field(
+        256 << 20, gt=0, description="most bytes of activations one probe request may capture"
+    )
     parts_path: str | None = Field(
         None, description="trained adapter parts, projectors and heads (default $TPMFLOW_HOME/parts)"
     )

@@ -237,3 +237,127 @@ class ReplicaInfo(BaseModel):
     max_model_len: int
     running: int = 0
     waiting: int = 0
+
+
+# -- intermediary access (probe) ------------------------------------------------------------------
+
+ProbeSite = Literal["hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "hook_z"]
+_SITE_ALIASES = {
+    s.removeprefix("hook_"): s for s in ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "hook_z")
+}
+
+
+def split_site(site: str) -> tuple[str, int | None]:
+    """``blocks.3.hook_resid_post`` -> (``hook_resid_post``, 3); ``resid_post`` -> (``hook_resid_post``, None)."""
+    layer: int | None = None
+    name = site
+    if site.startswith("blocks."):
+        _, number, name = (site.split(".", 2) + ["", ""])[:3]
+        if not number.isdigit():
+            raise ValueError(f"bad site {site!r}: expected blocks.<layer>.<hook>")
+        layer = int(number)
+    name = _SITE_ALIASES.get(name, name)
+    if name not in _SITE_ALIASES.values():
+        raise ValueError(f"unknown site {site!r}; sites are {sorted(_SITE_ALIASES.values())} (optionally blocks.L.)")
+    return name, layer
+
+
+def _inline_if_numpy(value: Any) -> Any:
+    """Let ``Add(vector=np.array(...))`` be written directly (big arrays: pass ``client.put(...)``)."""
+    return InlineArray.from_numpy(value) if isinstance(value, np.ndarray) else value
+
+
+class Capture(BaseModel):
+    """Record activations at ``site`` of ``layers`` (all layers when omitted), at ``positions``
+    (all prompt positions when omitted; with ``generated`` also each generated step)."""
+
+    site: str
+    layers: list[int] | None = Field(None, max_length=1024)
+    positions: list[int] | None = Field(None, max_length=65536)
+    generated: bool = False
+
+
+class Add(BaseModel):
+    """A steering vector: ``scale * vector`` added to the stream at ``site`` of ``layer``."""
+
+    op: Literal["add"] = "add"
+    site: str
+    layer: int | None = None
+    vector: ArrayPayload
+    scale: float = 1.0
+    positions: list[int] | None = Field(None, max_length=65536)
+
+    @field_validator("vector", mode="before")
+    @classmethod
+    def _from_numpy(cls, value: Any) -> Any:
+        return _inline_if_numpy(value)
+
+
+class Replace(BaseModel):
+    """Activation patching: the stream at ``site`` of ``layer`` becomes ``values`` ([hidden], or one
+    row per position)."""
+
+    op: Literal["replace"] = "replace"
+    site: str
+    layer: int | None = None
+    values: ArrayPayload
+    positions: list[int] | None = Field(None, max_length=65536)
+
+    @field_validator("values", mode="before")
+    @classmethod
+    def _from_numpy(cls, value: Any) -> Any:
+        return _inline_if_numpy(value)
+
+
+class Zero(BaseModel):
+    """Ablation: zero the activations at ``site`` of ``layer``."""
+
+    op: Literal["zero"] = "zero"
+    site: str
+    layer: int | None = None
+    positions: list[int] | None = Field(None, max_length=65536)
+
+
+class LogitLens(BaseModel):
+    """Final norm and unembedding of the residual stream after each of ``layers`` (all when omitted)."""
+
+    layers: list[int] | None = Field(None, max_length=1024)
+    top_k: int = Field(5, ge=1, le=100)
+
+
+class ProbeRequest(BaseModel):
+    model: str | None = None
+    prompt: str | list[int]
+    captures: list[Capture] = Field(default_factory=list, max_length=256)
+    interventions: list[Add | Replace | Zero] = Field(default_factory=list, max_length=256)
+    lens: LogitLens | None = None
+    max_tokens: int = Field(1, ge=1, le=4096)
+    temperature: float = Field(0.0, ge=0.0, le=10.0)
+    seed: int | None = None
+
+
+class CapturedArray(BaseModel):
+    site: str
+    layer: int
+    positions: list[int]
+    array: ArrayPayload
+
+
+class LensLayer(BaseModel):
+    layer: int
+    positions: list[int]
+    tokens: list[list[str]]
+    token_ids: list[list[int]]
+    probs: list[list[float]]
+
+
+class ProbeResponse(BaseModel):
+    text: str
+    prompt_tokens: list[str]
+    captures: list[CapturedArray]
+    lens: list[LensLayer]
+    steps: list[int] = Field(
+        default_factory=list, description="engine steps this request shared (for isolation checks)"
+    )
+    usage: Usage
+    provenance: Provenance

@@ -104,14 +104,37 @@ class TpmflowWorkerExtension:
         if not hasattr(self, "tpmflow_captures"):
             self.tpmflow_captures = {}
             self.tpmflow_hook_calls = 0
+            self.tpmflow_probes = {}
+            self.tpmflow_step_rows = []
+            self.tpmflow_steps = 0
+            self.tpmflow_in_lens = False
             norm.register_forward_hook(self._tpmflow_on_final_norm)
+            self._tpmflow_install_layer_hooks(inner)
         config = self.model_runner.model_config.hf_config  # type: ignore[attr-defined]
+        attn = inner.layers[0].self_attn
         return {
             "hidden_size": int(config.hidden_size),
             "num_layers": int(config.num_hidden_layers),
+            "num_heads": int(attn.num_heads),
+            "head_dim": int(attn.head_dim),
             "model_class": type(model).__name__,
-            "hooks": ["final_norm"],
+            "hooks": ["final_norm", "layers"],
         }
+
+    def _tpmflow_install_layer_hooks(self, inner: Any) -> None:
+        """Hooks on every decoder layer, its attention (and ``o_proj``'s input) and its MLP."""
+        from functools import partial
+
+        for layer_index, layer in enumerate(inner.layers):
+            if not hasattr(layer, "self_attn"):  # a placeholder of another pipeline stage
+                continue
+            layer.register_forward_pre_hook(partial(self._tpmflow_layer_in, layer_index), with_kwargs=True)
+            layer.register_forward_hook(partial(self._tpmflow_layer_out, layer_index), with_kwargs=True)
+            layer.self_attn.register_forward_hook(partial(self._tpmflow_module_out, "hook_attn_out", layer_index))
+            layer.mlp.register_forward_hook(partial(self._tpmflow_module_out, "hook_mlp_out", layer_index))
+            layer.self_attn.o_proj.register_forward_pre_hook(partial(self._tpmflow_z, layer_index))
+        self.tpmflow_first_layer = next(i for i, layer in enumerate(inner.layers) if hasattr(layer, "self_attn"))
+        self.tpmflow_inner = inner
 
     def tpmflow_take(self, keys: list[str]) -> dict[str, Any]:
         """Hand over (and forget) the captures of finished requests.
@@ -160,12 +183,151 @@ class TpmflowWorkerExtension:
         """How often the hook fired and how many captures wait to be fetched."""
         return {
             "hook_calls": getattr(self, "tpmflow_hook_calls", 0),
-            "pending": len(getattr(self, "tpmflow_captures", {})),
+            "pending": len(getattr(self, "tpmflow_captures", {})) + len(getattr(self, "tpmflow_probes", {})),
+            "steps": getattr(self, "tpmflow_steps", 0),
         }
+
+    def tpmflow_take_probe(self, keys: list[str], principal: str) -> dict[str, Any]:
+        """Hand over (and forget) probing requests' captures and lens tables. Arrays over the store's
+        inline limit go straight into the pool's store under ``principal`` (references, unsigned:
+        the replica signs them), so big activations never travel through the engine's output path."""
+        import os
+
+        from tpmflow.payload import PayloadStore, StoreConfig
+
+        store = None
+        out: dict[str, Any] = {}
+        for key in keys:
+            state = self.tpmflow_probes.pop(key, None)
+            if state is None:
+                out[key] = None
+                continue
+            result = state.results()
+            for cap in result["captures"]:
+                array = cap.pop("array")
+                cap["shape"], cap["nbytes"] = list(array.shape), int(array.nbytes)
+                if store is None:
+                    store = PayloadStore(StoreConfig.model_validate_json(os.environ.get("TPMFLOW_STORE", "{}")))
+                if array.nbytes > store.config.inline_limit_bytes:
+                    cap["reference"] = store.put(principal, array).model_dump()
+                else:
+                    cap["bytes"] = array.tobytes()
+            out[key] = result
+        self._tpmflow_drop_orphans()
+        return out
+
+    # -- probe hooks -----------------------------------------------------------------------------
+
+    def _tpmflow_begin_step(self) -> None:
+        """At the first layer of each forward: which requests probe, and their rows and positions."""
+        from tpmflow.engine.probe import ProbeState, StepRow
+
+        self.tpmflow_steps += 1
+        runner = self.model_runner  # type: ignore[attr-defined]
+        batch = runner.input_batch
+        starts = runner.query_start_loc.np
+        rows: list[Any] = []
+        for i, req_id in enumerate(batch.req_ids):
+            spec = request_spec(runner.requests.get(req_id))
+            if spec is None or "probe" not in spec:
+                continue
+            probe = spec["probe"]
+            state = self.tpmflow_probes.get(probe["key"])
+            if state is None:
+                state = self.tpmflow_probes[probe["key"]] = ProbeState.from_spec(probe)
+            lo, hi = int(starts[i]), int(starts[i + 1])
+            first = int(batch.num_computed_tokens_cpu[i])
+            state.steps.append(self.tpmflow_steps)
+            rows.append(StepRow(state, lo, hi, np.arange(first, first + hi - lo)))
+        self.tpmflow_step_rows = rows
+
+    def _tpmflow_layer_in(self, layer: int, module: Any, args: Any, kwargs: Any) -> None:
+        if layer == self.tpmflow_first_layer:
+            self._tpmflow_begin_step()
+        if not self.tpmflow_step_rows:
+            return
+        from tpmflow.engine.probe import apply_edits
+
+        hidden = args[1] if len(args) > 1 else kwargs["hidden_states"]
+        residual = args[2] if len(args) > 2 else kwargs.get("residual")
+        site = "hook_resid_pre"
+        for row in self.tpmflow_step_rows:
+            state = row.state
+            if not state.wants(site, layer):
+                continue
+            edits = state.edits.get((site, layer))
+            if edits:
+                apply_edits(edits, row, hidden, residual)
+            stream = hidden[row.lo : row.hi] if residual is None else hidden[row.lo : row.hi] + residual[row.lo : row.hi]
+            state.capture(site, layer, row.positions, _to_numpy(stream))
+
+    def _tpmflow_layer_out(self, layer: int, module: Any, args: Any, kwargs: Any, output: Any) -> None:
+        if not self.tpmflow_step_rows:
+            return
+        from tpmflow.engine.probe import apply_edits
+
+        hidden, residual = output
+        site = "hook_resid_post"
+        for row in self.tpmflow_step_rows:
+            state = row.state
+            lens = layer in state.lens_layers
+            if not (state.wants(site, layer) or lens):
+                continue
+            edits = state.edits.get((site, layer))
+            if edits:
+                apply_edits(edits, row, hidden, residual)
+            stream = hidden[row.lo : row.hi] + residual[row.lo : row.hi]
+            state.capture(site, layer, row.positions, _to_numpy(stream))
+            if lens:
+                self._tpmflow_lens(state, layer, row.positions, stream)
+
+    def _tpmflow_module_out(self, site: str, layer: int, module: Any, inputs: Any, output: Any) -> None:
+        if not self.tpmflow_step_rows:
+            return
+        from tpmflow.engine.probe import apply_edits
+
+        for row in self.tpmflow_step_rows:
+            state = row.state
+            if not state.wants(site, layer):
+                continue
+            edits = state.edits.get((site, layer))
+            if edits:
+                apply_edits(edits, row, output)
+            state.capture(site, layer, row.positions, _to_numpy(output[row.lo : row.hi]))
+
+    def _tpmflow_z(self, layer: int, module: Any, args: Any) -> None:
+        if not self.tpmflow_step_rows:
+            return
+        z = args[0]
+        heads = self.tpmflow_inner.layers[layer].self_attn.num_heads
+        for row in self.tpmflow_step_rows:
+            if ("hook_z", layer) in row.state.captures:
+                per_head = _to_numpy(z[row.lo : row.hi]).reshape(row.hi - row.lo, heads, -1)
+                row.state.capture("hook_z", layer, row.positions, per_head)
+
+    def _tpmflow_lens(self, state: Any, layer: int, positions: np.ndarray, stream: Any) -> None:
+        """Final norm and unembedding of the residual stream at ``layer``: top-k per position."""
+        import torch
+
+        model = self.model_runner.model  # type: ignore[attr-defined]
+        self.tpmflow_in_lens = True  # the final-norm hook must not take these rows for an embed
+        try:
+            with torch.no_grad():
+                normed = self.tpmflow_inner.norm(stream.clone())
+                normed = normed[0] if isinstance(normed, tuple) else normed
+                logits = model.compute_logits(normed).float()
+                probs, ids = torch.softmax(logits, dim=-1).topk(state.top_k, dim=-1)
+        finally:
+            self.tpmflow_in_lens = False
+        by_pos = state.lens.setdefault(layer, {})
+        for r, p in enumerate(positions):
+            by_pos[int(p)] = (ids[r].cpu().numpy(), probs[r].cpu().numpy())
 
     # -- hooks ---------------------------------------------------------------------------------
 
     def _tpmflow_on_final_norm(self, module: Any, inputs: Any, output: Any) -> None:
+        if self.tpmflow_in_lens:
+            return
         self.tpmflow_hook_calls += 1
         runner = self.model_runner  # type: ignore[attr-defined]
         batch = runner.input_batch
@@ -194,6 +356,17 @@ class TpmflowWorkerExtension:
         now = time.monotonic()
         for key in [k for k, c in self.tpmflow_captures.items() if now - c.created > ORPHAN_TTL_S]:
             del self.tpmflow_captures[key]
+        for key in [k for k, c in self.tpmflow_probes.items() if now - c.created > ORPHAN_TTL_S]:
+            del self.tpmflow_probes[key]
+
+    def tpmflow_drop_probe(self, keys: list[str]) -> int:
+        """Free the captures of aborted probing requests."""
+        return sum(self.tpmflow_probes.pop(k, None) is not None for k in keys)
+
+
+def _to_numpy(tensor: Any) -> np.ndarray:
+    """A float32 copy on the CPU (vLLM reuses, and fused ops overwrite, these buffers)."""
+    return tensor.detach().to("cpu", dtype=_float32()).numpy().copy()
 
 
 def _float32() -> Any:

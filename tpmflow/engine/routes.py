@@ -46,6 +46,7 @@ from tpmflow.schema import (
     EmbedsGenerateRequest,
     GenerateResult,
     InlineArray,
+    ProbeRequest,
     Provenance,
     ReplicaInfo,
     SoftPrompt,
@@ -69,6 +70,9 @@ class ReplicaContext:
         self.model_dir = str(args.model)
         self.model_name = (args.served_model_name or [args.model])[0]
         self.hidden_size = int(install_info["hidden_size"])
+        self.num_layers = int(install_info["num_layers"])
+        self.num_heads = int(install_info["num_heads"])
+        self.head_dim = int(install_info["head_dim"])
         self.max_model_len = int(engine.model_config.max_model_len)
         self.vocab_size = int(engine.model_config.get_vocab_size())
         self.replica_id = os.environ.get("TPMFLOW_REPLICA_ID", f"replica-{os.getpid()}")
@@ -261,6 +265,7 @@ async def _digest_route(
 def build_router() -> APIRouter:
     # The adapter routes build on this module's primitives, so they are imported here, not at the top.
     from tpmflow.engine.adapter_routes import adapter_embed, adapter_generate, adapter_predict
+    from tpmflow.engine.probe_routes import probe
 
     router = APIRouter(prefix="/v1/tpmflow")
 
@@ -278,6 +283,7 @@ def build_router() -> APIRouter:
         ("/adapters/generate", AdapterGenerateRequest, adapter_generate),
         ("/generate_embeds", EmbedsGenerateRequest, _generate_embeds),
         ("/digest", DigestRequest, _digest_route),
+        ("/probe", ProbeRequest, probe),
     ):
         router.add_api_route(path, _endpoint(model, handler), methods=["POST"], name=handler.__name__.strip("_"))
     return router

@@ -699,6 +699,10 @@ class Gateway:
         async def generate_embeds(request: Request) -> Response:
             return await tpmflow_route(request, "generate_embeds", "generate")
 
+        @app.post("/v1/tpmflow/probe")
+        async def probe(request: Request) -> Response:
+            return await tpmflow_route(request, "probe", "probe")
+
         @app.post("/v1/tpmflow/digest")
         async def digest(request: Request) -> Response:
             return await tpmflow_route(request, "digest", "embed")

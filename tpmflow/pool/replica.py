@@ -95,6 +95,7 @@ def replica_env(
         env["VLLM_CPU_OMP_THREADS_BIND"] = bind
     if cfg.parts_path:
         env["TPMFLOW_PARTS"] = cfg.parts_path
+    env["TPMFLOW_MAX_ACTIVATION_BYTES"] = str(cfg.max_activation_bytes)
     return env
 
 

@@ -1,0 +1,184 @@
+"""The replica's probe route: intermediary access to the forward pass (see ``tpmflow.engine.probe``).
+
+Every spec is validated here — sites, layers, positions, vector sizes, NaN/inf, the activation
+bytes it would produce — before anything reaches the engine. Captures come back as arrays inline
+or, when big, as references the worker wrote straight into the pool's store (signed here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+
+from tpmflow.engine.routes import ReplicaContext, engine_prompt, prompt_tokens, run_request
+from tpmflow.errors import InvalidRequest
+from tpmflow.payload import Reference
+from tpmflow.schema import (
+    Add,
+    CapturedArray,
+    InlineArray,
+    LensLayer,
+    ProbeRequest,
+    ProbeResponse,
+    Replace,
+    Usage,
+    split_site,
+)
+
+DEFAULT_MAX_ACTIVATION_BYTES = 256 << 20
+
+
+def _site(site: str, layer: int | None, n_layers: int, what: str) -> tuple[str, int | None]:
+    try:
+        name, named_layer = split_site(site)
+    except ValueError as exc:
+        raise InvalidRequest(f"{what}: {exc}") from None
+    if named_layer is not None and layer is not None and named_layer != layer:
+        raise InvalidRequest(f"{what}: site {site!r} names layer {named_layer}, but layer={layer}")
+    chosen = named_layer if named_layer is not None else layer
+    if chosen is not None and not 0 <= chosen < n_layers:
+        raise InvalidRequest(f"{what}: layer {chosen} is out of range; the model has {n_layers} layers (0..{n_layers - 1})")
+    return name, chosen
+
+
+def _positions(positions: list[int] | None, limit: int, what: str) -> list[int] | None:
+    if positions is None:
+        return None
+    bad = [p for p in positions if not 0 <= p < limit]
+    if bad:
+        raise InvalidRequest(f"{what}: positions {bad[:5]} are beyond the sequence (0..{limit - 1})")
+    return sorted(set(positions))
+
+
+def build_spec(ctx: ReplicaContext, body: ProbeRequest, principal: str, n_prompt: int) -> tuple[dict[str, Any], int]:
+    """The worker's JSON spec, and the activation bytes it may produce (checked against the limit)."""
+    n_layers, hidden = ctx.num_layers, ctx.hidden_size
+    limit = n_prompt + body.max_tokens
+    captures: list[dict[str, Any]] = []
+    expected = 0
+    for k, c in enumerate(body.captures):
+        what = f"captures[{k}]"
+        site, layer = _site(c.site, None, n_layers, what)
+        layers = [layer] if layer is not None else (c.layers if c.layers is not None else list(range(n_layers)))
+        for x in layers:
+            _site(site, x, n_layers, what)
+        positions = _positions(c.positions, limit, what)
+        n_pos = len(positions) if positions is not None else n_prompt + (body.max_tokens if c.generated else 0)
+        width = ctx.num_heads * ctx.head_dim if site == "hook_z" else hidden
+        expected += n_pos * width * 4 * len(layers)
+        captures.append({"site": site, "layers": layers, "positions": positions, "generated": c.generated})
+    edits: list[dict[str, Any]] = []
+    for k, e in enumerate(body.interventions):
+        what = f"interventions[{k}] ({e.op})"
+        site, layer = _site(e.site, e.layer, n_layers, what)
+        if layer is None:
+            raise InvalidRequest(f"{what}: name the layer (layer=L or site='blocks.L.{site}')")
+        if site == "hook_z":
+            raise InvalidRequest(f"{what}: hook_z can be captured, not edited; edit hook_attn_out instead")
+        positions = _positions(e.positions, limit, what)
+        spec: dict[str, Any] = {"op": e.op, "site": site, "layer": layer, "positions": positions}
+        if isinstance(e, (Add, Replace)):
+            payload = e.vector if isinstance(e, Add) else e.values
+            values, _ = ctx.resolve_array(payload, principal)
+            values = np.asarray(values)
+            if values.dtype.kind != "f" or not np.isfinite(values).all():
+                raise InvalidRequest(f"{what}: values must be finite floating point numbers")
+            rows_ok = values.ndim == 1 or (
+                isinstance(e, Replace) and values.ndim == 2 and positions is not None and len(values) == len(positions)
+            )
+            if not rows_ok or values.shape[-1] != hidden:
+                raise InvalidRequest(
+                    f"{what}: expected a vector of the hidden size {hidden}"
+                    + (" (or one row per position)" if isinstance(e, Replace) else "")
+                    + f", got shape {list(values.shape)}"
+                )
+            values = np.ascontiguousarray(values, dtype=np.float32)
+            spec.update({"values": values.tobytes(), "shape": list(values.shape)})
+            if isinstance(e, Add):
+                spec["scale"] = e.scale
+        edits.append(spec)
+    lens = None
+    if body.lens is not None:
+        layers = body.lens.layers if body.lens.layers is not None else list(range(n_layers))
+        for x in layers:
+            _site("hook_resid_post", x, n_layers, "lens")
+        lens = {"layers": layers, "top_k": body.lens.top_k}
+    max_bytes = int(os.environ.get("TPMFLOW_MAX_ACTIVATION_BYTES", DEFAULT_MAX_ACTIVATION_BYTES))
+    if expected > max_bytes:
+        raise InvalidRequest(
+            f"the captures asked for would produce {expected} bytes of activations; the limit is {max_bytes} "
+            "(capture fewer layers or positions)"
+        )
+    return {"captures": captures, "edits": edits, "lens": lens, "n_prompt": n_prompt}, expected
+
+
+async def probe(
+    ctx: ReplicaContext, body: ProbeRequest, principal: str, request_id: str, priority: int, salt: str | None
+) -> ProbeResponse:
+    """Run one prompt with captures, interventions and the logit lens; no code travels."""
+    from vllm import SamplingParams
+
+    started = time.time()
+    if body.model is not None and body.model != ctx.model_name:
+        raise InvalidRequest(f"unknown model {body.model!r}; this pool serves {ctx.model_name!r}")
+    tokenizer = ctx.engine.get_tokenizer()
+    ids = prompt_tokens(ctx, tokenizer, 0, body.prompt)
+    if len(ids) + body.max_tokens > ctx.max_model_len:
+        raise InvalidRequest(f"{len(ids)} prompt tokens + max_tokens {body.max_tokens} exceed max_model_len")
+    spec, _ = await asyncio.to_thread(build_spec, ctx, body, principal, len(ids))
+    key = f"{request_id}:probe:{uuid.uuid4().hex[:8]}"
+    spec["key"] = key
+    # Reading the prefix cache is skipped (a cached prefix is never recomputed, so hooks would miss
+    # it), and a salt of its own keeps this request's (possibly edited) KV blocks from ever being
+    # reused by another request.
+    params = SamplingParams(
+        max_tokens=body.max_tokens,
+        temperature=body.temperature,
+        seed=body.seed,
+        skip_reading_prefix_cache=True,
+        extra_args={"tpmflow": {"probe": spec}},
+    )
+    try:
+        final = await run_request(ctx.engine, engine_prompt(ids, f"probe-{key}"), params, request_id, priority)
+    finally:
+        results = await ctx.engine.collective_rpc("tpmflow_take_probe", args=([key], principal))
+    found = next((r[key] for r in results if r.get(key) is not None), None)
+    if found is None:
+        raise RuntimeError("the probe hooks did not fire (is the model compiled? tpmflow needs --enforce-eager)")
+    captures: list[CapturedArray] = []
+    activation_bytes = 0
+    for cap in found["captures"]:
+        activation_bytes += int(cap["nbytes"])
+        if "reference" in cap:
+            payload: InlineArray | Reference = ctx.signer.sign(Reference.model_validate(cap["reference"]))
+        else:
+            payload = InlineArray.from_numpy(np.frombuffer(cap["bytes"], dtype=np.float32).reshape(cap["shape"]))
+        captures.append(CapturedArray(site=cap["site"], layer=cap["layer"], positions=cap["positions"], array=payload))
+    lens = [
+        LensLayer(
+            layer=entry["layer"],
+            positions=entry["positions"],
+            token_ids=entry["token_ids"],
+            probs=entry["probs"],
+            tokens=[[tokenizer.decode([t]) for t in row] for row in entry["token_ids"]],
+        )
+        for entry in found["lens"]
+    ]
+    out = final.outputs[0]
+    usage = Usage(prompt_tokens=len(ids), completion_tokens=len(out.token_ids), activation_bytes=activation_bytes)
+    sampling = body.model_dump(exclude={"prompt", "model", "interventions"})
+    sampling["interventions"] = [{"op": e.op, "site": e.site, "layer": e.layer} for e in body.interventions]
+    return ProbeResponse(
+        text=out.text,
+        prompt_tokens=list(tokenizer.convert_ids_to_tokens(ids)),
+        captures=captures,
+        lens=lens,
+        steps=found["steps"],
+        usage=usage,
+        provenance=ctx.provenance(request_id, sampling, started),
+    )
