@@ -142,22 +142,21 @@ def test_interventions_match_the_same_edit_in_transformers(client: Any, hf: Any,
 
 
 def test_probes_batched_together_each_get_what_they_get_alone(client: Any) -> None:
+    """Eight probes with different steering vectors, sent at once with long generations so they share
+    engine steps (each replica's step log says which did); each gets what it gets alone."""
     rng = np.random.default_rng(2)
-    specs = [[Add(site="hook_resid_post", layer=0, vector=rng.normal(size=128).astype(np.float32))] for _ in range(6)]
-    alone = [
-        client.probe(PROMPT, capture=[Capture(site="hook_resid_post", layers=[1])], interventions=s) for s in specs
-    ]
-    with ThreadPoolExecutor(6) as pool:
+    specs = [[Add(site="hook_resid_post", layer=0, vector=rng.normal(size=128).astype(np.float32))] for _ in range(8)]
+    capture = [Capture(site="hook_resid_post", layers=[1])]
+    alone = [client.probe(PROMPT, capture=capture, interventions=s) for s in specs]
+    with ThreadPoolExecutor(8) as pool:
         together = list(
-            pool.map(
-                lambda s: client.probe(
-                    PROMPT, capture=[Capture(site="hook_resid_post", layers=[1])], interventions=s, max_tokens=24
-                ),
-                specs,
-            )
+            pool.map(lambda s: client.probe(PROMPT, capture=capture, interventions=s, max_tokens=96), specs)
         )
-    shared = set(together[0].steps)
-    assert any(shared & set(t.steps) for t in together[1:]), "no two probes shared an engine step"
+    by_replica: dict[str, list[set[int]]] = {}
+    for t in together:
+        by_replica.setdefault(t.provenance["replica_id"], []).append(set(t.steps))
+    shared = any(a & b for steps in by_replica.values() for k, a in enumerate(steps) for b in steps[k + 1 :])
+    assert shared, "no two probes on one replica shared an engine step"
     for a, t in zip(alone, together, strict=True):
         np.testing.assert_allclose(t["blocks.1.hook_resid_post"], a["blocks.1.hook_resid_post"], atol=1e-5)
 

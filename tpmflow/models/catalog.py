@@ -11,6 +11,7 @@ from tpmflow.errors import ModelNotFound
 from tpmflow.models.card import CARD_FILE, ModelCard, read_card
 
 TINY_MODEL = "tiny-llama"
+TINY_GPT2_MODEL = "tiny-gpt2"
 DEMO_MODEL = "smiles-llama"
 
 
