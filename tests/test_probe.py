@@ -232,3 +232,20 @@ def test_async_probe_gives_the_same_trace(pool: Any, client: Any) -> None:
     np.testing.assert_allclose(
         got["blocks.1.hook_resid_post"], client.probe(PROMPT, **spec)["blocks.1.hook_resid_post"], atol=1e-6
     )
+
+
+def test_serving_a_block_of_layers_on_your_own_activations(client: Any) -> None:
+    """Replace at blocks.1.hook_resid_pre with activations from elsewhere + Capture at
+    blocks.1.hook_resid_post runs layer 1 on them: here the activations of another prompt of the
+    same length, whose own layer-1 output must come back."""
+    other = "PROBE THE RESIDUAL STREAM"  # as many tokens as PROMPT
+    source = client.probe(
+        other, capture=[Capture(site="blocks.1.hook_resid_pre"), Capture(site="blocks.1.hook_resid_post")]
+    )
+    mine = source["blocks.1.hook_resid_pre"]
+    served = client.probe(
+        PROMPT,
+        capture=[Capture(site="blocks.1.hook_resid_post")],
+        interventions=[Replace(site="blocks.1.hook_resid_pre", values=mine, positions=list(range(len(mine))))],
+    )
+    assert _rel(served["blocks.1.hook_resid_post"], source["blocks.1.hook_resid_post"]) < 1e-4
