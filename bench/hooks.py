@@ -75,7 +75,7 @@ def main() -> None:
     base = {"max_tokens": args.tokens, "temperature": 0.0, "ignore_eos": True}
 
     def without_extension() -> float:
-        llm = open_offline_engine(model_dir, max_model_len=SHAPE["max_positions"])
+        llm = open_offline_engine(model_dir, max_model_len=SHAPE["max_positions"], enable_prefix_caching=False)
         llm.generate(prompts[:2], SamplingParams(**base), use_tqdm=False)  # warm-up
         seconds = timed(llm, prompts, lambda key: SamplingParams(**base), args.repeats)
         del llm
@@ -86,6 +86,7 @@ def main() -> None:
     llm = open_offline_engine(
         model_dir,
         max_model_len=SHAPE["max_positions"],
+        enable_prefix_caching=False,  # as in the baseline: probes never read the prefix cache
         worker_extension_cls="tpmflow.engine.hooks.TpmflowWorkerExtension",
     )
     llm.collective_rpc("tpmflow_install")

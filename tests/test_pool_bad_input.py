@@ -168,8 +168,15 @@ def test_payloads_above_the_limit(pool: Any, client: Client, still_serving: None
 
 def test_client_disconnects_mid_stream(pool: Any, still_serving: None) -> None:
     headers = {"Authorization": f"Bearer {pool.token}", "X-Request-Id": "disconnect-test"}
-    # Long enough (seconds) that the gateway is still relaying when the client hangs up.
-    body = {"model": "tiny-llama", "prompt": "long stream", "max_tokens": 1000, "stream": True, "ignore_eos": True}
+    # Long enough (seconds), and bigger than the sockets' buffers (16 x 1000 chunks), that the
+    # gateway is still relaying when the client hangs up, even on a fast machine.
+    body = {
+        "model": "tiny-llama",
+        "prompt": [f"long stream {i}" for i in range(16)],
+        "max_tokens": 1000,
+        "stream": True,
+        "ignore_eos": True,
+    }
     with httpx.stream("POST", pool.url + "/v1/completions", json=body, headers=headers, timeout=60) as resp:
         assert resp.status_code == 200
         for _ in resp.iter_raw():

@@ -84,7 +84,12 @@ def test_captures_at_every_layer_equal_transformers(client: Any, hf: Any) -> Non
         for site in ("hook_resid_post", "hook_attn_out", "hook_mlp_out"):
             name = f"blocks.{layer}.{site}"
             assert _rel(trace[name], ref[name]) < 1e-4, name
-    # resid_pre of a block is resid_post of the one before; hook_z through o_proj is attn_out.
+    # resid_pre of block 0 is the token embeddings; of a later block, resid_post of the one before.
+    model, tok = hf
+    with torch.no_grad():
+        embeddings = model.model.embed_tokens(torch.tensor(tok(PROMPT)["input_ids"])).numpy()
+    assert _rel(trace["blocks.0.hook_resid_pre"], embeddings) < 1e-6
+    # hook_z through o_proj is attn_out.
     np.testing.assert_allclose(trace["blocks.1.hook_resid_pre"], trace["blocks.0.hook_resid_post"], atol=1e-5)
     o_proj = hf[0].model.layers[1].self_attn.o_proj.weight.detach().numpy()
     z = trace["blocks.1.hook_z"]
@@ -115,7 +120,7 @@ def test_interventions_match_the_same_edit_in_transformers(client: Any, hf: Any,
             if (s, i) != (site, layer):
                 return t
             t = t.clone()
-            t[0, [1, 3]] = torch.from_numpy(patch)
+            t[0, [3, 1]] = torch.from_numpy(patch)  # rows follow the positions as given, unsorted
             return t
 
         def zero(s: str, i: int, t: torch.Tensor, layer: int = layer) -> torch.Tensor:
@@ -123,7 +128,7 @@ def test_interventions_match_the_same_edit_in_transformers(client: Any, hf: Any,
 
         cases += [
             (Add(site=site, layer=layer, vector=vector, scale=0.5), add),
-            (Replace(site=site, layer=layer, values=patch, positions=[1, 3]), replace),
+            (Replace(site=site, layer=layer, values=patch, positions=[3, 1]), replace),
             (Zero(site=site, layer=layer), zero),
         ]
     for spec, edit in cases:
@@ -177,6 +182,12 @@ def test_bad_specs_are_refused_before_the_engine(client: Any) -> None:
         ({"capture": [Capture(site="hook_mlp_out", positions=[0, 500])]}, "beyond the sequence"),
         ({"interventions": [Zero(site="hook_z", layer=0)]}, "hook_z"),
         ({"interventions": [Zero(site="hook_mlp_out")]}, "name the layer"),
+        ({"interventions": [Add(site="blocks.0.hook_mlp_out", vector=np.full(128, 1e300))]}, "finite"),
+        (
+            {"interventions": [Replace(site="blocks.0.hook_mlp_out", values=np.ones((2, 128)), positions=[1, 1])]},
+            "repeat",
+        ),
+        ({"capture": [Capture(site="blocks.0.hook_mlp_out", layers=[1])]}, "names its layer"),
     ]
     for kwargs, match in bad:
         with pytest.raises(InvalidRequest, match=match):
@@ -192,7 +203,7 @@ def test_bad_specs_are_refused_before_the_engine(client: Any) -> None:
 def test_activation_byte_limit_and_probe_permission(pool: Any, client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from tpmflow.client import Client
 
-    with pytest.raises(InvalidRequest, match="activations"):
+    with pytest.raises(InvalidRequest, match="would produce"):
         client.probe("x" * 900, capture=ALL, max_tokens=100)  # 5 sites x 2 layers x 900+ positions > 1 MiB
     prober = pool.add_principal("prober", permissions={"probe"})
     with Client(pool.url, token=prober) as c:
@@ -249,3 +260,28 @@ def test_serving_a_block_of_layers_on_your_own_activations(client: Any) -> None:
         interventions=[Replace(site="blocks.1.hook_resid_pre", values=mine, positions=list(range(len(mine))))],
     )
     assert _rel(served["blocks.1.hook_resid_post"], source["blocks.1.hook_resid_post"]) < 1e-4
+
+
+def test_steering_at_resid_pre_of_block_0_matches_transformers(client: Any, hf: Any) -> None:
+    """An edit of the embeddings themselves (residual still unset in vLLM's first layer)."""
+    model, tok = hf
+    vector = np.random.default_rng(5).normal(size=128).astype(np.float32)
+    trace = client.probe(
+        PROMPT,
+        capture=[Capture(site="hook_resid_post")],
+        interventions=[Add(site="blocks.0.hook_resid_pre", vector=vector)],
+    )
+
+    def pre(module: Any, args: Any, kwargs: Any) -> Any:
+        if args:
+            return (args[0] + torch.from_numpy(vector), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"] + torch.from_numpy(vector)}
+
+    handle = model.model.layers[0].register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        ref = _hf_run(hf)
+    finally:
+        handle.remove()
+    for layer in range(LAYERS):
+        name = f"blocks.{layer}.hook_resid_post"
+        assert _rel(trace[name], ref[name]) < 1e-4, name

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field, field_validator
@@ -284,7 +284,7 @@ class Add(BaseModel):
     site: str
     layer: int | None = None
     vector: ArrayPayload
-    scale: float = 1.0
+    scale: float = Field(1.0, allow_inf_nan=False)
     positions: list[int] | None = Field(None, max_length=65536)
 
     @field_validator("vector", mode="before")
@@ -323,13 +323,16 @@ class LogitLens(BaseModel):
 
     layers: list[int] | None = Field(None, max_length=1024)
     top_k: int = Field(5, ge=1, le=100)
+    positions: list[int] | None = Field(None, max_length=65536, description="prompt positions (all when omitted)")
 
 
 class ProbeRequest(BaseModel):
     model: str | None = None
     prompt: str | list[int]
     captures: list[Capture] = Field(default_factory=list, max_length=256)
-    interventions: list[Add | Replace | Zero] = Field(default_factory=list, max_length=256)
+    interventions: list[Annotated[Add | Replace | Zero, Field(discriminator="op")]] = Field(
+        default_factory=list, max_length=256
+    )
     lens: LogitLens | None = None
     max_tokens: int = Field(1, ge=1, le=4096)
     temperature: float = Field(0.0, ge=0.0, le=10.0)

@@ -22,6 +22,7 @@ import numpy as np
 SPEC_KEY = "tpmflow"
 # Captures nobody fetched (aborted or timed-out requests) are dropped after this many seconds.
 ORPHAN_TTL_S = 600.0
+LENS_ROWS = 64  # positions unembedded at once by the logit lens
 
 REQUIRED_INTERNALS = (
     "model_runner.model",
@@ -131,8 +132,12 @@ class TpmflowWorkerExtension:
             layer.register_forward_pre_hook(partial(self._tpmflow_layer_in, layer_index), with_kwargs=True)
             layer.register_forward_hook(partial(self._tpmflow_layer_out, layer_index), with_kwargs=True)
             attn.register_forward_hook(partial(self._tpmflow_module_out, "hook_attn_out", layer_index))
-            layer.mlp.register_forward_hook(partial(self._tpmflow_module_out, "hook_mlp_out", layer_index))
-            getattr(attn, arch.out_proj).register_forward_pre_hook(partial(self._tpmflow_z, layer_index))
+            # Sub-modules some decoders lack (a mixture-of-experts block has no ``mlp``): those
+            # sites are simply not offered there; the residual stream always is.
+            if hasattr(layer, "mlp"):
+                layer.mlp.register_forward_hook(partial(self._tpmflow_module_out, "hook_mlp_out", layer_index))
+            if hasattr(attn, arch.out_proj):
+                getattr(attn, arch.out_proj).register_forward_pre_hook(partial(self._tpmflow_z, layer_index))
         self.tpmflow_first_layer = next(i for i, layer in enumerate(arch.layers) if hasattr(layer, arch.attn))
 
     def tpmflow_take(self, keys: list[str]) -> dict[str, Any]:
@@ -237,6 +242,7 @@ class TpmflowWorkerExtension:
             lo, hi = int(starts[i]), int(starts[i + 1])
             first = int(batch.num_computed_tokens_cpu[i])
             state.steps.append(self.tpmflow_steps)
+            state.last_seen = time.monotonic()
             rows.append(StepRow(state, lo, hi, np.arange(first, first + hi - lo)))
         self.tpmflow_step_rows = rows
 
@@ -313,18 +319,24 @@ class TpmflowWorkerExtension:
         import torch
 
         model = self.model_runner.model  # type: ignore[attr-defined]
+        keep = [r for r, p in enumerate(positions) if state.lens_positions is None or int(p) in state.lens_positions]
+        if not keep:
+            return
+        by_pos = state.lens.setdefault(layer, {})
         self.tpmflow_in_lens = True  # the final-norm hook must not take these rows for an embed
         try:
             with torch.no_grad():
-                normed = self.tpmflow_arch.norm(stream.clone())
-                normed = normed[0] if isinstance(normed, tuple) else normed
-                logits = model.compute_logits(normed).float()
-                probs, ids = torch.softmax(logits, dim=-1).topk(state.top_k, dim=-1)
+                # A few rows at a time: [rows, vocab] logits of a long prefill would not fit.
+                for start in range(0, len(keep), LENS_ROWS):
+                    rows = keep[start : start + LENS_ROWS]
+                    normed = self.tpmflow_arch.norm(stream[rows].clone())
+                    normed = normed[0] if isinstance(normed, tuple) else normed
+                    logits = model.compute_logits(normed).float()
+                    probs, ids = torch.softmax(logits, dim=-1).topk(state.top_k, dim=-1)
+                    for j, r in enumerate(rows):
+                        by_pos[int(positions[r])] = (ids[j].cpu().numpy(), probs[j].cpu().numpy())
         finally:
             self.tpmflow_in_lens = False
-        by_pos = state.lens.setdefault(layer, {})
-        for r, p in enumerate(positions):
-            by_pos[int(p)] = (ids[r].cpu().numpy(), probs[r].cpu().numpy())
 
     # -- hooks ---------------------------------------------------------------------------------
 
@@ -359,7 +371,8 @@ class TpmflowWorkerExtension:
         now = time.monotonic()
         for key in [k for k, c in self.tpmflow_captures.items() if now - c.created > ORPHAN_TTL_S]:
             del self.tpmflow_captures[key]
-        for key in [k for k, c in self.tpmflow_probes.items() if now - c.created > ORPHAN_TTL_S]:
+        # A probe still running is never dropped, however long it runs: only one silent for the TTL.
+        for key in [k for k, c in self.tpmflow_probes.items() if now - c.last_seen > ORPHAN_TTL_S]:
             del self.tpmflow_probes[key]
 
     def tpmflow_drop_probe(self, keys: list[str]) -> int:

@@ -54,9 +54,11 @@ class ProbeState:
     edits: dict[tuple[str, int], list[Edit]]
     lens_layers: set[int]
     top_k: int
+    lens_positions: set[int] | None = None
     rows: dict[tuple[str, int], dict[int, np.ndarray]] = field(default_factory=dict)
     lens: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
     created: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)  # the last step it took part in
     steps: list[int] = field(default_factory=list)  # engine steps this request took part in
 
     @classmethod
@@ -84,6 +86,7 @@ class ProbeState:
             edits=edits,
             lens_layers={int(x) for x in lens.get("layers", [])},
             top_k=int(lens.get("top_k", 5)),
+            lens_positions=None if lens.get("positions") is None else {int(p) for p in lens["positions"]},
         )
 
     def wants(self, site: str, layer: int) -> bool:

@@ -48,24 +48,32 @@ def _site(site: str, layer: int | None, n_layers: int, what: str) -> tuple[str, 
     return name, chosen
 
 
-def _positions(positions: list[int] | None, limit: int, what: str) -> list[int] | None:
+def _positions(positions: list[int] | None, limit: int, what: str, keep_order: bool = False) -> list[int] | None:
+    """Checked positions: sorted for captures; in the caller's order for edits, whose value rows
+    follow that order (so duplicates are refused there)."""
     if positions is None:
         return None
     bad = [p for p in positions if not 0 <= p < limit]
     if bad:
         raise InvalidRequest(f"{what}: positions {bad[:5]} are beyond the sequence (0..{limit - 1})")
+    if keep_order:
+        if len(set(positions)) != len(positions):
+            raise InvalidRequest(f"{what}: positions repeat; give each position once")
+        return list(positions)
     return sorted(set(positions))
 
 
 def build_spec(ctx: ReplicaContext, body: ProbeRequest, principal: str, n_prompt: int) -> tuple[dict[str, Any], int]:
     """The worker's JSON spec, and the activation bytes it may produce (checked against the limit)."""
     n_layers, hidden = ctx.num_layers, ctx.hidden_size
-    limit = n_prompt + body.max_tokens
+    limit = n_prompt + body.max_tokens - 1  # the last generated token is never fed back through the model
     captures: list[dict[str, Any]] = []
     expected = 0
     for k, c in enumerate(body.captures):
         what = f"captures[{k}]"
         site, layer = _site(c.site, None, n_layers, what)
+        if layer is not None and c.layers is not None and c.layers != [layer]:
+            raise InvalidRequest(f"{what}: site {c.site!r} names its layer; drop layers={c.layers}")
         layers = [layer] if layer is not None else (c.layers if c.layers is not None else list(range(n_layers)))
         for x in layers:
             _site(site, x, n_layers, what)
@@ -75,6 +83,7 @@ def build_spec(ctx: ReplicaContext, body: ProbeRequest, principal: str, n_prompt
         expected += n_pos * width * 4 * len(layers)
         captures.append({"site": site, "layers": layers, "positions": positions, "generated": c.generated})
     edits: list[dict[str, Any]] = []
+    edit_bytes = 0
     for k, e in enumerate(body.interventions):
         what = f"interventions[{k}] ({e.op})"
         site, layer = _site(e.site, e.layer, n_layers, what)
@@ -82,14 +91,19 @@ def build_spec(ctx: ReplicaContext, body: ProbeRequest, principal: str, n_prompt
             raise InvalidRequest(f"{what}: name the layer (layer=L or site='blocks.L.{site}')")
         if site == "hook_z":
             raise InvalidRequest(f"{what}: hook_z can be captured, not edited; edit hook_attn_out instead")
-        positions = _positions(e.positions, limit, what)
+        positions = _positions(e.positions, limit, what, keep_order=True)
         spec: dict[str, Any] = {"op": e.op, "site": site, "layer": layer, "positions": positions}
         if isinstance(e, (Add, Replace)):
             payload = e.vector if isinstance(e, Add) else e.values
             values, _ = ctx.resolve_array(payload, principal)
             values = np.asarray(values)
-            if values.dtype.kind != "f" or not np.isfinite(values).all():
-                raise InvalidRequest(f"{what}: values must be finite floating point numbers")
+            if values.dtype.kind != "f":
+                raise InvalidRequest(f"{what}: values must be floating point numbers, got {values.dtype}")
+            with np.errstate(over="ignore", invalid="ignore"):
+                applied = values.astype(np.float32) * np.float32(e.scale if isinstance(e, Add) else 1.0)
+            if not np.isfinite(applied).all():
+                raise InvalidRequest(f"{what}: values (times scale) must be finite: no NaN or inf")
+            edit_bytes += applied.nbytes
             rows_ok = values.ndim == 1 or (
                 isinstance(e, Replace) and values.ndim == 2 and positions is not None and len(values) == len(positions)
             )
@@ -109,14 +123,37 @@ def build_spec(ctx: ReplicaContext, body: ProbeRequest, principal: str, n_prompt
         layers = body.lens.layers if body.lens.layers is not None else list(range(n_layers))
         for x in layers:
             _site("hook_resid_post", x, n_layers, "lens")
-        lens = {"layers": layers, "top_k": body.lens.top_k}
+        if body.lens.top_k > ctx.vocab_size:
+            raise InvalidRequest(f"lens: top_k {body.lens.top_k} exceeds the vocabulary of {ctx.vocab_size}")
+        positions = _positions(body.lens.positions, limit, "lens")
+        n_pos = len(positions) if positions is not None else n_prompt
+        expected += n_pos * len(layers) * body.lens.top_k * 8  # token id + probability per entry
+        lens = {"layers": layers, "top_k": body.lens.top_k, "positions": positions}
     max_bytes = int(os.environ.get("TPMFLOW_MAX_ACTIVATION_BYTES", DEFAULT_MAX_ACTIVATION_BYTES))
     if expected > max_bytes:
         raise InvalidRequest(
-            f"the captures asked for would produce {expected} bytes of activations; the limit is {max_bytes} "
+            f"the captures and lens asked for would produce {expected} bytes; the limit is {max_bytes} "
             "(capture fewer layers or positions)"
         )
+    if edit_bytes > max_bytes:
+        raise InvalidRequest(f"the interventions carry {edit_bytes} bytes of values; the limit is {max_bytes}")
     return {"captures": captures, "edits": edits, "lens": lens, "n_prompt": n_prompt}, expected
+
+
+def _lens_table(tokenizer: Any, entries: list[dict[str, Any]]) -> list[LensLayer]:
+    """The lens rows with their tokens as text (each distinct id decoded once)."""
+    distinct = {t for e in entries for row in e["token_ids"] for t in row}
+    text = {t: tokenizer.decode([t]) for t in distinct}
+    return [
+        LensLayer(
+            layer=e["layer"],
+            positions=e["positions"],
+            token_ids=e["token_ids"],
+            probs=e["probs"],
+            tokens=[[text[t] for t in row] for row in e["token_ids"]],
+        )
+        for e in entries
+    ]
 
 
 async def probe(
@@ -128,6 +165,8 @@ async def probe(
     started = time.time()
     if body.model is not None and body.model != ctx.model_name:
         raise InvalidRequest(f"unknown model {body.model!r}; this pool serves {ctx.model_name!r}")
+    if ctx.tensor_parallel > 1:
+        raise InvalidRequest("probe needs replicas with tensor_parallel_size 1 (each rank sees only its heads)")
     tokenizer = ctx.engine.get_tokenizer()
     ids = prompt_tokens(ctx, tokenizer, 0, body.prompt)
     if len(ids) + body.max_tokens > ctx.max_model_len:
@@ -161,16 +200,7 @@ async def probe(
         else:
             payload = InlineArray.from_numpy(np.frombuffer(cap["bytes"], dtype=np.float32).reshape(cap["shape"]))
         captures.append(CapturedArray(site=cap["site"], layer=cap["layer"], positions=cap["positions"], array=payload))
-    lens = [
-        LensLayer(
-            layer=entry["layer"],
-            positions=entry["positions"],
-            token_ids=entry["token_ids"],
-            probs=entry["probs"],
-            tokens=[[tokenizer.decode([t]) for t in row] for row in entry["token_ids"]],
-        )
-        for entry in found["lens"]
-    ]
+    lens = await asyncio.to_thread(_lens_table, tokenizer, found["lens"])
     out = final.outputs[0]
     usage = Usage(prompt_tokens=len(ids), completion_tokens=len(out.token_ids), activation_bytes=activation_bytes)
     sampling = body.model_dump(exclude={"prompt", "model", "interventions"})

@@ -71,6 +71,7 @@ class ReplicaContext:
         self.model_name = (args.served_model_name or [args.model])[0]
         self.hidden_size = int(install_info["hidden_size"])
         self.num_layers = int(install_info["num_layers"])
+        self.tensor_parallel = int(getattr(args, "tensor_parallel_size", 1) or 1)
         self.num_heads = int(install_info["num_heads"])
         self.head_dim = int(install_info["head_dim"])
         self.max_model_len = int(engine.model_config.max_model_len)
