@@ -98,7 +98,10 @@ class PoolConfig(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> PoolConfig:
-        return cls.model_validate(yaml.safe_load(Path(path).read_text()) or {})
+        """The pool of a config file; a site config's ``parsl:`` section is read by ``tpmflow.parsl``."""
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        data.pop("parsl", None)
+        return cls.model_validate(data)
 
     def model_dir(self) -> Path:
         path = Path(self.model).expanduser()

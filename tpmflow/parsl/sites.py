@@ -1,0 +1,154 @@
+"""Site configs: one YAML holds a pool (``PoolConfig``'s fields) and a ``parsl:`` section whose
+executors run the replicas (``launcher.parsl_executor``, GPU nodes on clusters) and the
+simulations. ``build_parsl_config`` turns it into a ``parsl.config.Config`` without submitting
+anything; ``parsl.load`` of that config is what starts blocks.
+
+    configs/local.yaml     the embedded default (no parsl section: local replicas)
+    configs/polaris.yaml   ALCF Polaris: PBS Pro, 4 A100 per node, one replica per GPU
+    configs/aurora.yaml    ALCF Aurora: PBS Pro, 6 Intel GPUs = 12 tiles per node (vLLM's XPU build)
+    configs/slurm.yaml     a generic Slurm cluster with 4 GPUs per node
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, model_validator
+
+from tpmflow.config import PoolConfig
+
+
+class ExecutorSpec(BaseModel):
+    """One HighThroughputExecutor and the batch provider behind it."""
+
+    label: str
+    provider: Literal["local", "pbspro", "slurm"] = "local"
+    # Batch scheduler settings (ignored by the local provider).
+    account: str | None = None
+    queue: str | None = Field(None, description="PBS queue or Slurm partition")
+    walltime: str = "01:00:00"
+    nodes_per_block: int = Field(1, ge=1)
+    init_blocks: int = Field(1, ge=0)
+    min_blocks: int = Field(0, ge=0)
+    max_blocks: int = Field(1, ge=1)
+    scheduler_options: str = ""
+    select_options: str = Field("", description="PBS: e.g. ngpus=4")
+    worker_init: str = Field("", description="shell lines run before workers start (modules, venv)")
+    cpus_per_node: int | None = None
+    gpus_per_node: int | None = Field(None, description="Slurm --gpus-per-node")
+    launcher: Literal["simple", "single_node", "mpiexec", "srun"] = "single_node"
+    launcher_overrides: str = ""
+    # Worker placement on a node.
+    max_workers_per_node: int | None = None
+    available_accelerators: int | list[str] = Field(
+        default_factory=list, description="GPUs (or XPU tiles) to pin one per worker"
+    )
+    cpu_affinity: str = "none"
+    address: str | None = Field(None, description="interface workers connect back to (default: Parsl's guess)")
+
+
+class ParslSection(BaseModel):
+    executors: list[ExecutorSpec] = Field(min_length=1)
+    run_dir: str = "runinfo"
+    retries: int = Field(1, ge=0)
+
+    @model_validator(mode="after")
+    def _unique_labels(self) -> ParslSection:
+        labels = [e.label for e in self.executors]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"executor labels repeat: {labels}")
+        return self
+
+
+class SiteConfig(BaseModel):
+    """A pool and the Parsl executors it and the campaign run on."""
+
+    pool: PoolConfig
+    parsl: ParslSection | None = None
+
+    @model_validator(mode="after")
+    def _replica_executor_exists(self) -> SiteConfig:
+        if self.pool.launcher.kind == "parsl":
+            if self.parsl is None:
+                raise ValueError("launcher.kind is parsl but the config has no parsl section")
+            labels = {e.label for e in self.parsl.executors}
+            if self.pool.launcher.parsl_executor not in labels:
+                raise ValueError(
+                    f"replicas run on executor {self.pool.launcher.parsl_executor!r}, not among {sorted(labels)}"
+                )
+        return self
+
+    def executor_labels(self) -> list[str]:
+        return [e.label for e in self.parsl.executors] if self.parsl else []
+
+
+def load_site(path: str | Path) -> SiteConfig:
+    data: dict[str, Any] = yaml.safe_load(Path(path).read_text()) or {}
+    parsl_section = data.pop("parsl", None)
+    return SiteConfig(pool=PoolConfig.model_validate(data), parsl=parsl_section)
+
+
+def _provider(spec: ExecutorSpec) -> Any:
+    from parsl.launchers import MpiExecLauncher, SimpleLauncher, SingleNodeLauncher, SrunLauncher
+    from parsl.providers import LocalProvider, PBSProProvider, SlurmProvider
+
+    launcher = {
+        "simple": lambda: SimpleLauncher(),
+        "single_node": lambda: SingleNodeLauncher(),
+        "mpiexec": lambda: MpiExecLauncher(bind_cmd="--cpu-bind", overrides=spec.launcher_overrides),
+        "srun": lambda: SrunLauncher(overrides=spec.launcher_overrides),
+    }[spec.launcher]()
+    blocks = {"init_blocks": spec.init_blocks, "min_blocks": spec.min_blocks, "max_blocks": spec.max_blocks}
+    if spec.provider == "local":
+        return LocalProvider(worker_init=spec.worker_init, launcher=launcher, **blocks)
+    if spec.provider == "pbspro":
+        return PBSProProvider(
+            account=spec.account,
+            queue=spec.queue,
+            walltime=spec.walltime,
+            nodes_per_block=spec.nodes_per_block,
+            scheduler_options=spec.scheduler_options,
+            select_options=spec.select_options,
+            worker_init=spec.worker_init,
+            cpus_per_node=spec.cpus_per_node or 1,
+            launcher=launcher,
+            **blocks,
+        )
+    return SlurmProvider(
+        partition=spec.queue,
+        account=spec.account,
+        walltime=spec.walltime,
+        nodes_per_block=spec.nodes_per_block,
+        cores_per_node=spec.cpus_per_node,
+        gpus_per_node=spec.gpus_per_node,
+        scheduler_options=spec.scheduler_options,
+        worker_init=spec.worker_init,
+        launcher=launcher,
+        **blocks,
+    )
+
+
+def build_parsl_config(site: SiteConfig, run_dir: str | None = None) -> Any:
+    """The ``parsl.config.Config`` of a site: one HighThroughputExecutor per spec. Submits nothing."""
+    from parsl.config import Config
+    from parsl.executors import HighThroughputExecutor
+
+    if site.parsl is None:
+        raise ValueError("this site config has no parsl section (its replicas run as local processes)")
+    executors = []
+    for spec in site.parsl.executors:
+        kwargs: dict[str, Any] = {
+            "label": spec.label,
+            "provider": _provider(spec),
+            "cpu_affinity": spec.cpu_affinity,
+            "available_accelerators": spec.available_accelerators,
+            "prefetch_capacity": 0,  # long-running replica apps must not queue work behind them
+        }
+        if spec.max_workers_per_node is not None:
+            kwargs["max_workers_per_node"] = spec.max_workers_per_node
+        if spec.address is not None:
+            kwargs["address"] = spec.address
+        executors.append(HighThroughputExecutor(**kwargs))
+    return Config(executors=executors, run_dir=run_dir or site.parsl.run_dir, retries=site.parsl.retries)
