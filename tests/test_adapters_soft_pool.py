@@ -14,6 +14,25 @@ import torch
 from tpmflow.errors import AdapterInputError, InvalidRequest
 
 
+def _save_untrained(client: Any, adapter: Any, model: Any, name: str) -> str:
+    """An untrained encoder + projector saved as a part for the pool's model (enough to check the
+    serving path); its ``name@version``."""
+    from tpmflow.adapters.training import save_projector
+
+    prov = client.embed(["a"]).provenance
+    return save_projector(
+        adapter,
+        model,
+        name,
+        "0.0.1-test",
+        base_model=prov["model"],
+        base_content_hash=prov["content_hash"],
+        hidden_size=128,
+        training_data={"untrained": "test"},
+        metrics={},
+    )
+
+
 @pytest.fixture(scope="module")
 def parts(pool: Any, monkeypatch_module: Any) -> Path:
     monkeypatch_module.setenv("TPMFLOW_PARTS", pool.cfg.parts_path)  # where the replicas look
@@ -147,21 +166,8 @@ def test_detector_frames_as_nexus_files_and_eiger_bundles(client: Any, parts: Pa
     from tpmflow_beamline.adapter import BeamlineAdapter
     from tpmflow_beamline.synthetic import eiger_bundle, make_dataset, nexus_bytes
 
-    from tpmflow.adapters.training import save_projector
-
-    prov = client.embed(["a"]).provenance
     adapter = BeamlineAdapter()
-    spec = save_projector(
-        adapter,
-        adapter.new_model(128, seed=0),
-        "random",
-        "0.0.1-test",
-        base_model=prov["model"],
-        base_content_hash=prov["content_hash"],
-        hidden_size=128,
-        training_data={"untrained": "test"},
-        metrics={},
-    )
+    spec = _save_untrained(client, adapter, adapter.new_model(128, seed=0), "random")
     frames, _ = make_dataset(2, seed=0, size=128)
     good_file, bundle = nexus_bytes([frames[0]]), eiger_bundle([frames[0]])
     items = [
@@ -186,23 +192,11 @@ def test_smiles_fingerprint_soft_tokens_conform_and_generate_molecules(client: A
 
     from tpmflow.adapters import Decoded
     from tpmflow.adapters.testing import check_adapter
-    from tpmflow.adapters.training import save_projector
 
     adapter = SmilesFingerprintAdapter()
     adapter.use_model(adapter.new_model(128, seed=0))
     check_adapter(adapter, good=["CCO", "c1ccccc1O"], bad=["", "C1CC", 7], hidden_size=128)
-    prov = client.embed(["a"]).provenance
-    spec = save_projector(
-        adapter,
-        adapter.model,
-        "fp-random",
-        "0.0.1-test",
-        base_model=prov["model"],
-        base_content_hash=prov["content_hash"],
-        hidden_size=128,
-        training_data={"untrained": "test"},
-        metrics={},
-    )
+    spec = _save_untrained(client, adapter, adapter.model, "fp-random")
     out = client.generate(
         ["CCO", "not a molecule", "c1ccccc1"],
         adapter="smiles-fp",

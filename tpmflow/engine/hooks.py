@@ -251,32 +251,23 @@ class TpmflowWorkerExtension:
             self._tpmflow_begin_step()
         if not self.tpmflow_step_rows:
             return
-        from tpmflow.engine.probe import apply_edits
-
         hidden, residual = self.tpmflow_arch.layer_inputs(args, kwargs)
-        site = "hook_resid_pre"
-        for row in self.tpmflow_step_rows:
-            state = row.state
-            if not state.wants(site, layer):
-                continue
-            edits = state.edits.get((site, layer))
-            if edits:
-                apply_edits(edits, row, hidden, residual)
-            stream = (
-                hidden[row.lo : row.hi] if residual is None else hidden[row.lo : row.hi] + residual[row.lo : row.hi]
-            )
-            state.capture(site, layer, row.positions, _to_numpy(stream))
+        self._tpmflow_stream_site("hook_resid_pre", layer, hidden, residual)
 
     def _tpmflow_layer_out(self, layer: int, module: Any, args: Any, kwargs: Any, output: Any) -> None:
         if not self.tpmflow_step_rows:
             return
+        hidden, residual = output if self.tpmflow_arch.fused else (output, None)
+        self._tpmflow_stream_site("hook_resid_post", layer, hidden, residual)
+
+    def _tpmflow_stream_site(self, site: str, layer: int, hidden: Any, residual: Any) -> None:
+        """A residual-stream site (the stream is hidden + residual, or hidden alone): each probing
+        request's edits, then its capture and, after a block, its logit lens."""
         from tpmflow.engine.probe import apply_edits
 
-        hidden, residual = output if self.tpmflow_arch.fused else (output, None)
-        site = "hook_resid_post"
         for row in self.tpmflow_step_rows:
             state = row.state
-            lens = layer in state.lens_layers
+            lens = site == "hook_resid_post" and layer in state.lens_layers
             if not (state.wants(site, layer) or lens):
                 continue
             edits = state.edits.get((site, layer))
@@ -285,7 +276,8 @@ class TpmflowWorkerExtension:
             stream = (
                 hidden[row.lo : row.hi] if residual is None else hidden[row.lo : row.hi] + residual[row.lo : row.hi]
             )
-            state.capture(site, layer, row.positions, _to_numpy(stream))
+            if (site, layer) in state.captures:  # no copy to the CPU for an edit alone
+                state.capture(site, layer, row.positions, _to_numpy(stream))
             if lens:
                 self._tpmflow_lens(state, layer, row.positions, stream)
 
@@ -301,7 +293,8 @@ class TpmflowWorkerExtension:
             edits = state.edits.get((site, layer))
             if edits:
                 apply_edits(edits, row, output)
-            state.capture(site, layer, row.positions, _to_numpy(output[row.lo : row.hi]))
+            if (site, layer) in state.captures:
+                state.capture(site, layer, row.positions, _to_numpy(output[row.lo : row.hi]))
 
     def _tpmflow_z(self, layer: int, module: Any, args: Any) -> None:
         if not self.tpmflow_step_rows:

@@ -163,8 +163,7 @@ async def probe(
     from vllm import SamplingParams
 
     started = time.time()
-    if body.model is not None and body.model != ctx.model_name:
-        raise InvalidRequest(f"unknown model {body.model!r}; this pool serves {ctx.model_name!r}")
+    ctx.check_model(body.model)
     if ctx.tensor_parallel > 1:
         raise InvalidRequest("probe needs replicas with tensor_parallel_size 1 (each rank sees only its heads)")
     tokenizer = ctx.engine.get_tokenizer()

@@ -113,6 +113,11 @@ class ReplicaContext:
             self._adapters.popitem(last=False)
         return adapter
 
+    def check_model(self, model: str | None) -> None:
+        """A request naming a model must name the one this replica serves."""
+        if model is not None and model != self.model_name:
+            raise InvalidRequest(f"unknown model {model!r}; this pool serves {self.model_name!r}")
+
     def info(self) -> ReplicaInfo:
         running, waiting = _engine_load()
         return ReplicaInfo(
@@ -431,8 +436,7 @@ async def _embed(
     ctx: ReplicaContext, body: EmbedRequest, principal: str, request_id: str, priority: int, salt: str | None
 ) -> EmbedResponse:
     started = time.time()
-    if body.model is not None and body.model != ctx.model_name:
-        raise InvalidRequest(f"unknown model {body.model!r}; this pool serves {ctx.model_name!r}")
+    ctx.check_model(body.model)
     tokenizer = ctx.engine.get_tokenizer()
     prompts: list[list[int] | np.ndarray] = []
     bytes_in = 0
@@ -471,8 +475,7 @@ async def _generate_embeds(
     from vllm import SamplingParams
 
     started = time.time()
-    if body.model is not None and body.model != ctx.model_name:
-        raise InvalidRequest(f"unknown model {body.model!r}; this pool serves {ctx.model_name!r}")
+    ctx.check_model(body.model)
     array, bytes_in = await asyncio.to_thread(ctx.resolve_array, body.prompt_embeds, principal)
     array = check_embeds(array, ctx.hidden_size, ctx.max_model_len)
     if array.shape[0] + body.max_tokens > ctx.max_model_len:
