@@ -58,6 +58,10 @@ class LazyArray:
         self._store = store
         self._value: np.ndarray | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A store holds connections; a pickled array keeps its value (if fetched) and its reference.
+        return {**self.__dict__, "_store": None}
+
     @property
     def reference(self) -> Reference | None:
         return Reference.model_validate(self._payload) if "sig" in self._payload else None

@@ -1,0 +1,195 @@
+"""The steering thinker: Colmena agents that spend a simulation budget where the surrogate points.
+
+One thinker runs one arm of the campaign:
+
+* ``submitter`` keeps ``in_flight`` simulations running, taking the next molecule of the ranking;
+* ``receive_simulation`` (topic ``simulate``) records each result and, every ``retrain_every``
+  results, wakes the retrainer; when the budget is spent the thinker winds down;
+* ``retrain`` fits the surrogate on what has been simulated and ranks the candidates by UCB;
+  in the proposing arm it also asks the pool for new molecules (``submit_tpm``: the agent does
+  not wait for the model);
+* ``receive_proposals`` (topic ``tpm``) validates the model's completions through the SMILES
+  adapter's answers and sends the new molecules to be embedded — as a ``tpm_embed`` Colmena task,
+  in the same queue as the simulations — and ``receive_embeddings`` (topic ``tpm_tasks``) adds
+  them to the candidates.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from colmena.models.results import Result
+from colmena.queue.base import ColmenaQueues
+from colmena.thinker import agent, event_responder, result_processor
+
+from apps.molecular_design.library import prefixes_of
+from apps.molecular_design.surrogate import BootstrapRidge, ucb
+from tpmflow.colmena import TPMThinker
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    features: Literal["tpm", "fingerprint", "none"]
+    proposals: bool
+
+
+ARMS = (
+    Arm("tpm+proposals", "tpm", True),
+    Arm("tpm", "tpm", False),
+    Arm("fingerprint", "fingerprint", False),
+    Arm("random", "none", False),
+)
+
+#: One pick in this many comes from the model's proposals, while any wait to be simulated.
+PROPOSAL_EVERY = 4
+
+
+@dataclass
+class Settings:
+    budget: int = 48
+    in_flight: int = 4
+    retrain_every: int = 8
+    top_k_prompts: int = 3
+    completions: int = 8
+    max_tokens: int = 80
+    kappa: float = 1.0
+
+
+class DesignThinker(TPMThinker):
+    """One arm, one seed. ``features`` maps each candidate's SMILES to its surrogate features."""
+
+    def __init__(
+        self,
+        queues: ColmenaQueues,
+        arm: Arm,
+        seed: int,
+        library: list[str],
+        features: dict[str, np.ndarray],
+        settings: Settings,
+        on_result: Callable[[dict[str, Any]], None],
+        **tpm: Any,
+    ) -> None:
+        super().__init__(queues, **tpm)
+        self.arm, self.seed, self.settings, self.on_result = arm, seed, settings, on_result
+        self.features = dict(features)
+        self.source = dict.fromkeys(library, "library")
+        self.rng = np.random.default_rng(seed)
+        # The first batch is random and the same for every arm of this seed.
+        self.ranking: list[str] = [library[i] for i in np.random.default_rng(seed).permutation(len(library))]
+        self.submitted: set[str] = set()
+        self.results: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        self.slots = threading.Semaphore(settings.in_flight)
+        self.retrain_needed = threading.Event()
+        self.tpm_failures: list[str] = []
+        self.proposal_rounds = 0
+
+    # -- agents ---------------------------------------------------------------------------------
+
+    @agent
+    def submitter(self) -> None:
+        for _ in range(self.settings.budget):
+            self.slots.acquire()
+            with self.lock:
+                smiles = next((s for s in self.ranking if s not in self.submitted), None)
+                if smiles is None:
+                    return
+                self.submitted.add(smiles)
+                info = {"arm": self.arm.name, "seed": self.seed, "smiles": smiles, "source": self.source[smiles]}
+            self.queues.send_inputs(smiles, self.seed, method="simulate", topic="simulate", task_info=info)
+
+    @result_processor(topic="simulate")
+    def receive_simulation(self, result: Result) -> None:
+        self.slots.release()
+        row = dict(result.task_info)
+        if result.success:
+            row.update(result.value)
+        else:  # the task itself failed (worker lost, exception): recorded, never dropped
+            row.update(objective=float("nan"), error=f"task failed: {result.failure_info.exception[:200]}")
+        row["index"] = len(self.results)
+        row["worker"] = (result.worker_info.hostname if result.worker_info else "") or ""
+        row["task_seconds"] = round(result.time.running or 0.0, 4)
+        with self.lock:
+            self.results.append(row)
+            done = len(self.results)
+        self.on_result(row)
+        if self.arm.features != "none" and done % self.settings.retrain_every == 0 and done < self.settings.budget:
+            self.retrain_needed.set()
+
+    @event_responder(event_name="retrain_needed")
+    def retrain(self) -> None:
+        with self.lock:
+            known = [r for r in self.results if np.isfinite(r.get("objective", np.nan))]
+            candidates = [s for s in self.source if s not in self.submitted]
+        if len(known) < 2:
+            return
+        model = BootstrapRidge(seed=int(self.rng.integers(1 << 31))).fit(
+            np.stack([self.features[r["smiles"]] for r in known]), np.array([r["objective"] for r in known])
+        )
+        scores = ucb(*model.predict(np.stack([self.features[s] for s in candidates])), kappa=self.settings.kappa)
+        order = [candidates[i] for i in np.argsort(-scores)]
+        library = [s for s in order if self.source[s] == "library"]
+        proposed = [s for s in order if self.source[s] == "proposed"]
+        ranking: list[str] = []
+        while library or proposed:
+            take_proposal = proposed and (len(ranking) % PROPOSAL_EVERY == PROPOSAL_EVERY - 1 or not library)
+            ranking.append((proposed if take_proposal else library).pop(0))
+        with self.lock:
+            self.ranking = ranking
+        if self.arm.proposals:
+            self._propose(known)
+
+    def _propose(self, known: list[dict[str, Any]]) -> None:
+        best = sorted(known, key=lambda r: -r["objective"])[: self.settings.top_k_prompts]
+        prompts = sorted({p for r in best for p in prefixes_of(r["smiles"])})
+        self.proposal_rounds += 1
+        self.submit_tpm(
+            "generate",
+            prompts,
+            adapter="smiles",
+            n=self.settings.completions,
+            max_tokens=self.settings.max_tokens,
+            temperature=1.0,
+            seed=self.seed * 1000 + self.proposal_rounds,
+            topic="tpm",
+            task_info={"prompts": prompts},
+        )
+
+    @result_processor(topic="tpm")
+    def receive_proposals(self, result: Result) -> None:
+        if not result.success:
+            self.tpm_failures.append(result.failure_info.exception)
+            return
+        new: list[str] = []
+        for per_prompt in result.value:
+            for decoded in per_prompt if isinstance(per_prompt, list) else []:
+                smiles = decoded.value
+                if smiles and smiles not in self.source and smiles not in new:
+                    new.append(smiles)
+        if new:  # embedded by a Colmena task, in the same queue as the simulations
+            self.queues.send_inputs(
+                new,
+                method="tpm_embed",
+                input_kwargs={"adapter": "smiles"},
+                topic="tpm_tasks",
+                task_info={"smiles": new},
+            )
+
+    @result_processor(topic="tpm_tasks")
+    def receive_embeddings(self, result: Result) -> None:
+        if not result.success:
+            self.tpm_failures.append(result.failure_info.exception)
+            return
+        new, emb = result.task_info["smiles"], result.value
+        vectors = emb.numpy()  # rows for the items the adapter accepted, in emb.ok order
+        with self.lock:
+            for row, item in enumerate(emb.ok):
+                smiles = new[item]
+                if smiles not in self.source:
+                    self.features[smiles] = vectors[row]
+                    self.source[smiles] = "proposed"
