@@ -220,6 +220,10 @@ def _record(
             "failed": sum(1 for r in arm_rows if r.get("error")),
             "proposed_simulated": sum(1 for r in arm_rows if r["source"] == "proposed"),
             "tpm_failures": sum(len(t.tpm_failures) for t in thinkers if t.arm.name == arm.name),
+            "proposals": {
+                key: sum(t.proposal_counts[key] for t in thinkers if t.arm.name == arm.name)
+                for key in ("completions", "new_valid", "candidates")
+            },
         }
     record = {
         "model": {"name": card.name, "content_hash": card.content_hash, "parameters": card.parameters},
@@ -237,6 +241,7 @@ def _record(
         "ledger_usage": usage,
         "replicas_killed": killed,
         "seconds": round(seconds, 1),
+        "outputs": [str(out / name) for name in ("simulations.csv", "best_found.png", "run.json")],
     }
     (out / "run.json").write_text(json.dumps(record, indent=2, default=str))
     return record
@@ -261,7 +266,7 @@ def plot_best_found(rows: list[dict[str, Any]], arms: tuple[Arm, ...], budget: i
         ax.fill_between(x, np.nanmin(curves, axis=0), np.nanmax(curves, axis=0), alpha=0.15)
     ax.set_xlabel("simulations")
     ax.set_ylabel("best objective found (D / √heavy atoms)")
-    ax.set_title("TPM-steered molecular design: best found vs budget (mean, min-max over seeds)")
+    ax.set_title("best found vs simulations (line: mean, band: min-max over seeds)")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

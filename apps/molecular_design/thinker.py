@@ -47,11 +47,13 @@ ARMS = (
 
 #: One pick in this many comes from the model's proposals, while any wait to be simulated.
 PROPOSAL_EVERY = 4
+#: How long the submitter waits for a batch's ranking before it goes on with the previous one.
+RANKING_TIMEOUT_S = 120.0
 
 
 @dataclass
 class Settings:
-    budget: int = 48
+    budget: int = 64
     in_flight: int = 4
     retrain_every: int = 8
     top_k_prompts: int = 3
@@ -86,22 +88,36 @@ class DesignThinker(TPMThinker):
         self.lock = threading.Lock()
         self.slots = threading.Semaphore(settings.in_flight)
         self.retrain_needed = threading.Event()
+        self.model: BootstrapRidge | None = None
+        self.ranked = threading.Condition()  # the submitter waits here for each batch's ranking
+        self.ranking_version = 0
         self.tpm_failures: list[str] = []
         self.proposal_rounds = 0
+        # completions asked for, valid and new molecules among them, and those embedded as candidates
+        self.proposal_counts = {"completions": 0, "new_valid": 0, "candidates": 0}
 
     # -- agents ---------------------------------------------------------------------------------
 
     @agent
     def submitter(self) -> None:
-        for _ in range(self.settings.budget):
-            self.slots.acquire()
-            with self.lock:
-                smiles = next((s for s in self.ranking if s not in self.submitted), None)
-                if smiles is None:
-                    return
-                self.submitted.add(smiles)
-                info = {"arm": self.arm.name, "seed": self.seed, "smiles": smiles, "source": self.source[smiles]}
-            self.queues.send_inputs(smiles, self.seed, method="simulate", topic="simulate", task_info=info)
+        """Batch k+1 is chosen by the surrogate trained on batches 1..k (and, in the proposing
+        arm, among the model's proposals of that round), so every arm gets the same number of
+        decisions for its budget however fast the simulations or the model are."""
+        for start in range(0, self.settings.budget, self.settings.retrain_every):
+            batch = start // self.settings.retrain_every
+            if self.arm.features != "none":
+                with self.ranked:
+                    if not self.ranked.wait_for(lambda b=batch: self.ranking_version >= b, timeout=RANKING_TIMEOUT_S):
+                        self.logger.warning(f"no new ranking after {RANKING_TIMEOUT_S} s; using the previous one")
+            for _ in range(min(self.settings.retrain_every, self.settings.budget - start)):
+                self.slots.acquire()
+                with self.lock:
+                    smiles = next((s for s in self.ranking if s not in self.submitted), None)
+                    if smiles is None:
+                        return
+                    self.submitted.add(smiles)
+                    info = {"arm": self.arm.name, "seed": self.seed, "smiles": smiles, "source": self.source[smiles]}
+                self.queues.send_inputs(smiles, self.seed, method="simulate", topic="simulate", task_info=info)
 
     @result_processor(topic="simulate")
     def receive_simulation(self, result: Result) -> None:
@@ -124,25 +140,39 @@ class DesignThinker(TPMThinker):
     @event_responder(event_name="retrain_needed")
     def retrain(self) -> None:
         with self.lock:
-            known = [r for r in self.results if np.isfinite(r.get("objective", np.nan))]
-            candidates = [s for s in self.source if s not in self.submitted]
-        if len(known) < 2:
-            return
-        model = BootstrapRidge(seed=int(self.rng.integers(1 << 31))).fit(
-            np.stack([self.features[r["smiles"]] for r in known]), np.array([r["objective"] for r in known])
-        )
-        scores = ucb(*model.predict(np.stack([self.features[s] for s in candidates])), kappa=self.settings.kappa)
-        order = [candidates[i] for i in np.argsort(-scores)]
-        library = [s for s in order if self.source[s] == "library"]
-        proposed = [s for s in order if self.source[s] == "proposed"]
-        ranking: list[str] = []
-        while library or proposed:
-            take_proposal = proposed and (len(ranking) % PROPOSAL_EVERY == PROPOSAL_EVERY - 1 or not library)
-            ranking.append((proposed if take_proposal else library).pop(0))
+            tried = list(self.results)
+        known = [r for r in tried if np.isfinite(r.get("objective", np.nan))]
+        if known:
+            # A failed simulation counts as the worst result seen, so the surrogate learns to avoid
+            # molecules like it (no MMFF94 parameters, no conformer) instead of choosing them again.
+            worst = min(r["objective"] for r in known)
+            y = np.array([r["objective"] if np.isfinite(r.get("objective", np.nan)) else worst for r in tried])
+            self.model = BootstrapRidge(seed=int(self.rng.integers(1 << 31))).fit(
+                np.stack([self.features[r["smiles"]] for r in tried]), y
+            )
+        if self.arm.proposals and known:
+            self._propose(known)  # ranked once the proposals are embedded (or refused)
+        else:
+            self._rank()
+
+    def _rank(self) -> None:
+        """Order the candidates not yet simulated by UCB; one pick in PROPOSAL_EVERY is a proposal."""
         with self.lock:
-            self.ranking = ranking
-        if self.arm.proposals:
-            self._propose(known)
+            candidates = [s for s in self.source if s not in self.submitted]
+        if self.model is not None and candidates:
+            mean, std = self.model.predict(np.stack([self.features[s] for s in candidates]))
+            order = [candidates[i] for i in np.argsort(-ucb(mean, std, kappa=self.settings.kappa))]
+            library = [s for s in order if self.source[s] == "library"]
+            proposed = [s for s in order if self.source[s] == "proposed"]
+            ranking: list[str] = []
+            while library or proposed:
+                take_proposal = proposed and (len(ranking) % PROPOSAL_EVERY == PROPOSAL_EVERY - 1 or not library)
+                ranking.append((proposed if take_proposal else library).pop(0))
+            with self.lock:
+                self.ranking = ranking
+        with self.ranked:
+            self.ranking_version += 1
+            self.ranked.notify_all()
 
     def _propose(self, known: list[dict[str, Any]]) -> None:
         best = sorted(known, key=lambda r: -r["objective"])[: self.settings.top_k_prompts]
@@ -164,32 +194,37 @@ class DesignThinker(TPMThinker):
     def receive_proposals(self, result: Result) -> None:
         if not result.success:
             self.tpm_failures.append(result.failure_info.exception)
+            self._rank()
             return
         new: list[str] = []
         for per_prompt in result.value:
             for decoded in per_prompt if isinstance(per_prompt, list) else []:
+                self.proposal_counts["completions"] += 1
                 smiles = decoded.value
                 if smiles and smiles not in self.source and smiles not in new:
                     new.append(smiles)
-        if new:  # embedded by a Colmena task, in the same queue as the simulations
-            self.queues.send_inputs(
-                new,
-                method="tpm_embed",
-                input_kwargs={"adapter": "smiles"},
-                topic="tpm_tasks",
-                task_info={"smiles": new},
-            )
+        self.proposal_counts["new_valid"] += len(new)
+        if not new:
+            self._rank()
+            return
+        # Embedded by a Colmena task, in the same queue as the simulations.
+        self.queues.send_inputs(
+            new, method="tpm_embed", input_kwargs={"adapter": "smiles"}, topic="tpm_tasks", task_info={"smiles": new}
+        )
 
     @result_processor(topic="tpm_tasks")
     def receive_embeddings(self, result: Result) -> None:
         if not result.success:
             self.tpm_failures.append(result.failure_info.exception)
+            self._rank()
             return
         new, emb = result.task_info["smiles"], result.value
-        vectors = emb.numpy()  # rows for the items the adapter accepted, in emb.ok order
+        vectors = emb.numpy(only_ok=True)  # rows for the items the adapter accepted, in emb.ok order
         with self.lock:
             for row, item in enumerate(emb.ok):
                 smiles = new[item]
                 if smiles not in self.source:
                     self.features[smiles] = vectors[row]
                     self.source[smiles] = "proposed"
+                    self.proposal_counts["candidates"] += 1
+        self._rank()
