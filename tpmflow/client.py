@@ -130,6 +130,13 @@ class Embeddings:
             raise item
         return item.numpy()
 
+    def fetch(self) -> Embeddings:
+        """Read every array now (references from the pool's store), so the object pickles
+        self-contained: to a Colmena thinker, across an Academy exchange."""
+        for i in self.ok:
+            self[i]
+        return self
+
 
 @dataclass
 class Predictions:

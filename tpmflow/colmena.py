@@ -162,9 +162,8 @@ def run_tpm_call(url: str, token: str, method: str, *args: Any, **kwargs: Any) -
     kwargs = {k: _plain(v) for k, v in kwargs.items()}
     with Client(url, token=token) as client:
         answer = getattr(client, method)(*args, **kwargs)
-        if isinstance(answer, Embeddings):  # fetched here, where the client can reach the store
-            for i in answer.ok:
-                answer[i]
+        if isinstance(answer, Embeddings):
+            answer.fetch()  # here, where the client can reach the store
         return answer
 
 
