@@ -156,13 +156,14 @@ def test_campaign_survives_a_replica_killed_mid_way(campaign: dict[str, Any]) ->
     import sqlalchemy as sa
 
     record = campaign["record"]
-    assert record["replicas_killed"] == ["replica-0"]
+    assert len(record["replicas_killed"]) == 1, "a replica was killed while it served a TPM call"
     assert all(r["tpm_failures"] == 0 for r in record["results"].values()), "every TPM call was answered"
     assert len(campaign["rows"]) == 40, "every simulation is in the CSV"
     engine = sa.create_engine(f"sqlite:///{campaign['out'] / 'ledger.db'}")
     with engine.connect() as conn:
         rows = conn.execute(sa.text("SELECT request_id, status, retry_of FROM request_ledger")).mappings().all()
     cut = [r for r in rows if r["status"] >= 500]
+    assert cut, "the kill cut a call short"
     for row in cut:  # a call cut off by the kill was retried on the other replica and answered
         assert any(r["retry_of"] == row["request_id"] and r["status"] == 200 for r in rows), row
     assert any(r["status"] == 200 for r in rows)

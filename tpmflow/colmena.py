@@ -35,7 +35,7 @@ from colmena.models.results import FailureInformation, Result
 from colmena.queue.base import ColmenaQueues
 from colmena.thinker import BaseThinker
 
-from tpmflow.client import Client
+from tpmflow.client import Client, Embeddings
 
 #: Client methods a thinker may call without blocking, and the task server may run as tasks.
 TPM_CALLS = ("generate", "embed", "predict", "probe")
@@ -109,15 +109,18 @@ class TPMThinker(BaseThinker):
             result.mark_compute_started()
             started = time.perf_counter()
             try:
-                value = call(*args, **kwargs)
+                value = _self_contained(call(*args, **kwargs))
+                result.set_result(value, runtime=time.perf_counter() - started)
+                result.mark_compute_ended()
+                result.time.serialize_results, _ = result.serialize()
             except Exception as exc:  # noqa: BLE001 - every failure goes back to the agent as a failed Result
+                # (also one that cannot be serialised: an answer that never arrives would hang the thinker)
+                result.value = None
                 result.success = False
                 result.failure_info = FailureInformation.from_exception(exc)
                 result.time.running = time.perf_counter() - started
-            else:
-                result.set_result(value, runtime=time.perf_counter() - started)
-            result.mark_compute_ended()
-            result.time.serialize_results, _ = result.serialize()
+                result.mark_compute_ended()
+                result.time.serialize_results, _ = result.serialize()
             result.mark_result_sent()
             with self._deliver_lock:
                 self.queues._send_result(result.json(), topic=topic)
@@ -131,6 +134,11 @@ class TPMThinker(BaseThinker):
         finally:
             self._tpm_calls.shutdown(wait=True)
             self.tpm.close()
+
+
+def _self_contained(answer: Any) -> Any:
+    """Arrays the pool answered by reference are read now, where the client reaches the store."""
+    return answer.fetch() if isinstance(answer, Embeddings) else answer
 
 
 def _client_method(client: Client, method: str) -> Callable[..., Any]:
@@ -156,15 +164,12 @@ def _proxystore_fields(queues: ColmenaQueues, topic: str) -> dict[str, Any]:
 
 def run_tpm_call(url: str, token: str, method: str, *args: Any, **kwargs: Any) -> Any:
     """Body of the ``tpm_*`` task methods, on a Parsl worker: one client call, proxies resolved."""
-    from tpmflow.client import Client, Embeddings
+    from tpmflow.client import Client
 
     args = tuple(_plain(a) for a in args)
     kwargs = {k: _plain(v) for k, v in kwargs.items()}
     with Client(url, token=token) as client:
-        answer = getattr(client, method)(*args, **kwargs)
-        if isinstance(answer, Embeddings):
-            answer.fetch()  # here, where the client can reach the store
-        return answer
+        return _self_contained(getattr(client, method)(*args, **kwargs))
 
 
 def _plain(value: Any) -> Any:

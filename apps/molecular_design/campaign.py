@@ -142,9 +142,8 @@ def run_campaign(
                     rows.append(row)
                     writer.writerow(row)
                     handle.flush()
-                    if kill_replica_after is not None and len(rows) == kill_replica_after and not killed:
-                        killed.append(pool.launcher.replica_ids()[0])
-                        pool.launcher.kill(killed[0])
+                    if kill_replica_after is not None and len(rows) == kill_replica_after:
+                        threading.Thread(target=_kill_a_busy_replica, args=(pool, killed), daemon=True).start()
                 progress.advance(bar)
 
             for seed in seeds:
@@ -169,6 +168,19 @@ def run_campaign(
     plot_best_found(rows, arms, settings.budget, out / "best_found.png")
     print_summary(console, record)
     return record
+
+
+def _kill_a_busy_replica(pool: Any, killed: list[str], timeout_s: float = 120.0) -> None:
+    """(testing) SIGKILL the first replica seen serving a call, so a TPM call is cut mid-flight;
+    the gateway retries it on another replica and the launcher restarts this one."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        busy = [r.info.replica_id for r in pool.gateway.registry.live() if r.inflight > 0]
+        if busy:
+            killed.append(busy[0])
+            pool.launcher.kill(busy[0])
+            return
+        time.sleep(0.01)
 
 
 def _progress(console: Console) -> Progress:
