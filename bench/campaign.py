@@ -18,6 +18,7 @@ the model (the replica's process tree, or the HTEX worker).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import threading
@@ -98,24 +99,39 @@ class PeakRSS:
 
 
 def _tree(match: str) -> list[Any]:
+    """Processes below this one whose command line contains ``match``, and their children."""
     import psutil
 
-    me = psutil.Process()
-    found = [p for p in me.children(recursive=True) if match in " ".join(p.cmdline())]
-    return found + [c for p in found for c in p.children(recursive=True)]
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if match in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:  # gone, or a zombie, between the listing and the look
+            continue
+    children = []
+    for proc in found:
+        try:
+            children += proc.children(recursive=True)
+        except psutil.Error:
+            continue
+    return found + [c for c in children if c not in found]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--calls", type=int, default=24)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--model", default="smiles-llama")
+    parser.add_argument(
+        "--model",
+        default="llama-100m",
+        help="llama-100m: a 99M-parameter Llama built here (bench/hooks.py's); or a model name or folder",
+    )
     args = parser.parse_args()
 
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     sys.path.insert(0, str(REPO))
-    from colmena.queue.python import PipeQueues
     from colmena.task_server import ParslTaskServer
     from parsl.config import Config
     from parsl.executors import HighThroughputExecutor, ThreadPoolExecutor
@@ -123,7 +139,7 @@ def main() -> None:
 
     from apps.molecular_design.library import load_library
     from bench.campaign import embed_cached_model, embed_loading_model
-    from tpmflow.colmena import tpm_methods
+    from tpmflow.colmena import SafePipeQueues, tpm_methods
     from tpmflow.config import PoolConfig
     from tpmflow.pool import Pool
     from tpmflow.pool.launch import free_port
@@ -131,11 +147,17 @@ def main() -> None:
     library = load_library()
     batches = [library[i * args.batch : (i + 1) * args.batch] for i in range(args.calls)]
     cfg = PoolConfig.from_yaml(REPO / "configs" / "local.yaml")
+    if args.model == "llama-100m":  # big enough that loading it is a real cost, small enough for CI
+        import tempfile
+
+        from bench.hooks import build_model
+
+        args.model = str(build_model(Path(tempfile.mkdtemp(prefix="tpmflow-bench-campaign-")))[0])
     cfg.model, cfg.gateway.port = args.model, free_port()
     model_dir = str(cfg.model_dir())
     rates: dict[str, tuple[float, int]] = {}
     with Pool(cfg) as pool:
-        queues = PipeQueues(topics=["bench"])
+        queues = SafePipeQueues(topics=["bench"])
         config = Config(
             executors=[
                 HighThroughputExecutor(label="htex", max_workers_per_node=1, provider=LocalProvider(init_blocks=1)),
@@ -186,6 +208,17 @@ def main() -> None:
     print(f"{'way':>10} {'calls/s':>9} {'pool / way':>11} {'peak RSS of the model holders':>31}")
     for name, (rate, peak) in rates.items():
         print(f"{name:>10} {rate:9.2f} {pool_rate / rate:10.2f}x {peak / 2**20:27.0f} MiB")
+    print(
+        json.dumps(
+            {
+                "calls": args.calls,
+                "batch": args.batch,
+                "model": Path(args.model).name,
+                **{f"{k}_calls_per_s": round(v[0], 3) for k, v in rates.items()},
+                **{f"{k}_peak_rss_mib": round(v[1] / 2**20) for k, v in rates.items()},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

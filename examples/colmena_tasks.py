@@ -17,7 +17,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from colmena.queue.python import PipeQueues
 from colmena.task_server import ParslTaskServer
 from parsl.config import Config
 from parsl.executors import HighThroughputExecutor, ThreadPoolExecutor
@@ -25,7 +24,7 @@ from parsl.providers import LocalProvider
 from proxystore.connectors.file import FileConnector
 from proxystore.store import Store, register_store
 
-from tpmflow.colmena import tpm_methods
+from tpmflow.colmena import SafePipeQueues, tpm_methods
 from tpmflow.pool import Pool
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +44,7 @@ def main() -> None:
     ):
         store = Store("colmena-tasks", FileConnector(scratch))
         register_store(store)
-        queues = PipeQueues(
+        queues = SafePipeQueues(
             topics=["simulate", "tpm"], proxystore_name={"tpm": store.name}, proxystore_threshold={"tpm": 10_000}
         )
         config = Config(

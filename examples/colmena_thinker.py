@@ -20,14 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from colmena.models.results import Result
-from colmena.queue.python import PipeQueues
 from colmena.task_server import ParslTaskServer
 from colmena.thinker import agent, result_processor
 from parsl.config import Config
 from parsl.executors import HighThroughputExecutor
 from parsl.providers import LocalProvider
 
-from tpmflow.colmena import TPMThinker
+from tpmflow.colmena import SafePipeQueues, TPMThinker
 from tpmflow.pool import Pool
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +43,7 @@ MOLECULES = [
 
 
 class TwoAgents(TPMThinker):
-    def __init__(self, queues: PipeQueues, **kwargs: Any) -> None:
+    def __init__(self, queues: SafePipeQueues, **kwargs: Any) -> None:
         super().__init__(queues, **kwargs)
         self.tpm_done = threading.Event()
         self.workers_up = threading.Event()  # HTEX workers take seconds to start the first time
@@ -90,7 +89,7 @@ def main() -> None:
     with Pool.from_config(
         REPO / "configs" / "local.yaml", **({"model": sys.argv[1]} if len(sys.argv) > 1 else {})
     ) as pool:
-        queues = PipeQueues(topics=["simulate", "tpm"])
+        queues = SafePipeQueues(topics=["simulate", "tpm"])
         config = Config(
             executors=[HighThroughputExecutor(max_workers_per_node=1, provider=LocalProvider(init_blocks=1))],
             run_dir=str(REPO / "runs" / "colmena_thinker"),

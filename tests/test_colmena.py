@@ -19,10 +19,9 @@ from typing import Any
 import numpy as np
 import pytest
 from colmena.models.results import Result
-from colmena.queue.python import PipeQueues
 from colmena.thinker import agent, result_processor
 
-from tpmflow.colmena import TPMThinker, _plain, split_site, tpm_methods
+from tpmflow.colmena import SafePipeQueues, TPMThinker, _plain, split_site, tpm_methods
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 class AskTwice(TPMThinker):
     """Submits one good and one bad call, and holds both answers."""
 
-    def __init__(self, queues: PipeQueues, **kwargs: Any) -> None:
+    def __init__(self, queues: SafePipeQueues, **kwargs: Any) -> None:
         super().__init__(queues, **kwargs)
         self.answers: dict[str, Result] = {}
         self.submit_returned_before_answer = False
@@ -47,7 +46,7 @@ class AskTwice(TPMThinker):
 
 
 def test_submit_tpm_delivers_answers_and_typed_failures_as_colmena_results(pool: Any) -> None:
-    queues = PipeQueues(topics=["tpm"])
+    queues = SafePipeQueues(topics=["tpm"])
     thinker = AskTwice(queues, url=pool.url, token=pool.token)
     thinker.start()
     thinker.join(timeout=120)
@@ -61,7 +60,7 @@ def test_submit_tpm_delivers_answers_and_typed_failures_as_colmena_results(pool:
 
 
 def test_submit_tpm_refuses_unknown_calls_and_topics(pool: Any) -> None:
-    thinker = TPMThinker(PipeQueues(topics=["tpm"]), url=pool.url, token=pool.token)
+    thinker = TPMThinker(SafePipeQueues(topics=["tpm"]), url=pool.url, token=pool.token)
     with pytest.raises(ValueError, match="unknown pool call"):
         thinker.submit_tpm("delete_everything")
     with pytest.raises(ValueError, match="unknown topic"):
@@ -73,7 +72,7 @@ def test_thinker_and_methods_need_the_pool(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.delenv("TPMFLOW_URL", raising=False)
     monkeypatch.delenv("TPMFLOW_TOKEN", raising=False)
     with pytest.raises(ValueError, match="TPMFLOW_URL"):
-        TPMThinker(PipeQueues(topics=["tpm"]))
+        TPMThinker(SafePipeQueues(topics=["tpm"]))
     with pytest.raises(ValueError, match="TPMFLOW_URL"):
         tpm_methods()
     with pytest.raises(ValueError, match="unknown pool call"):
@@ -171,3 +170,24 @@ def test_campaign_survives_a_replica_killed_mid_way(campaign: dict[str, Any]) ->
 
 def test_no_thread_left_behind() -> None:
     assert all(not t.name.startswith("tpm-call") for t in threading.enumerate())
+
+
+def test_safe_pipe_queues_keep_messages_whole_when_threads_send_at_once() -> None:
+    """A ParslTaskServer sends each result from the thread that finished the task; on a thread
+    executor several send at once. Every message must arrive intact."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    queues = SafePipeQueues(topics=["tpm"])
+    payloads = {f"{t}-{i}": (f"{t}-{i}:" + "x" * 200_000) for t in range(8) for i in range(10)}
+    received: list[str] = []
+
+    def read() -> None:
+        for _ in payloads:
+            received.append(queues._get_result("tpm", timeout=30))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda m: queues._send_result(m, "tpm"), payloads.values()))
+    reader.join(timeout=60)
+    assert sorted(received) == sorted(payloads.values())

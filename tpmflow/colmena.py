@@ -33,9 +33,43 @@ from typing import Any
 from colmena.models.methods import PythonMethod
 from colmena.models.results import FailureInformation, Result
 from colmena.queue.base import ColmenaQueues
+from colmena.queue.python import PipeQueues
 from colmena.thinker import BaseThinker
 
 from tpmflow.client import Client, Embeddings
+
+
+class SafePipeQueues(PipeQueues):
+    """Colmena's ``PipeQueues``, sending whole messages when several threads send at once.
+
+    A ``ParslTaskServer`` sends each result from the thread that completed its task. On a Parsl
+    ``ThreadPoolExecutor`` — where ``tpm_*`` tasks belong, since they only wait for the pool —
+    several threads send on one pipe at once, ``PipeQueues`` interleaves their bytes, and the
+    thinker waits forever for a result that arrived garbled. This lock serialises the sends of
+    each process (it is re-created, not shared, in a process the queues are copied into).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._send_lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_send_lock", None)
+        return state  # type: ignore[no-any-return]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._send_lock = threading.Lock()
+
+    def _send_request(self, message: str, topic: str) -> None:
+        with self._send_lock:
+            super()._send_request(message, topic)
+
+    def _send_result(self, message: str, topic: str) -> None:
+        with self._send_lock:
+            super()._send_result(message, topic)
+
 
 #: Client methods a thinker may call without blocking, and the task server may run as tasks.
 TPM_CALLS = ("generate", "embed", "predict", "probe")

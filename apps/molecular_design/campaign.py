@@ -97,11 +97,10 @@ def run_campaign(
     kill_replica_after: int | None = None,
     console: Console | None = None,
 ) -> dict[str, Any]:
-    from colmena.queue.python import PipeQueues
     from colmena.task_server import ParslTaskServer
 
     from apps.molecular_design.simulate import simulate
-    from tpmflow.colmena import tpm_methods
+    from tpmflow.colmena import SafePipeQueues, tpm_methods
 
     console = console or Console()
     out.mkdir(parents=True, exist_ok=True)
@@ -116,7 +115,7 @@ def run_campaign(
     with console.status(f"starting the pool ({replicas} vLLM replica(s) of the demo model)…"):
         pool = start_pool(out, replicas, model)
     model_dir = pool.cfg.model_dir()
-    queues = PipeQueues(topics=["simulate", "tpm", "tpm_tasks"], keep_inputs=False)
+    queues = SafePipeQueues(topics=["simulate", "tpm", "tpm_tasks"], keep_inputs=False)
     server = ParslTaskServer(
         [(simulate, {"executors": ["sim"]}), *tpm_methods(pool.url, pool.token, calls=("embed",), executors=["tpm"])],
         queues,
