@@ -98,24 +98,21 @@ class PeakRSS:
         self._thread.join()
 
 
-def _tree(match: str) -> list[Any]:
-    """Processes below this one whose command line contains ``match``, and their children."""
+def _processes(*needles: str) -> list[Any]:
+    """Every process whose command line holds all ``needles``, and its children. (HTEX's worker
+    pools are started in the background by a shell that exits, so they are nobody's children.)"""
     import psutil
 
     found = []
-    for proc in psutil.Process().children(recursive=True):
+    for proc in psutil.process_iter():
         try:
-            if match in " ".join(proc.cmdline()):
+            line = " ".join(proc.cmdline())
+            if all(n in line for n in needles):
                 found.append(proc)
+                found += [c for c in proc.children(recursive=True) if c not in found]
         except psutil.Error:  # gone, or a zombie, between the listing and the look
             continue
-    children = []
-    for proc in found:
-        try:
-            children += proc.children(recursive=True)
-        except psutil.Error:
-            continue
-    return found + [c for c in children if c not in found]
+    return list({proc.pid: proc for proc in found}.values())
 
 
 def main() -> None:
@@ -176,16 +173,20 @@ def main() -> None:
             queues.send_inputs(model_dir, ["C"], method="embed_cached_model", topic="bench")  # start the worker
             assert queues.get_result(topic="bench").success
             ways = {
-                "pool": ("tpm_embed", lambda b: ((b,), {"adapter": "smiles"}), lambda: _tree("vllm.entrypoints")),
+                "pool": (
+                    "tpm_embed",
+                    lambda b: ((b,), {"adapter": "smiles"}),
+                    lambda: _processes("vllm.entrypoints", model_dir),
+                ),
                 "per task": (
                     "embed_loading_model",
                     lambda b: ((model_dir, b), {}),
-                    lambda: _tree("process_worker_pool"),
+                    lambda: _processes("process_worker_pool", "bench_campaign"),
                 ),
                 "per worker": (
                     "embed_cached_model",
                     lambda b: ((model_dir, b), {}),
-                    lambda: _tree("process_worker_pool"),
+                    lambda: _processes("process_worker_pool", "bench_campaign"),
                 ),
             }
             for name, (method, make_args, procs) in ways.items():

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -407,6 +410,193 @@ def _fit_soft(name: str, quality_check: Any, config: str, version: str, steps: i
     console.print(
         f"{report.n_train} training / {report.n_heldout} held-out items; training took {report.train_seconds:.0f} s"
     )
+
+
+# -- the model store (tpmflow.versioning) ----------------------------------------------------------
+
+StoreOption = Annotated[
+    str | None,
+    typer.Option(
+        "--store", envvar="TPMFLOW_MODEL_STORE", help="Model store folder (default: $TPMFLOW_HOME/store/models)."
+    ),
+]
+
+
+def _store(path: str | None) -> Any:
+    from tpmflow.versioning import ModelStore
+
+    return ModelStore(path)
+
+
+def _short(version: str | None) -> str:
+    return version[7:19] if version else "-"
+
+
+@contextmanager
+def _bytes_progress(label: str) -> Iterator[Any]:
+    """A rich progress bar fed by the store's (done, total) callback."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    columns = (TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(label, total=None)
+        yield lambda done, total: progress.update(task, completed=done, total=total)
+
+
+@models_app.command("commit")
+def models_commit(
+    directory: Annotated[
+        Path, typer.Argument(help="Model folder (safetensors + config + tokenizer); with --lora, the base model's.")
+    ],
+    message: Annotated[str, typer.Option("-m", "--message", help="What this version is.")],
+    lora: Annotated[Path | None, typer.Option(help="A PEFT LoRA folder: store its factors on top of the base.")] = None,
+    parent: Annotated[
+        str | None, typer.Option(help="Version or tag this one derives from (deltas are taken against it).")
+    ] = None,
+    author: Annotated[str | None, typer.Option(help="Who commits (default: the login name).")] = None,
+    tag: Annotated[str | None, typer.Option(help="Tag the new version.")] = None,
+    store: StoreOption = None,
+) -> None:
+    """Store a model folder as a new version; prints its id (the model's content hash)."""
+    import getpass
+
+    models = _store(store)
+    before = models.disk_usage()
+    with _bytes_progress("commit") as progress:
+        version = models.commit(
+            directory, message, author or getpass.getuser(), parent=parent, lora=lora, tag=tag, progress=progress
+        )
+    added = models.disk_usage() - before
+    console.print(f"{version}  (+{added / 2**20:.2f} MiB in {models.root})")
+
+
+@models_app.command("log")
+def models_log(
+    version: Annotated[
+        str | None, typer.Argument(help="Show this version's ancestry (default: every version).")
+    ] = None,
+    store: StoreOption = None,
+) -> None:
+    """List versions, newest first, with their tags."""
+    models = _store(store)
+    tags: dict[str, list[str]] = {}
+    for name, target in models.tags.all().items():
+        tags.setdefault(target, []).append(name)
+    table = Table(title=f"model store {models.root}")
+    for col in ("version", "tags", "created", "author", "parent", "encodings", "message"):
+        table.add_column(col)
+    for m in models.log(version):
+        encodings: dict[str, int] = {}
+        for record in m.tensors.values():
+            encodings[record.encoding] = encodings.get(record.encoding, 0) + 1
+        summary = " ".join(f"{k} {n}" for k, n in sorted(encodings.items()))
+        table.add_row(
+            _short(m.id),
+            ",".join(tags.get(m.id, [])),
+            m.created[:19].replace("T", " "),
+            m.author,
+            _short(m.parent),
+            summary,
+            m.message,
+        )
+    console.print(table)
+
+
+@models_app.command("show")
+def models_show(
+    version: Annotated[str, typer.Argument(help="Version id, unique prefix or tag.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole manifest as JSON.")] = False,
+    store: StoreOption = None,
+) -> None:
+    """One version: its lineage, metrics, files and how each tensor is stored."""
+    m = _store(store).show(version)
+    if as_json:
+        console.print_json(m.to_json().decode())
+        return
+    console.print(f"[bold]{m.id}[/]  parent {m.parent or '-'}")
+    console.print(f"{m.created}  {m.author}: {m.message}")
+    if m.metrics:
+        console.print("metrics: " + ", ".join(f"{k} {v}" for k, v in m.metrics.items()))
+    if m.lora:
+        console.print(f"LoRA: {m.lora}")
+    console.print("files: " + ", ".join(m.files))
+    table = Table(title=f"{len(m.tensors)} tensors, {m.nbytes / 2**20:.2f} MiB")
+    for col in ("tensor", "dtype", "shape", "encoding", "depth", "blobs"):
+        table.add_column(col)
+    for name, r in m.tensors.items():
+        table.add_row(name, r.dtype, "x".join(map(str, r.shape)), r.encoding, str(r.depth), str(len(r.blobs)))
+    console.print(table)
+
+
+@models_app.command("diff")
+def models_diff(
+    a: Annotated[str, typer.Argument(help="From this version.")],
+    b: Annotated[str, typer.Argument(help="To this version.")],
+    show_all: Annotated[bool, typer.Option("--all", help="List unchanged tensors too.")] = False,
+    store: StoreOption = None,
+) -> None:
+    """Which tensors changed between two versions, and by how much."""
+    d = _store(store).diff(a, b)
+    table = Table(title=f"{_short(d.a)} -> {_short(d.b)}: {len(d.changed)} of {len(d.tensors)} tensors changed")
+    for col in ("tensor", "status", "elements", "fraction changed", "relative L2"):
+        table.add_column(col, justify="left" if col in ("tensor", "status") else "right")
+    for t in d.tensors if show_all else d.changed:
+        rel = "-" if t.relative_l2 is None else f"{t.relative_l2:.3g}"
+        table.add_row(t.name, t.status, f"{t.elements:,}", f"{t.fraction_changed:.4f}", rel)
+    console.print(table)
+    for path, status in d.files.items():
+        console.print(f"file {path}: {status}")
+
+
+@models_app.command("checkout")
+def models_checkout(
+    version: Annotated[str, typer.Argument(help="Version id, unique prefix or tag.")],
+    directory: Annotated[Path, typer.Argument(help="New (or empty) folder to write the model into.")],
+    store: StoreOption = None,
+) -> None:
+    """Write a version out as a model folder that vLLM and transformers load, bit for bit as committed."""
+    with _bytes_progress("checkout") as progress:
+        path = _store(store).checkout(version, directory, progress=progress)
+    console.print(f"checked out to {path}")
+
+
+@models_app.command("tag")
+def models_tag(
+    name: Annotated[str, typer.Argument(help="Tag name (letters, digits, '.', '_', '-').")],
+    version: Annotated[str, typer.Argument(help="Version id, unique prefix or tag.")],
+    force: Annotated[bool, typer.Option(help="Move the tag if it points elsewhere.")] = False,
+    store: StoreOption = None,
+) -> None:
+    """Name a version."""
+    target = _store(store).tag(name, version, force=force)
+    console.print(f"{name} -> {target}")
+
+
+@models_app.command("gc")
+def models_gc(store: StoreOption = None) -> None:
+    """Delete blobs no version references (left by interrupted commits)."""
+    report = _store(store).gc()
+    console.print(
+        f"removed {report.removed_blobs} blobs ({report.freed_bytes / 2**20:.2f} MiB), kept {report.kept_blobs}"
+    )
+
+
+@models_app.command("verify")
+def models_verify(
+    quick: Annotated[bool, typer.Option(help="Check blobs and references only; do not rebuild tensors.")] = False,
+    store: StoreOption = None,
+) -> None:
+    """Check every blob and rebuild every tensor against its blake3; exits 1 on any problem."""
+    report = _store(store).verify(deep=not quick)
+    for problem in report.problems:
+        console.print(f"[red]{problem}[/]")
+    verdict = "[green]ok[/]" if report.ok else f"[red]{len(report.problems)} problem(s)[/]"
+    console.print(
+        f"{verdict}: {report.versions} versions, {report.blobs} blobs ({report.unreferenced_blobs} unreferenced), "
+        f"{report.tensors_rebuilt} tensors rebuilt"
+    )
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -351,9 +351,13 @@ def _with_provenance(resp: httpx.Response) -> dict[str, Any]:
 
 
 class _Base:
-    def __init__(self, url: str, token: str | None, timeout: float, retries: int, backoff_s: float) -> None:
+    def __init__(
+        self, url: str, token: str | None, timeout: float, retries: int, backoff_s: float, version: str | None = None
+    ) -> None:
         self.url = url.rstrip("/")
         self.token = token
+        # Pinned: only replicas serving this model version (content hash or prefix) answer.
+        self.version = version
         self.timeout = timeout
         self.retries = retries
         self.backoff_s = backoff_s
@@ -364,6 +368,8 @@ class _Base:
         headers = {"X-Request-Id": request_id}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
+        if self.version:
+            headers["X-Tpmflow-Version"] = self.version
         return headers
 
     def _delay(self, attempt: int, exc: Overloaded) -> float:
@@ -421,8 +427,9 @@ class Client(_Base):
         retries: int = 4,
         backoff_s: float = 0.25,
         max_workers: int = 16,
+        version: str | None = None,
     ) -> None:
-        super().__init__(url, token, timeout, retries, backoff_s)
+        super().__init__(url, token, timeout, retries, backoff_s, version)
         self._http = httpx.Client(timeout=timeout)
         self._pool: ThreadPoolExecutor | None = None
         self._max_workers = max_workers
@@ -658,9 +665,15 @@ class AsyncClient(_Base):
     """Asynchronous client with the same methods as ``Client``."""
 
     def __init__(
-        self, url: str, token: str | None = None, timeout: float = 150.0, retries: int = 4, backoff_s: float = 0.25
+        self,
+        url: str,
+        token: str | None = None,
+        timeout: float = 150.0,
+        retries: int = 4,
+        backoff_s: float = 0.25,
+        version: str | None = None,
     ) -> None:
-        super().__init__(url, token, timeout, retries, backoff_s)
+        super().__init__(url, token, timeout, retries, backoff_s, version)
         self._http = httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=512))
 
     async def __aenter__(self) -> AsyncClient:

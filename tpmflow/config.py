@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from tpmflow.payload import StoreConfig
 
@@ -92,6 +92,15 @@ class PoolConfig(BaseModel):
     parts_path: str | None = Field(
         None, description="trained adapter parts, projectors and heads (default $TPMFLOW_HOME/parts)"
     )
+    version: str | None = Field(
+        None, description="serve this version of the model store (id, unique id prefix or tag), named `model`"
+    )
+    replica_versions: list[str] | None = Field(
+        None, description="one model-store version per replica: A/B comparison, reproducing old results"
+    )
+    model_store: str | None = Field(
+        None, description="the model store (default $TPMFLOW_MODEL_STORE, else $TPMFLOW_HOME/store/models)"
+    )
     service_classes: dict[str, ServiceClass] = Field(
         default_factory=lambda: {"interactive": ServiceClass(priority=0), "batch": ServiceClass(priority=10)}
     )
@@ -103,7 +112,21 @@ class PoolConfig(BaseModel):
         data.pop("parsl", None)
         return cls.model_validate(data)
 
-    def model_dir(self) -> Path:
+    @model_validator(mode="after")
+    def _one_version_per_replica(self) -> PoolConfig:
+        if self.replica_versions is not None and len(self.replica_versions) != self.replicas:
+            raise ValueError(
+                f"replica_versions names {len(self.replica_versions)} versions for {self.replicas} replicas"
+            )
+        return self
+
+    def model_dir(self, replica: int = 0) -> Path:
+        """The folder replica ``replica`` loads: a model-store version's checkout, or ``model``."""
+        version = self.replica_versions[replica] if self.replica_versions else self.version
+        if version is not None:
+            from tpmflow.versioning import materialise
+
+            return materialise(version, self.model_store)
         path = Path(self.model).expanduser()
         if path.is_dir():
             return path

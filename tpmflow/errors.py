@@ -81,6 +81,18 @@ class ModelNotFound(TpmflowError):
     status_code = 404
 
 
+class VersionNotFound(ModelNotFound):
+    """No version, tag or unique id prefix of the model store matches the name given."""
+
+
+class StoreCorrupted(TpmflowError):
+    """A blob or reconstructed tensor of the model store fails its blake3 check, or is missing.
+
+    Kept out of ``ERROR_CLASSES``: it is a server-side fault that never crosses the wire as such
+    (a plain HTTP 500 must keep mapping to ``ReplicaFailed``).
+    """
+
+
 ERROR_CLASSES: dict[str, type[TpmflowError]] = {
     cls.__name__: cls
     for cls in (
@@ -94,6 +106,7 @@ ERROR_CLASSES: dict[str, type[TpmflowError]] = {
         Overloaded,
         ReplicaFailed,
         ModelNotFound,
+        VersionNotFound,
     )
 }
 

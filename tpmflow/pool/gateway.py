@@ -62,6 +62,7 @@ class Call:
     queue_ms: float = 0.0
     model: str = ""
     content_hash: str = ""
+    version: str = ""  # X-Tpmflow-Version: only replicas serving this version may answer
 
 
 def _typed_error(payload: Any, status: int) -> dict[str, Any]:
@@ -145,6 +146,14 @@ class Gateway:
             self._record(Call(endpoint, principal, self._request_id(request)), 403, error_type="Forbidden")
             raise exc
         return principal
+
+    async def _call(self, request: Request, endpoint: str, permission: str | None) -> Call:
+        """A request's bookkeeping, once its principal may use ``permission``."""
+        principal = await self._authorise(request, permission, endpoint)
+        version = request.headers.get("X-Tpmflow-Version", "")
+        if len(version) > 80:
+            raise InvalidRequest("X-Tpmflow-Version is a content hash (blake3:...) or a prefix of one")
+        return Call(endpoint, principal, self._request_id(request), version=version)
 
     def _request_id(self, request: Request) -> str:
         rid = request.headers.get("X-Request-Id")
@@ -352,7 +361,7 @@ class Gateway:
         data = json.dumps(body).encode() if body is not None else None
         headers = {**self._headers(call), "Content-Type": "application/json"}
         while True:
-            replica = await self.registry.wait_pick(deadline, attempts.tried)
+            replica = await self.registry.wait_pick(deadline, attempts.tried, call.version)
             attempt_id, previous = attempts.next_id(call.request_id), attempts.previous
             attempts.tried.add(replica.info.replica_id)
             t0 = time.monotonic()
@@ -628,12 +637,12 @@ class Gateway:
 
         @app.get("/v1/models")
         async def models(request: Request) -> Response:
-            call = Call("models", await self._authorise(request, None), self._request_id(request))
+            call = await self._call(request, "models", None)
             async with self._admitted(call):
                 return await self.forward(call, "GET", "/v1/models", None)
 
         async def openai(request: Request, path: str, endpoint: str, chat: bool) -> Response:
-            call = Call(endpoint, await self._authorise(request, "generate", endpoint), self._request_id(request))
+            call = await self._call(request, endpoint, "generate")
             try:
                 body = self._validate_openai(await self._json_body(request), chat)
             except TpmflowError as exc:
@@ -670,7 +679,7 @@ class Gateway:
             return await openai(request, "/v1/chat/completions", "chat", chat=True)
 
         async def tpmflow_route(request: Request, name: str, permission: str) -> Response:
-            call = Call(name, await self._authorise(request, permission, name), self._request_id(request))
+            call = await self._call(request, name, permission)
             try:
                 body = await self._json_body(request)
             except TpmflowError as exc:

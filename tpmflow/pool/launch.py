@@ -75,7 +75,7 @@ class LocalLauncher:
         url = f"http://{self.host}:{port}"
         proc = ReplicaProcess(
             replica_id,
-            replica_command(self.cfg, port, self.host),
+            replica_command(self.cfg, port, self.host, index),
             replica_env(self.cfg, replica_id, url, self.gateway_url, self.secret, self._binds[index]),
             self.log_dir / f"{replica_id}.log",
         )

@@ -43,7 +43,7 @@ def run_replica(
     url = f"http://{host}:{port}"
     proc = ReplicaProcess(
         replica_id,
-        replica_command(cfg, port, host),
+        replica_command(cfg, port, host, index),
         replica_env(cfg, replica_id, url, gateway_url, secret, cpu_binds(cfg)[index]),
         Path(log_dir) / f"{replica_id}.log",
     )

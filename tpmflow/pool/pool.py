@@ -63,7 +63,8 @@ class Pool:
         from tpmflow.pool.launch import LocalLauncher, free_port
 
         cfg = self.cfg
-        cfg.model_dir()  # fail fast (ModelNotFound names the build command)
+        for replica in range(cfg.replicas):  # fail fast (ModelNotFound names the build command),
+            cfg.model_dir(replica)  # and check stored versions out once, before replicas start
         self.access = AccessDB(cfg.database_url)
         self.ledger = LedgerWriter(self.access.engine)
         self.gateway = Gateway(cfg, self.access, self.ledger, PayloadStore(cfg.store), self.secret)

@@ -6,7 +6,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from tpmflow.errors import ReplicaFailed
+from tpmflow.errors import ReplicaFailed, VersionNotFound
 from tpmflow.schema import ReplicaInfo
 
 
@@ -44,18 +44,34 @@ class ReplicaRegistry:
         now = time.monotonic()
         return [r for r in self.replicas.values() if not r.dead and now - r.last_seen <= self.timeout]
 
-    def pick(self, exclude: set[str] = frozenset()) -> ReplicaState | None:  # type: ignore[assignment]
-        candidates = [r for r in self.live() if r.info.replica_id not in exclude]
+    def pick(self, exclude: set[str] = frozenset(), version: str = "") -> ReplicaState | None:  # type: ignore[assignment]
+        """The least-loaded live replica not in ``exclude`` (serving ``version``, when one is asked for)."""
+        candidates = [r for r in self.live() if r.info.replica_id not in exclude and serves(r, version)]
         if not candidates:
             return None
         return min(candidates, key=lambda r: (r.inflight, r.served))
 
-    async def wait_pick(self, deadline: float, exclude: set[str]) -> ReplicaState:
-        """A live replica not yet tried, waiting for one to (re)appear until ``deadline``."""
+    async def wait_pick(self, deadline: float, exclude: set[str], version: str = "") -> ReplicaState:
+        """A live replica not yet tried, waiting for one to (re)appear until ``deadline``.
+
+        A ``version`` (content hash, or a unique prefix of one) no replica of the pool was started
+        with is refused at once, not waited for."""
+        if version and not any(serves(r, version) for r in self.replicas.values()):
+            served = sorted({r.info.content_hash for r in self.replicas.values()})
+            raise VersionNotFound(f"no replica serves version {version!r}; this pool serves {served}")
         while True:
-            state = self.pick(exclude) or (self.pick() if exclude else None)
+            state = self.pick(exclude, version) or (self.pick(set(), version) if exclude else None)
             if state is not None:
                 return state
             if time.monotonic() >= deadline:
                 raise ReplicaFailed("no live replica could take the request before its timeout")
             await asyncio.sleep(0.1)
+
+
+def serves(replica: ReplicaState, version: str) -> bool:
+    """Whether ``replica`` serves ``version``: a content hash, with or without ``blake3:``, or a prefix."""
+    if not version:
+        return True
+    have = replica.info.content_hash.removeprefix("blake3:")
+    want = version.removeprefix("blake3:")
+    return len(want) >= 6 and have.startswith(want)

@@ -20,15 +20,15 @@ from tpmflow.config import EngineConfig, PoolConfig
 WORKER_EXTENSION = "tpmflow.engine.hooks.TpmflowWorkerExtension"
 
 
-def replica_command(cfg: PoolConfig, port: int, host: str = "127.0.0.1") -> list[str]:
-    """The server command line for one replica."""
+def replica_command(cfg: PoolConfig, port: int, host: str = "127.0.0.1", index: int = 0) -> list[str]:
+    """The server command line for replica ``index``."""
     e: EngineConfig = cfg.engine
     cmd = [
         sys.executable,
         "-m",
         "vllm.entrypoints.openai.api_server",
         "--model",
-        str(cfg.model_dir()),
+        str(cfg.model_dir(index)),
         "--served-model-name",
         cfg.model_name(),
         "--host",

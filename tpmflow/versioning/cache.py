@@ -1,0 +1,61 @@
+"""Stored versions as folders vLLM loads: checked out once per version, then reused."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from tpmflow.versioning.store import ModelStore
+
+#: Written last into a checkout: the version it holds (a folder without it is not trusted).
+MARKER = ".tpmflow-version"
+
+
+def versions_cache_dir() -> Path:
+    from tpmflow.config import tpmflow_home
+
+    return tpmflow_home() / "models" / "versions"
+
+
+def materialise(name_or_id: str, store_root: str | Path | None = None) -> Path:
+    """The folder of a stored version (id, unique id prefix or tag), checked out on first use.
+
+    Keyed by the resolved version id, so a tag that moves gets a new folder and an old result's
+    version stays where it was. The checkout goes to a private folder renamed into place, so a
+    replica never loads half a model and two replicas starting at once both end with a whole one.
+    """
+    store = ModelStore(store_root)
+    version = store.resolve(name_or_id)
+    dest = versions_cache_dir() / version.removeprefix("blake3:")
+    if dest.is_dir():
+        if _marker(dest) == version and _card_hash(dest) in (None, version):
+            return dest
+        shutil.rmtree(dest)  # not what the store holds (edited by hand, or an older tpmflow's checkout)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    scratch = dest.with_name(f".{dest.name}.{os.getpid()}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    store.checkout(version, scratch)
+    (scratch / MARKER).write_text(version)
+    try:
+        os.replace(scratch, dest)
+    except OSError:  # another process put the same version in place first
+        shutil.rmtree(scratch, ignore_errors=True)
+    return dest
+
+
+def _marker(folder: Path) -> str | None:
+    try:
+        return (folder / MARKER).read_text().strip()
+    except OSError:
+        return None
+
+
+def _card_hash(folder: Path) -> str | None:
+    """The content hash the folder's card names (the one its replica will report), if any."""
+    import json
+
+    try:
+        return str(json.loads((folder / "tpmflow-card.json").read_text())["content_hash"])
+    except (OSError, ValueError, KeyError):
+        return None
