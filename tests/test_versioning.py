@@ -406,3 +406,36 @@ def test_cli(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert isinstance(missing.exception, VersionNotFound)
     bad_tag = runner.invoke(app, ["models", "tag", "prod", "blake3:" + "1" * 64, "--store", root])
     assert isinstance(bad_tag.exception, VersionNotFound)
+
+
+def test_adapter_parts_are_versioned_in_the_same_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
+    from tpmflow.adapters.parts import PartCard, load_part, save_part
+    from tpmflow.errors import VersionNotFound
+    from tpmflow.versioning import ModelStore
+    from tpmflow.versioning.parts import commit_part, restore_part
+
+    monkeypatch.setenv("TPMFLOW_PARTS", str(tmp_path / "parts"))
+    card = PartCard(
+        adapter="smiles-fp",
+        name="tpsa",
+        version="1.0.0",
+        kind="ridge-regression",
+        modality="molecule",
+        base_model="m",
+        base_content_hash="blake3:x",
+        hidden_size=16,
+    )
+    rng = np.random.default_rng(0)
+    folder = save_part({"weight": rng.random((16, 1), dtype=np.float32), "bias": np.zeros(1, np.float32)}, card)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    store = ModelStore(tmp_path / "store")
+    version = commit_part("smiles-fp", "tpsa", store, author="tests")  # the newest version of "tpsa"
+    assert store.resolve("part.smiles-fp.tpsa.1.0.0") == version
+    shutil.rmtree(folder)
+    restored = restore_part("smiles-fp", "tpsa@1.0.0", store)
+    assert restored == folder and {p.name: p.read_bytes() for p in restored.iterdir()} == before
+    assert load_part("smiles-fp", "tpsa@1.0.0")[1].kind == "ridge-regression"
+    with pytest.raises(VersionNotFound):
+        restore_part("smiles-fp", "tpsa@9.9.9", store)

@@ -443,6 +443,30 @@ def _bytes_progress(label: str) -> Iterator[Any]:
         yield lambda done, total: progress.update(task, completed=done, total=total)
 
 
+@adapters_app.command("commit")
+def adapters_commit(
+    adapter: Annotated[str, typer.Argument(help="Adapter name, e.g. pointcloud.")],
+    spec: Annotated[str, typer.Argument(help="Part name (its newest version) or name@version.")],
+    store: StoreOption = None,
+) -> None:
+    """Version a trained part (projector or head) in the model store, tagged part.ADAPTER.NAME.VERSION."""
+    from tpmflow.versioning.parts import commit_part
+
+    console.print(commit_part(adapter, spec, _store(store)))
+
+
+@adapters_app.command("restore")
+def adapters_restore(
+    adapter: Annotated[str, typer.Argument(help="Adapter name, e.g. pointcloud.")],
+    spec: Annotated[str, typer.Argument(help="name@version of a part committed with `adapters commit`.")],
+    store: StoreOption = None,
+) -> None:
+    """Put a committed part back where replicas look for parts (a machine that never trained it)."""
+    from tpmflow.versioning.parts import restore_part
+
+    console.print(str(restore_part(adapter, spec, _store(store))))
+
+
 @models_app.command("commit")
 def models_commit(
     directory: Annotated[
