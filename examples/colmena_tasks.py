@@ -5,7 +5,7 @@ Run: .venv/bin/python examples/colmena_tasks.py [MODEL]   (default: the demo SMI
 ``tpm_methods`` gives a ``ParslTaskServer`` the methods ``tpm_generate``, ``tpm_embed``,
 ``tpm_predict`` and ``tpm_probe``; they take the client method's arguments. Here they run on a
 thread executor (a TPM task only waits for the pool) beside RDKit simulations on a local HTEX.
-The ``tpm`` topic sends inputs above 10 kB through a ProxyStore file store: Colmena proxies them,
+The ``tpm`` topic sends inputs above 5 kB through a ProxyStore file store: Colmena proxies them,
 the worker resolves them, and the pool receives plain data (big arrays as its own signed
 references), never a pickled proxy.
 """
@@ -45,7 +45,7 @@ def main() -> None:
         store = Store("colmena-tasks", FileConnector(scratch))
         register_store(store)
         queues = SafePipeQueues(
-            topics=["simulate", "tpm"], proxystore_name={"tpm": store.name}, proxystore_threshold={"tpm": 10_000}
+            topics=["simulate", "tpm"], proxystore_name={"tpm": store.name}, proxystore_threshold={"tpm": 5_000}
         )
         config = Config(
             executors=[
@@ -58,7 +58,7 @@ def main() -> None:
         server = ParslTaskServer(methods, queues, config)
         server.start()
         try:
-            molecules = load_library()[:400]  # ~15 kB of SMILES: above the threshold, so it travels by proxy
+            molecules = load_library()[:250]  # ~9 kB of SMILES (one call takes 256 at most): above the threshold
             queues.send_inputs(molecules, method="tpm_embed", input_kwargs={"adapter": "smiles"}, topic="tpm")
             queues.send_inputs(
                 "c1ccccc1", method="tpm_generate", input_kwargs={"max_tokens": 40, "seed": 3}, topic="tpm"
