@@ -4,7 +4,6 @@ manager and local exchange, from the test (the main program) and from another ag
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -143,20 +142,18 @@ def test_concurrent_actions_run_concurrently(pool: Any) -> None:
 def test_agent_answers_while_a_long_call_is_in_flight(pool: Any) -> None:
     """A long generation in flight does not block the agent: a ping and a short action come back first."""
 
-    async def body(manager: Manager[Any], tpm: Handle[TPMAgent]) -> float:
-        started = time.monotonic()
+    async def body(manager: Manager[Any], tpm: Handle[TPMAgent]) -> None:
         # 8 x 600 tokens: seconds of work for the pool, however fast the tiny model is.
         long = asyncio.ensure_future(tpm.generate("long", n=8, max_tokens=600, seed=0, ignore_eos=True))
         await asyncio.sleep(0.05)  # the request is in the agent, awaiting the pool
         await tpm.ping(timeout=10)
         assert await tpm.models() == ["tiny-llama"]
-        answered = time.monotonic() - started
+        # The property itself, not a timing ratio: both answers came while the long call was open.
         assert not long.done(), "the long call finished first: make it longer for this machine"
         gen = await long
         assert gen.usage["completion_tokens"] == 8 * 600
-        return answered / (time.monotonic() - started)
 
-    assert run_with_agent(pool, body) < 0.5
+    run_with_agent(pool, body)
 
 
 class _Chemist(Agent):

@@ -25,6 +25,10 @@ adapters_app = typer.Typer(help="Installed domain adapters and their trained hea
 app.add_typer(adapters_app, name="adapters")
 tokens_app = typer.Typer(help="Create, list and revoke bearer tokens of principals.", no_args_is_help=True)
 app.add_typer(tokens_app, name="tokens")
+allocations_app = typer.Typer(
+    help="Projects' allocations of service units (SU) for a period, and per-principal caps.", no_args_is_help=True
+)
+app.add_typer(allocations_app, name="allocations")
 console = Console()
 
 ConfigOption = Annotated[
@@ -145,23 +149,145 @@ def tokens_revoke(
     console.print(f"revoked {n} token(s)")
 
 
+def _when(value: str | None) -> float | None:
+    """A time given as seconds since the epoch or ISO 8601 (``2025-01-31``, ``2025-01-31T12:00``,
+    local time unless it names its zone)."""
+    import datetime as dt
+
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        return dt.datetime.fromisoformat(value).timestamp()
+    except ValueError as exc:
+        raise typer.BadParameter(f"{value!r} is neither epoch seconds nor an ISO 8601 date/time") from exc
+
+
+def _date(ts: float) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d")
+
+
+SinceOption = Annotated[str | None, typer.Option("--since", help="Only rows from this time on (ISO 8601 or epoch s).")]
+UntilOption = Annotated[str | None, typer.Option("--until", help="Only rows before this time (ISO 8601 or epoch s).")]
+
+
 @app.command()
 def usage(
     by: Annotated[str, typer.Option(help="Group by 'principal' or 'project'.")] = "principal",
+    since: SinceOption = None,
+    until: UntilOption = None,
     config: ConfigOption = None,
     database_url: DatabaseOption = None,
 ) -> None:
-    """Requests, tokens and payload bytes from the ledger, per principal or per project."""
+    """Requests, tokens, payload bytes and service units (SU) from the ledger, per principal or project."""
     from tpmflow.access.db import USAGE_COLUMNS
 
-    rows = _access(config, database_url).usage(by=by)
-    table = Table(title=f"usage by {by}")
-    for col in (by, "requests", "prompt tokens", "output tokens", "bytes in", "bytes out", "activation bytes"):
+    if by not in ("principal", "project"):
+        raise typer.BadParameter("--by is 'principal' or 'project'")
+    rows = _access(config, database_url).usage(by=by, since=_when(since), until=_when(until), charges=True)
+    period = "" if since is None and until is None else f" ({since or '…'} to {until or 'now'})"
+    table = Table(title=f"usage by {by}{period}")
+    for col in (by, "requests", "prompt tokens", "output tokens", "bytes in", "bytes out", "activation bytes", "SU"):
         table.add_column(col, justify="right" if col != by else "left")
     for r in rows:
         table.add_row(
             str(r[by]),
             *(f"{r[k]:,}" for k in USAGE_COLUMNS),
+            f"{r['charge_su']:,.4f}",
+        )
+    console.print(table)
+
+
+@allocations_app.command("create")
+def allocations_create(
+    project: Annotated[str, typer.Argument(help="Project whose principals draw on it.")],
+    su: Annotated[float, typer.Option("--su", help="Service units granted.")],
+    start: Annotated[str | None, typer.Option(help="Start (ISO 8601 or epoch s; default now).")] = None,
+    end: Annotated[str | None, typer.Option(help="End, exclusive (default: a year after start).")] = None,
+    cap: Annotated[
+        list[str] | None, typer.Option("--cap", help="PRINCIPAL=SU: the most one principal may draw (repeatable).")
+    ] = None,
+    config: ConfigOption = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Grant a project SUs for a period; its requests are refused (429) once they are spent."""
+    caps: dict[str, float] = {}
+    for item in cap or []:
+        name, sep, amount = item.partition("=")
+        try:
+            caps[name.strip()] = float(amount)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise typer.BadParameter(f"--cap takes PRINCIPAL=SU, got {item!r}")
+    row = _access(config, database_url).allocations.create(project, su, _when(start), _when(end), caps)
+    _print_allocations([row])
+
+
+@allocations_app.command("show")
+def allocations_show(
+    project: Annotated[str | None, typer.Argument(help="One project (default: all).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    config: ConfigOption = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Allocations with their balance, reservations in flight and caps."""
+    rows = _access(config, database_url).allocations.show(project)
+    if as_json:
+        print(json.dumps(rows))
+        return
+    _print_allocations(rows)
+
+
+@allocations_app.command("topup")
+def allocations_topup(
+    project: Annotated[str, typer.Argument(help="Project to top up.")],
+    su: Annotated[float, typer.Option("--su", help="Service units to add.")],
+    allocation_id: Annotated[int | None, typer.Option("--id", help="Allocation id (default: the current one).")] = None,
+    config: ConfigOption = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Add SUs to a project's current allocation."""
+    row = _access(config, database_url).allocations.topup(project, su, allocation_id)
+    _print_allocations([row])
+
+
+@allocations_app.command("cap")
+def allocations_cap(
+    project: Annotated[str, typer.Argument(help="Project of the allocation.")],
+    principal: Annotated[str, typer.Argument(help="Principal to cap.")],
+    su: Annotated[float | None, typer.Option("--su", help="The most this principal may draw (omit to lift).")] = None,
+    allocation_id: Annotated[int | None, typer.Option("--id", help="Allocation id (default: the current one).")] = None,
+    config: ConfigOption = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Cap what one principal may draw from its project's allocation (or lift the cap)."""
+    access = _access(config, database_url)
+    access.allocations.set_cap(project, principal, su, allocation_id)
+    _print_allocations(access.allocations.show(project))
+
+
+def _print_allocations(rows: list[dict[str, Any]]) -> None:
+    table = Table(title="allocations (SU)")
+    for col in ("id", "project", "period", "state", "granted", "spent", "reserved", "balance", "caps"):
+        table.add_column(col, justify="right" if col in ("granted", "spent", "reserved", "balance") else "left")
+    for r in rows:
+        caps = ", ".join(f"{p} {c['spent_su']:,.2f}/{c['cap_su']:,.2f}" for p, c in r["caps"].items())
+        table.add_row(
+            str(r["id"]),
+            r["project"],
+            f"{_date(r['starts'])}..{_date(r['ends'])}",
+            "[green]active[/]" if r["active"] else "inactive",
+            f"{r['granted_su']:,.2f}",
+            f"{r['spent_su']:,.2f}",
+            f"{r['reserved_su']:,.2f}",
+            f"{r['balance_su']:,.2f}",
+            caps,
         )
     console.print(table)
 

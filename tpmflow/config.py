@@ -9,6 +9,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, Field, model_validator
 
+from tpmflow.access.costs import CostModel
 from tpmflow.payload import StoreConfig
 
 
@@ -103,6 +104,10 @@ class PoolConfig(BaseModel):
     )
     service_classes: dict[str, ServiceClass] = Field(
         default_factory=lambda: {"interactive": ServiceClass(priority=0), "batch": ServiceClass(priority=10)}
+    )
+    costs: CostModel = Field(
+        default_factory=CostModel,
+        description="service-unit prices: every ledger row's charge_su, drawn from project allocations",
     )
 
     @classmethod

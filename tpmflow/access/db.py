@@ -7,10 +7,11 @@ import secrets
 import time
 from typing import Any
 
-from sqlalchemy import create_engine, event, func, select
+from sqlalchemy import create_engine, event, func, inspect, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from tpmflow.access.allocations import Allocations
 from tpmflow.access.principals import PERMISSIONS, Principal
 from tpmflow.access.tables import Base, LedgerEntry, PayloadRow, PrincipalRow, TokenRow
 from tpmflow.errors import InvalidRequest, QuotaExceeded, Unauthorized
@@ -25,6 +26,9 @@ USAGE_COLUMNS = (
     "payload_bytes_out",
     "activation_bytes",
 )
+# Columns added to existing tables after the first release: (table, column, SQL type and default).
+# ``create_all`` makes missing tables but never alters existing ones, so ``_migrate`` adds these.
+_ADDED_COLUMNS = (("request_ledger", "charge_su", "FLOAT DEFAULT 0 NOT NULL"),)
 
 
 def default_database_url() -> str:
@@ -62,6 +66,21 @@ class AccessDB:
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         Base.metadata.create_all(self.engine)
+        self._migrate()
+        self.allocations = Allocations(self.engine, cache_s=auth_cache_s)
+
+    def _migrate(self) -> None:
+        """Add the columns a database made by an older tpmflow lacks (idempotent; another process
+        doing the same at the same moment is fine: the loser sees the column and moves on)."""
+        for table, column, decl in _ADDED_COLUMNS:
+            if column in {c["name"] for c in inspect(self.engine).get_columns(table)}:
+                continue
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {decl}"))
+            except Exception:
+                if column not in {c["name"] for c in inspect(self.engine).get_columns(table)}:
+                    raise
 
     # -- principals and tokens ---------------------------------------------------------------
 
@@ -214,8 +233,17 @@ class AccessDB:
 
     # -- usage ---------------------------------------------------------------------------------
 
-    def usage(self, by: str = "principal", principal: str | None = None) -> list[dict[str, Any]]:
-        """Totals from the ledger grouped by ``principal`` or ``project``."""
+    def usage(
+        self,
+        by: str = "principal",
+        principal: str | None = None,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        charges: bool = False,
+    ) -> list[dict[str, Any]]:
+        """Totals from the ledger grouped by ``principal`` or ``project``, of rows created in
+        [since, until) when given; ``charges`` adds ``charge_su`` (the service units charged)."""
         col = LedgerEntry.project if by == "project" else LedgerEntry.principal
         query = (
             select(
@@ -226,16 +254,27 @@ class AccessDB:
                 func.sum(LedgerEntry.payload_bytes_in),
                 func.sum(LedgerEntry.payload_bytes_out),
                 func.sum(LedgerEntry.activation_bytes),
+                func.sum(LedgerEntry.charge_su),
             )
             .group_by(col)
             .order_by(col)
         )
         if principal is not None:
             query = query.where(LedgerEntry.principal == principal)
+        if since is not None:
+            query = query.where(LedgerEntry.created >= since)
+        if until is not None:
+            query = query.where(LedgerEntry.created < until)
         with Session(self.engine) as s:
             rows = s.execute(query).all()
         keys = (by, *USAGE_COLUMNS)
-        return [dict(zip(keys, (r[0], *(int(v or 0) for v in r[1:])), strict=True)) for r in rows]
+        out = []
+        for r in rows:
+            entry = dict(zip(keys, (r[0], *(int(v or 0) for v in r[1:-1])), strict=True))
+            if charges:
+                entry["charge_su"] = float(r[-1] or 0.0)
+            out.append(entry)
+        return out
 
     def ledger_rows(self, **where: Any) -> list[LedgerEntry]:
         with Session(self.engine) as s:

@@ -35,6 +35,7 @@ class LedgerRow:
     engine_ms: float = 0.0
     error_type: str | None = None
     created: float = field(default_factory=time.time)
+    charge_su: float = 0.0  # service units charged for this attempt (tpmflow.access.costs)
 
 
 class LedgerWriter:

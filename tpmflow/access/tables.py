@@ -1,4 +1,5 @@
-"""The tables: principals, their tokens (hashed), signed payloads (for byte quotas), the ledger."""
+"""The tables: principals, their tokens (hashed), signed payloads (for byte quotas), the ledger,
+and projects' allocations of service units with per-principal caps."""
 
 from __future__ import annotations
 
@@ -67,3 +68,37 @@ class LedgerEntry(Base):
     status: Mapped[int] = mapped_column(Integer)
     error_type: Mapped[str | None] = mapped_column(String(128), nullable=True)
     created: Mapped[float] = mapped_column(Float, index=True)
+    # Added after the first release: databases made before it get the column on startup
+    # (AccessDB._migrate); the server default keeps older writers working against a migrated table.
+    charge_su: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+
+
+class AllocationRow(Base):
+    """A project's grant of service units for a period [starts, ends), in integer micro-SU.
+
+    ``spent + reserved <= granted`` always holds: a reservation is one conditional UPDATE, and a
+    settlement replaces a reservation by a charge no larger than it.
+    """
+
+    __tablename__ = "allocations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    project: Mapped[str] = mapped_column(String(64), index=True)
+    starts: Mapped[float] = mapped_column(Float)
+    ends: Mapped[float] = mapped_column(Float)
+    granted: Mapped[int] = mapped_column(BigInteger)
+    spent: Mapped[int] = mapped_column(BigInteger, default=0)
+    reserved: Mapped[int] = mapped_column(BigInteger, default=0)
+    created: Mapped[float] = mapped_column(Float)
+
+
+class AllocationCapRow(Base):
+    """The most one principal may draw from one allocation, in integer micro-SU."""
+
+    __tablename__ = "allocation_caps"
+
+    allocation_id: Mapped[int] = mapped_column(ForeignKey("allocations.id"), primary_key=True)
+    principal: Mapped[str] = mapped_column(String(64), primary_key=True)
+    cap: Mapped[int] = mapped_column(BigInteger)
+    spent: Mapped[int] = mapped_column(BigInteger, default=0)
+    reserved: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -1,7 +1,8 @@
 """The gateway: a thin authenticating, metering, routing proxy in front of the replicas.
 
-authenticate → permission check → validate → admit (bounded queue) → route to the least-loaded live
-replica → meter (one ledger row per attempt). It injects the principal's ``cache_salt`` and its
+authenticate → permission check → validate → reserve (projects with an allocation) → admit (bounded
+queue) → route to the least-loaded live replica → meter (one ledger row per attempt, with its charge
+in service units) → settle the reservation. It injects the principal's ``cache_salt`` and its
 service class's priority and strips client-supplied ones; it forces usage reporting on streams so
 the ledger always has token counts. OpenAI-compatible routes pass through to vLLM's own handlers.
 """
@@ -25,7 +26,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
-from tpmflow.access import AccessDB, LedgerRow, LedgerWriter, Principal
+from tpmflow.access import AccessDB, LedgerRow, LedgerWriter, Principal, Reservation
+from tpmflow.access.costs import Limits, max_charge
 from tpmflow.config import PoolConfig
 from tpmflow.engine.routes import PRINCIPAL_HEADER, PRIORITY_HEADER, REQUEST_ID_HEADER, SALT_HEADER
 from tpmflow.errors import (
@@ -34,6 +36,7 @@ from tpmflow.errors import (
     ModelNotFound,
     Overloaded,
     PayloadTooLarge,
+    QuotaExceeded,
     ReplicaFailed,
     TpmflowError,
     Unauthorized,
@@ -63,6 +66,9 @@ class Call:
     model: str = ""
     content_hash: str = ""
     version: str = ""  # X-Tpmflow-Version: only replicas serving this version may answer
+    body_bytes: int = 0  # size of the JSON body as received (bounds inline payload bytes)
+    reservation: Reservation | None = None  # SUs set aside at admission (projects with an allocation)
+    charged_su: float = 0.0  # SUs its ledger rows charged so far; settled when the request is done
 
 
 def _typed_error(payload: Any, status: int) -> dict[str, Any]:
@@ -159,7 +165,7 @@ class Gateway:
         rid = request.headers.get("X-Request-Id")
         return rid if rid and _REQUEST_ID.match(rid) else uuid.uuid4().hex
 
-    async def _json_body(self, request: Request) -> dict[str, Any]:
+    async def _json_body(self, request: Request, call: Call | None = None) -> dict[str, Any]:
         limit = self.cfg.gateway.max_body_bytes
         too_big = PayloadTooLarge(
             f"request body exceeds {limit} bytes; send large arrays by reference (tpmflow payloads)"
@@ -174,6 +180,8 @@ class Gateway:
                 raise too_big
             chunks.append(chunk)
         raw = b"".join(chunks)
+        if call is not None:
+            call.body_bytes = len(raw)
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -187,29 +195,87 @@ class Gateway:
         return cls.priority if cls else 0
 
     @asynccontextmanager
-    async def _admitted(self, call: Call) -> AsyncIterator[None]:
-        """Bounded admission: at most max_inflight forwarded, queue_limit waiting, else 503."""
-        if self._slots.locked() and self._waiting >= self.cfg.gateway.queue_limit:
-            self._record(call, 503, error_type="Overloaded")
-            raise Overloaded(f"pool queue is full ({self._waiting} waiting)", retry_after=1.0)
-        self._waiting += 1
-        self.metrics.queue_depth.set(self._waiting)
-        remaining = call.started + self.cfg.gateway.request_timeout_s - time.monotonic()
+    async def _admitted(self, call: Call, body: dict[str, Any] | None = None) -> AsyncIterator[None]:
+        """Bounded admission: at most max_inflight forwarded, queue_limit waiting, else 503.
+
+        First, a project with an allocation reserves the request's largest possible charge (from
+        ``body``) or is refused with ``QuotaExceeded``; on the way out — answered, failed, refused
+        by the queue — the reservation is settled with what the request's ledger rows charged.
+        """
+        await self._reserve(call, body)
         try:
-            await asyncio.wait_for(self._slots.acquire(), timeout=max(0.01, remaining))
-        except TimeoutError:
-            self._record(call, 503, error_type="Overloaded")
-            raise Overloaded("waited in the pool queue for the whole request timeout", retry_after=5.0) from None
-        finally:
-            self._waiting -= 1
+            if self._slots.locked() and self._waiting >= self.cfg.gateway.queue_limit:
+                self._record(call, 503, error_type="Overloaded")
+                raise Overloaded(f"pool queue is full ({self._waiting} waiting)", retry_after=1.0)
+            self._waiting += 1
             self.metrics.queue_depth.set(self._waiting)
-        call.queue_ms = (time.monotonic() - call.started) * 1000
-        self.metrics.inflight.inc()
-        try:
-            yield
+            remaining = call.started + self.cfg.gateway.request_timeout_s - time.monotonic()
+            try:
+                await asyncio.wait_for(self._slots.acquire(), timeout=max(0.01, remaining))
+            except TimeoutError:
+                self._record(call, 503, error_type="Overloaded")
+                raise Overloaded("waited in the pool queue for the whole request timeout", retry_after=5.0) from None
+            finally:
+                self._waiting -= 1
+                self.metrics.queue_depth.set(self._waiting)
+            call.queue_ms = (time.monotonic() - call.started) * 1000
+            self.metrics.inflight.inc()
+            try:
+                yield
+            finally:
+                self.metrics.inflight.dec()
+                self._slots.release()
         finally:
-            self.metrics.inflight.dec()
-            self._slots.release()
+            await self._settle(call)
+
+    # -- allocations: reserve before admission, settle after -----------------------------------
+
+    def _limits(self) -> Limits:
+        """The pool limits that bound one request's use (replicas report their engine's own)."""
+        live = self.registry.live()
+        return Limits(
+            max_model_len=max([r.info.max_model_len for r in live] + [self.cfg.engine.max_model_len]),
+            hidden_size=max((r.info.hidden_size for r in live), default=0),
+            max_activation_bytes=self.cfg.max_activation_bytes,
+            request_timeout_s=self.cfg.gateway.request_timeout_s,
+        )
+
+    async def _reserve(self, call: Call, body: dict[str, Any] | None) -> None:
+        """Reserve the most this request can cost from its project's allocation (atomic in the
+        database, so gateways sharing it cannot overspend together). Unlimited projects — no
+        allocation at all — pass on a cached answer without touching the database."""
+        allocations = self.access.allocations
+        project = call.principal.project
+        if allocations.unlimited(project):
+            return
+        bound = max_charge(
+            self.cfg.costs, call.principal.service_class, call.endpoint, body, call.body_bytes, self._limits()
+        )
+        try:
+            call.reservation = await asyncio.to_thread(allocations.reserve, project, call.principal.name, bound)
+        except QuotaExceeded:
+            self._record(call, 429, error_type="QuotaExceeded")
+            raise
+
+    async def _settle(self, call: Call) -> None:
+        """Swap the reservation for the real charge (at most the reservation). Runs in a thread that
+        completes even if the request task is cancelled meanwhile."""
+        reservation, call.reservation = call.reservation, None
+        if reservation is None:
+            return
+        try:
+            await asyncio.to_thread(self.access.allocations.settle, reservation, call.charged_su)
+        except Exception:  # noqa: BLE001 - the reservation stays held (never an overspend); say so
+            log.exception("settling %s SU reserved for %s failed", reservation.su, call.request_id)
+
+    def _charge(self, call: Call, row: LedgerRow) -> float:
+        """This row's SUs from its own counters. A request never costs more than it reserved: only a
+        stream outliving the request timeout could, and its excess engine time goes unbilled."""
+        charge = self.cfg.costs.charge_of(row)
+        if call.reservation is not None:
+            charge = max(0.0, min(charge, call.reservation.su - call.charged_su))
+        call.charged_su += charge
+        return charge
 
     def _record(
         self,
@@ -227,28 +293,28 @@ class Gateway:
         p = call.principal
         prompt = int(usage.get("prompt_tokens") or 0)
         output = int(usage.get("completion_tokens") or 0)
-        self.ledger.record(
-            LedgerRow(
-                request_id=attempt_id or call.request_id,
-                retry_of=retry_of,
-                principal=p.name,
-                project=p.project,
-                service_class=p.service_class,
-                endpoint=call.endpoint,
-                model=self.model_name,
-                content_hash=replica.info.content_hash if replica else call.content_hash,
-                replica_id=replica.info.replica_id if replica else None,
-                prompt_tokens=prompt,
-                output_tokens=output,
-                payload_bytes_in=int(usage.get("payload_bytes_in") or 0),
-                payload_bytes_out=int(usage.get("payload_bytes_out") or 0),
-                activation_bytes=int(usage.get("activation_bytes") or 0),
-                queue_ms=call.queue_ms,
-                engine_ms=engine_ms,
-                status=status,
-                error_type=error_type,
-            )
+        row = LedgerRow(
+            request_id=attempt_id or call.request_id,
+            retry_of=retry_of,
+            principal=p.name,
+            project=p.project,
+            service_class=p.service_class,
+            endpoint=call.endpoint,
+            model=self.model_name,
+            content_hash=replica.info.content_hash if replica else call.content_hash,
+            replica_id=replica.info.replica_id if replica else None,
+            prompt_tokens=prompt,
+            output_tokens=output,
+            payload_bytes_in=int(usage.get("payload_bytes_in") or 0),
+            payload_bytes_out=int(usage.get("payload_bytes_out") or 0),
+            activation_bytes=int(usage.get("activation_bytes") or 0),
+            queue_ms=call.queue_ms,
+            engine_ms=engine_ms,
+            status=status,
+            error_type=error_type,
         )
+        row.charge_su = self._charge(call, row)
+        self.ledger.record(row)
         self.metrics.requests.labels(call.endpoint, p.service_class, str(status)).inc()
         self.metrics.latency.labels(call.endpoint).observe(time.monotonic() - call.started)
         if error_type:
@@ -644,7 +710,7 @@ class Gateway:
         async def openai(request: Request, path: str, endpoint: str, chat: bool) -> Response:
             call = await self._call(request, endpoint, "generate")
             try:
-                body = self._validate_openai(await self._json_body(request), chat)
+                body = self._validate_openai(await self._json_body(request, call), chat)
             except TpmflowError as exc:
                 self._record(call, exc.status_code, error_type=type(exc).__name__)
                 raise
@@ -652,7 +718,7 @@ class Gateway:
             body["cache_salt"] = call.principal.cache_salt
             body["priority"] = self._priority(call.principal)
             if body.get("stream"):
-                cm = self._admitted(call)
+                cm = self._admitted(call, body)
                 await cm.__aenter__()
                 released = False
 
@@ -667,7 +733,7 @@ class Gateway:
                 except BaseException:
                     release()
                     raise
-            async with self._admitted(call):
+            async with self._admitted(call, body):
                 return await self.forward(call, "POST", path, body)
 
         @app.post("/v1/completions")
@@ -681,11 +747,11 @@ class Gateway:
         async def tpmflow_route(request: Request, name: str, permission: str) -> Response:
             call = await self._call(request, name, permission)
             try:
-                body = await self._json_body(request)
+                body = await self._json_body(request, call)
             except TpmflowError as exc:
                 self._record(call, exc.status_code, error_type=type(exc).__name__)
                 raise
-            async with self._admitted(call):
+            async with self._admitted(call, body):
                 return await self.forward(call, "POST", f"/v1/tpmflow/{name}", body)
 
         @app.post("/v1/tpmflow/embed")
@@ -778,6 +844,7 @@ class Gateway:
                 raise InvalidRequest("by must be 'principal' or 'project'")
             await asyncio.to_thread(self.ledger.flush)
             mine = None if principal.can("admin") else principal.name
-            return JSONResponse({"usage": await asyncio.to_thread(self.access.usage, by, mine)})
+            rows = await asyncio.to_thread(self.access.usage, by, mine, charges=True)
+            return JSONResponse({"usage": rows})
 
         return app
