@@ -439,3 +439,30 @@ def test_adapter_parts_are_versioned_in_the_same_store(tmp_path: Path, monkeypat
     assert load_part("smiles-fp", "tpsa@1.0.0")[1].kind == "ridge-regression"
     with pytest.raises(VersionNotFound):
         restore_part("smiles-fp", "tpsa@9.9.9", store)
+
+
+def test_tags_cannot_shadow_ids_nor_move_silently(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from tpmflow.errors import InvalidRequest
+    from tpmflow.versioning import ModelStore
+    from tpmflow.versioning.parts import restore_part
+
+    store = ModelStore(tmp_path / "store")
+    a = store.commit(tiny_model_dir, "a", "tests", tag="prod")
+    for bad in ("44084ccf", a.removeprefix("blake3:")[:12], "blake3x", "../up"):
+        with pytest.raises(InvalidRequest, match="bad tag name"):
+            store.tag(bad, a)
+    (tmp_path / "store" / "refs" / "tags" / "evil").write_text("../../../etc\n")
+    with pytest.raises(InvalidRequest, match="not a version id"):
+        store.resolve("evil")
+    with pytest.raises(InvalidRequest, match="bad part name"):
+        restore_part("..", "n@v", store)
+    from safetensors.numpy import load_file, save_file
+
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_model_dir, changed)
+    weights = load_file(str(changed / "model.safetensors"))
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 2
+    save_file(weights, str(changed / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(InvalidRequest, match="already points at"):
+        store.commit(changed, "b", "tests", tag="prod")  # stored, but "prod" keeps naming a
+    assert store.resolve("prod") == a

@@ -179,6 +179,13 @@ class Trace:
             raise KeyError(f"{name!r} was not captured; captured: {sorted(self.captures)}")
         return self.captures[name].numpy()
 
+    def fetch(self) -> Trace:
+        """Read every capture now (references from the pool's store), so the trace pickles
+        self-contained: to a Colmena thinker, across an Academy exchange."""
+        for name in self.captures:
+            self[name]
+        return self
+
     def top_tokens(self) -> list[list[str]]:
         """The logit lens's top token per layer (rows) and position (columns)."""
         return [[row[0] for row in layer["tokens"]] for layer in self.lens]

@@ -36,7 +36,7 @@ from colmena.queue.base import ColmenaQueues
 from colmena.queue.python import PipeQueues
 from colmena.thinker import BaseThinker
 
-from tpmflow.client import Client, Embeddings
+from tpmflow.client import Client, Embeddings, Trace
 
 
 class SafePipeQueues(PipeQueues):
@@ -46,28 +46,33 @@ class SafePipeQueues(PipeQueues):
     ``ThreadPoolExecutor`` — where ``tpm_*`` tasks belong, since they only wait for the pool —
     several threads send on one pipe at once, ``PipeQueues`` interleaves their bytes, and the
     thinker waits forever for a result that arrived garbled. This lock serialises the sends of
-    each process (it is re-created, not shared, in a process the queues are copied into).
+    each process: a process the queues reach by fork or by pickle makes its own on first use, so
+    a lock held by a thread of the parent at fork time cannot block the child.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._send_lock = threading.Lock()
+        self._locks: dict[int, threading.Lock] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state.pop("_send_lock", None)
+        state.pop("_locks", None)
         return state  # type: ignore[no-any-return]
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._send_lock = threading.Lock()
+        self._locks = {}
+
+    def _send_lock(self) -> threading.Lock:
+        # setdefault is atomic under the GIL: the threads of one process agree on one lock.
+        return self._locks.setdefault(os.getpid(), threading.Lock())
 
     def _send_request(self, message: str, topic: str) -> None:
-        with self._send_lock:
+        with self._send_lock():
             super()._send_request(message, topic)
 
     def _send_result(self, message: str, topic: str) -> None:
-        with self._send_lock:
+        with self._send_lock():
             super()._send_result(message, topic)
 
 
@@ -172,7 +177,7 @@ class TPMThinker(BaseThinker):
 
 def _self_contained(answer: Any) -> Any:
     """Arrays the pool answered by reference are read now, where the client reaches the store."""
-    return answer.fetch() if isinstance(answer, Embeddings) else answer
+    return answer.fetch() if isinstance(answer, Embeddings | Trace) else answer
 
 
 def _client_method(client: Client, method: str) -> Callable[..., Any]:

@@ -116,12 +116,7 @@ def run_campaign(
         pool = start_pool(out, replicas, model)
     model_dir = pool.cfg.model_dir()
     queues = SafePipeQueues(topics=["simulate", "tpm", "tpm_tasks"], keep_inputs=False)
-    server = ParslTaskServer(
-        [(simulate, {"executors": ["sim"]}), *tpm_methods(pool.url, pool.token, calls=("embed",), executors=["tpm"])],
-        queues,
-        task_server_config(out),
-    )
-    server.start()
+    server: ParslTaskServer | None = None
     rows: list[dict[str, Any]] = []
     thinkers: list[DesignThinker] = []
     handle = (out / "simulations.csv").open("w", newline="")
@@ -129,7 +124,10 @@ def run_campaign(
     writer.writeheader()
     write_lock = threading.Lock()
     killed: list[str] = []
-    try:
+    try:  # from here on, whatever fails, the pool and the task server are stopped
+        tpm_tasks = tpm_methods(pool.url, pool.token, calls=("embed",), executors=["tpm"])
+        server = ParslTaskServer([(simulate, {"executors": ["sim"]}), *tpm_tasks], queues, task_server_config(out))
+        server.start()
         with pool.client() as client, _progress(console) as progress:
             tpm_features = embed_library(client, library, progress) if any(a.features == "tpm" for a in arms) else {}
             fp_features = dict(zip(library, fingerprints(library), strict=True))
@@ -158,8 +156,11 @@ def run_campaign(
             usage = client.usage()
     finally:
         handle.close()
-        queues.send_kill_signal()
-        server.join(timeout=60)
+        if server is not None:
+            queues.send_kill_signal()
+            server.join(timeout=60)
+            if server.is_alive():
+                server.terminate()
         pool.stop()
     record = _record(
         out, model_dir, seeds, settings, arms, library, rows, thinkers, usage, killed, time.monotonic() - started

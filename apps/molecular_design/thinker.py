@@ -16,6 +16,7 @@ One thinker runs one arm of the campaign:
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,6 +61,22 @@ class Settings:
     completions: int = 8
     max_tokens: int = 80
     kappa: float = 1.0
+
+
+def _keeps_steering(handler: Callable[[DesignThinker, Result], None]) -> Callable[[DesignThinker, Result], None]:
+    """A proposal handler that fails records why and ranks without the proposals: in Colmena a dead
+    result processor leaves its topic unread, and the thinker would wait for it forever."""
+
+    @functools.wraps(handler)
+    def handle(self: DesignThinker, result: Result) -> None:
+        try:
+            handler(self, result)
+        except Exception as exc:  # noqa: BLE001 - any failure: the campaign goes on without these proposals
+            self.logger.exception("handling the model's proposals failed")
+            self.tpm_failures.append(f"{type(exc).__name__}: {exc}")
+            self._rank()
+
+    return handle
 
 
 class DesignThinker(TPMThinker):
@@ -191,6 +208,7 @@ class DesignThinker(TPMThinker):
         )
 
     @result_processor(topic="tpm")
+    @_keeps_steering
     def receive_proposals(self, result: Result) -> None:
         if not result.success:
             self.tpm_failures.append(result.failure_info.exception)
@@ -213,12 +231,16 @@ class DesignThinker(TPMThinker):
         )
 
     @result_processor(topic="tpm_tasks")
+    @_keeps_steering
     def receive_embeddings(self, result: Result) -> None:
         if not result.success:
             self.tpm_failures.append(result.failure_info.exception)
             self._rank()
             return
         new, emb = result.task_info["smiles"], result.value
+        if not emb.ok:  # the adapter refused every proposal: rank without them
+            self._rank()
+            return
         vectors = emb.numpy(only_ok=True)  # rows for the items the adapter accepted, in emb.ok order
         with self.lock:
             for row, item in enumerate(emb.ok):

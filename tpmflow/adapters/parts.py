@@ -48,11 +48,17 @@ def parts_dir() -> Path:
     return Path(env) if env else tpmflow_home() / "parts"
 
 
-def part_path(adapter: str, spec: str) -> Path:
-    """Folder of ``name`` (newest version) or ``name@version`` for an adapter."""
+def check_part_name(adapter: str, spec: str) -> tuple[str, str]:
+    """(name, version) of ``name`` or ``name@version``; names end up in paths, so they are checked."""
     name, _, version = spec.partition("@")
     if not _NAME.match(adapter) or not _NAME.match(name) or (version and not _VERSION.match(version)):
-        raise InvalidRequest(f"bad part name {spec!r} (expected name or name@version)")
+        raise InvalidRequest(f"bad part name {adapter!r} {spec!r} (expected name or name@version)")
+    return name, version
+
+
+def part_path(adapter: str, spec: str) -> Path:
+    """Folder of ``name`` (newest version) or ``name@version`` for an adapter."""
+    name, version = check_part_name(adapter, spec)
     root = parts_dir() / adapter
     if version:
         path = root / f"{name}@{version}"

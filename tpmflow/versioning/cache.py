@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
+from tpmflow.versioning.refs import check_version_id
 from tpmflow.versioning.store import ModelStore
 
 #: Written last into a checkout: the version it holds (a folder without it is not trusted).
@@ -26,15 +28,15 @@ def materialise(name_or_id: str, store_root: str | Path | None = None) -> Path:
     replica never loads half a model and two replicas starting at once both end with a whole one.
     """
     store = ModelStore(store_root)
-    version = store.resolve(name_or_id)
+    version = check_version_id(store.resolve(name_or_id), f"the store's answer for {name_or_id!r}")
     dest = versions_cache_dir() / version.removeprefix("blake3:")
     if dest.is_dir():
         if _marker(dest) == version and _card_hash(dest) in (None, version):
             return dest
         shutil.rmtree(dest)  # not what the store holds (edited by hand, or an older tpmflow's checkout)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    scratch = dest.with_name(f".{dest.name}.{os.getpid()}")
-    shutil.rmtree(scratch, ignore_errors=True)
+    # Unique per process, thread and node (replicas on several nodes may share TPMFLOW_HOME).
+    scratch = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
     store.checkout(version, scratch)
     (scratch / MARKER).write_text(version)
     try:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import getpass
 import shutil
+import tempfile
 from pathlib import Path
 
-from tpmflow.adapters.parts import parts_dir, resolved_spec
+from tpmflow.adapters.parts import check_part_name, parts_dir, resolved_spec
 from tpmflow.errors import InvalidRequest
 from tpmflow.versioning.store import ModelStore
 
@@ -42,12 +43,18 @@ def commit_part(adapter: str, spec: str, store: ModelStore | None = None, author
 def restore_part(adapter: str, spec: str, store: ModelStore | None = None) -> Path:
     """Check ``name@version`` out of the store into the parts folder (kept if already there)."""
     store = store or ModelStore()
+    check_part_name(adapter, spec)
     version = store.resolve(part_tag(adapter, spec))
     dest = parts_dir() / adapter / spec
     if (dest / "card.json").is_file():
         return dest
-    scratch = dest.with_name(f".{dest.name}.restore")
-    shutil.rmtree(scratch, ignore_errors=True)
-    store.checkout(version, scratch)
-    scratch.replace(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    try:
+        store.checkout(version, scratch)
+        if dest.exists():  # a folder without a card is an interrupted save: the store's copy wins
+            shutil.rmtree(dest)
+        scratch.replace(dest)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return dest

@@ -275,8 +275,16 @@ class ModelStore:
                 "a version's files never change (the id covers the weights only)"
             )
         if tag is not None:
-            self.tags.set(tag, version)
+            self._set_new_tag(tag, version)
         return version
+
+    def _set_new_tag(self, tag: str, version: str) -> None:
+        """A commit's ``tag`` names what it committed; moving a tag that names another version
+        needs ``tag(..., force=True)`` (a part's tag, say, must keep naming the weights results cite)."""
+        current = self.tags.get(tag)
+        if current not in (None, version):
+            raise InvalidRequest(f"tag {tag} already points at {current}; move it with `tag --force`")
+        self.tags.set(tag, version)
 
     def _encode(
         self, span: TensorSpan, raw: np.ndarray, parent: str | None, parent_manifest: Manifest | None
@@ -406,7 +414,7 @@ class ModelStore:
         write_atomic(self._manifest_path(manifest.id), manifest.to_json(), self.tmp_dir, durable=self.durable)
         self._manifests[manifest.id] = manifest
         if tag is not None:
-            self.tags.set(tag, manifest.id)
+            self._set_new_tag(tag, manifest.id)  # the version is stored even if its tag is taken
 
     @contextmanager
     def _scratch(self) -> Iterator[Path]:
