@@ -56,6 +56,13 @@ class GatewayConfig(BaseModel):
     max_body_bytes: int = Field(8 << 20, description="largest inline request body; bigger data goes by reference")
     heartbeat_timeout_s: float = 5.0
     payload_sweep_s: float = Field(60.0, description="how often expired payloads are evicted from the store")
+    # Rate limits every principal gets, enforced by each gateway in memory (tpmflow.pool.ratelimit).
+    principal_requests_per_minute: float | None = Field(
+        default=None, gt=0, description="requests one principal may send per minute (None: unlimited)"
+    )
+    principal_tokens_per_minute: float | None = Field(
+        default=None, gt=0, description="prompt + output tokens one principal may use per minute (None: unlimited)"
+    )
 
 
 class LaunchConfig(BaseModel):
@@ -70,9 +77,12 @@ class LaunchConfig(BaseModel):
 
 
 class ServiceClass(BaseModel):
-    """Scheduling priority (vLLM: lower runs earlier); limits and SLOs come with the facility issue."""
+    """Scheduling priority (vLLM: lower runs earlier) and optional rate limits, shared by every
+    principal of the class (per gateway, in memory: tpmflow.pool.ratelimit)."""
 
     priority: int = 0
+    requests_per_minute: float | None = Field(default=None, gt=0, description="None: unlimited")
+    tokens_per_minute: float | None = Field(default=None, gt=0, description="prompt + output tokens; None: unlimited")
 
 
 class PoolConfig(BaseModel):

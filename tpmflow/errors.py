@@ -54,9 +54,17 @@ class Forbidden(TpmflowError):
 
 
 class QuotaExceeded(TpmflowError):
-    """The principal's or project's quota is spent (HTTP 429)."""
+    """The principal's or project's quota is spent, or a rate limit is reached (HTTP 429).
+
+    ``retry_after`` (seconds) is set when waiting helps — a rate limit's bucket refills — and the
+    gateway then sends it as ``Retry-After``; a spent allocation leaves it ``None``.
+    """
 
     status_code = 429
+
+    def __init__(self, message: str, *, retry_after: float | None = None, item: int | None = None) -> None:
+        super().__init__(message, item=item)
+        self.retry_after = retry_after
 
 
 class Overloaded(TpmflowError):

@@ -1,10 +1,11 @@
 """The gateway: a thin authenticating, metering, routing proxy in front of the replicas.
 
-authenticate → permission check → validate → reserve (projects with an allocation) → admit (bounded
-queue) → route to the least-loaded live replica → meter (one ledger row per attempt, with its charge
-in service units) → settle the reservation. It injects the principal's ``cache_salt`` and its
-service class's priority and strips client-supplied ones; it forces usage reporting on streams so
-the ledger always has token counts. OpenAI-compatible routes pass through to vLLM's own handlers.
+authenticate → permission check → validate → rate limits (per principal and class, in memory) →
+reserve (projects with an allocation) → admit (bounded queue) → route to the least-loaded live
+replica → meter (one ledger row per attempt, with its charge in service units) → settle the
+reservation. It injects the principal's ``cache_salt`` and its service class's priority and strips
+client-supplied ones; it forces usage reporting on streams so the ledger always has token counts.
+OpenAI-compatible routes pass through to vLLM's own handlers.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -43,6 +46,7 @@ from tpmflow.errors import (
 )
 from tpmflow.payload import PayloadStore, Reference, Signer
 from tpmflow.pool.metrics import GatewayMetrics
+from tpmflow.pool.ratelimit import RateLimiter
 from tpmflow.pool.registry import ReplicaRegistry, ReplicaState
 from tpmflow.schema import ReplicaInfo, SignRequest
 
@@ -116,6 +120,7 @@ class Gateway:
         self.model_name = cfg.model_name()
         self._slots = asyncio.Semaphore(cfg.gateway.max_inflight)
         self._waiting = 0
+        self.rate_limits = RateLimiter(cfg)  # per principal and per service class, in this gateway's memory
         self._http: aiohttp.ClientSession | None = None
         self.app = self._build_app()
 
@@ -201,7 +206,9 @@ class Gateway:
         First, a project with an allocation reserves the request's largest possible charge (from
         ``body``) or is refused with ``QuotaExceeded``; on the way out — answered, failed, refused
         by the queue — the reservation is settled with what the request's ledger rows charged.
+        Before both, rate limits: a rate-limited request reserves nothing.
         """
+        self._rate_limit(call)
         await self._reserve(call, body)
         try:
             if self._slots.locked() and self._waiting >= self.cfg.gateway.queue_limit:
@@ -228,6 +235,16 @@ class Gateway:
         finally:
             await self._settle(call)
 
+    def _rate_limit(self, call: Call) -> None:
+        """Per-principal and per-class rate limits (tpmflow.pool.ratelimit): refused with a 429
+        ``QuotaExceeded`` + Retry-After, and a ledger row whose error_type ``RateLimited`` tells it
+        from a spent allocation (waiting helps; a top-up is not needed)."""
+        try:
+            self.rate_limits.admit(call.principal)
+        except QuotaExceeded:
+            self._record(call, 429, error_type="RateLimited")
+            raise
+
     # -- allocations: reserve before admission, settle after -----------------------------------
 
     def _limits(self) -> Limits:
@@ -251,11 +268,22 @@ class Gateway:
         bound = max_charge(
             self.cfg.costs, call.principal.service_class, call.endpoint, body, call.body_bytes, self._limits()
         )
+        reserving = asyncio.ensure_future(asyncio.to_thread(allocations.reserve, project, call.principal.name, bound))
         try:
-            call.reservation = await asyncio.to_thread(allocations.reserve, project, call.principal.name, bound)
+            call.reservation = await asyncio.shield(reserving)
         except QuotaExceeded:
             self._record(call, 429, error_type="QuotaExceeded")
             raise
+        except asyncio.CancelledError:
+            # The client left while the database reserved: the thread finishes anyway, so give the
+            # SUs back once it has, or they would stay held with no request to settle them.
+            reserving.add_done_callback(self._release_abandoned)
+            raise
+
+    def _release_abandoned(self, reserving: asyncio.Future[Reservation | None]) -> None:
+        if reserving.cancelled() or reserving.exception() is not None or reserving.result() is None:
+            return
+        threading.Thread(target=self.access.allocations.settle, args=(reserving.result(), 0.0), daemon=True).start()
 
     async def _settle(self, call: Call) -> None:
         """Swap the reservation for the real charge (at most the reservation). Runs in a thread that
@@ -315,6 +343,8 @@ class Gateway:
         )
         row.charge_su = self._charge(call, row)
         self.ledger.record(row)
+        # Token rate limits are debited with the same counts the ledger row gets, once known.
+        self.rate_limits.debit_tokens(p, prompt + output)
         self.metrics.requests.labels(call.endpoint, p.service_class, str(status)).inc()
         self.metrics.latency.labels(call.endpoint).observe(time.monotonic() - call.started)
         if error_type:
@@ -661,7 +691,9 @@ class Gateway:
 
         @app.exception_handler(TpmflowError)
         async def _typed(_: Request, exc: TpmflowError) -> JSONResponse:
-            headers = {"Retry-After": str(int(max(1, exc.retry_after)))} if isinstance(exc, Overloaded) else None
+            # Overloaded always, QuotaExceeded when a rate limit refused it (whole seconds, rounded up).
+            retry_after = getattr(exc, "retry_after", None) if isinstance(exc, (Overloaded, QuotaExceeded)) else None
+            headers = {"Retry-After": str(math.ceil(max(1.0, retry_after)))} if retry_after is not None else None
             return JSONResponse(exc.to_body(), status_code=exc.status_code, headers=headers)
 
         @app.get("/health")
