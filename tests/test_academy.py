@@ -4,6 +4,7 @@ manager and local exchange, from the test (the main program) and from another ag
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -139,21 +140,43 @@ def test_concurrent_actions_run_concurrently(pool: Any) -> None:
     assert [g.usage["completion_tokens"] for g in out] == [4, 4] and agent.most_inside == 2
 
 
+class _Held(TPMAgent):
+    """A TPMAgent whose ``generate`` calls the pool, then stays in flight until the test lets go:
+    how long the call lasts is up to the test, not to how fast this machine generates."""
+
+    def __init__(self, url: str, token: str) -> None:
+        super().__init__(url, token)
+        self.in_flight = threading.Event()
+        self.release = threading.Event()
+
+    async def agent_on_startup(self) -> None:
+        await super().agent_on_startup()
+        real = self.client.generate
+
+        async def held(*args: Any, **kwargs: Any) -> Any:
+            self.in_flight.set()
+            answer = await real(*args, **kwargs)
+            await asyncio.to_thread(self.release.wait, 60)  # awaiting, as a long pool call does
+            return answer
+
+        self.client.generate = held  # type: ignore[method-assign]
+
+
 def test_agent_answers_while_a_long_call_is_in_flight(pool: Any) -> None:
-    """A long generation in flight does not block the agent: a ping and a short action come back first."""
+    """An action in flight does not block the agent: a ping and another action come back first."""
+    agent = _Held(pool.url, pool.token)
 
     async def body(manager: Manager[Any], tpm: Handle[TPMAgent]) -> None:
-        # 8 x 600 tokens: seconds of work for the pool, however fast the tiny model is.
-        long = asyncio.ensure_future(tpm.generate("long", n=8, max_tokens=600, seed=0, ignore_eos=True))
-        await asyncio.sleep(0.05)  # the request is in the agent, awaiting the pool
+        long = asyncio.ensure_future(tpm.generate("long", max_tokens=32, seed=0, ignore_eos=True))
+        assert await asyncio.to_thread(agent.in_flight.wait, 30), "the call never reached the agent"
         await tpm.ping(timeout=10)
         assert await tpm.models() == ["tiny-llama"]
-        # The property itself, not a timing ratio: both answers came while the long call was open.
-        assert not long.done(), "the long call finished first: make it longer for this machine"
+        assert not long.done()  # both answers came while the call was still open
+        agent.release.set()
         gen = await long
-        assert gen.usage["completion_tokens"] == 8 * 600
+        assert gen.usage["completion_tokens"] == 32
 
-    run_with_agent(pool, body)
+    run_with_agent(pool, body, agent=agent)
 
 
 class _Chemist(Agent):
