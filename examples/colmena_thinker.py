@@ -54,7 +54,7 @@ class TwoAgents(TPMThinker):
         """A long batch of generations: submitted, and this agent is free at once."""
         self.workers_up.wait()
         self.events.append(("tpm submitted", time.monotonic()))
-        prompts = ["c1ccccc1"] * 16
+        prompts = ["c1ccccc1"] * 48  # long enough to overlap several simulations on a fast machine
         self.submit_tpm("generate", prompts, max_tokens=240, ignore_eos=True, temperature=1.0, seed=1)
 
     @result_processor(topic="tpm")

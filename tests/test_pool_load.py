@@ -111,8 +111,9 @@ def test_replica_killed_under_load(pool: Any) -> None:
 
             async def one(i: int) -> Any:
                 try:
+                    # Long enough that the kill cuts some short even where the tiny model is fast.
                     return await ac.generate(
-                        f"kill{i}", max_tokens=300, temperature=0.0, ignore_eos=True, request_id=f"kill-{i}"
+                        f"kill{i}", max_tokens=600, temperature=0.0, ignore_eos=True, request_id=f"kill-{i}"
                     )
                 except ReplicaFailed as exc:
                     return exc
@@ -122,7 +123,7 @@ def test_replica_killed_under_load(pool: Any) -> None:
             while pool.gateway.registry.replicas["replica-0"].inflight == 0:  # kill it while it works
                 assert time.monotonic() - waited < 30, "replica-0 never received work"
                 await asyncio.sleep(0.05)
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.05)
             assert not all(t.done() for t in tasks)
             pool.launcher.kill("replica-0")
             # None may hang: everything settles within the request timeout (plus slack).
@@ -139,10 +140,6 @@ def test_replica_killed_under_load(pool: Any) -> None:
     with pool.client() as c:  # the survivor keeps serving
         assert all(c.generate(f"after{i}", max_tokens=2).usage["completion_tokens"] == 2 for i in range(4))
 
-    pool.ledger.flush()
-    hit = [r for r in pool.access.ledger_rows() if r.request_id.startswith("kill-") and r.status == 502]
-    assert hit, "no request was in flight on the killed replica; the test did not exercise failover"
-
     deadline = time.monotonic() + 180  # the launcher restarts the replica; it registers again
     while time.monotonic() < deadline:
         live = {r.info.replica_id: r for r in pool.gateway.registry.live()}
@@ -158,6 +155,9 @@ def test_replica_killed_under_load(pool: Any) -> None:
     restarted = pool.gateway.registry.replicas["replica-0"]
     assert restarted.info.url != url_before and restarted.served > 0, "the restarted replica serves again"
     pool.ledger.flush()
+    # Checked after the restart, so a failure here does not leave the next tests a pool of one.
+    hit = [r for r in pool.access.ledger_rows() if r.request_id.startswith("kill-") and r.status == 502]
+    assert hit, "no request was in flight on the killed replica; the test did not exercise failover"
     retried = [r for r in pool.access.ledger_rows() if r.retry_of is not None and r.request_id.startswith("kill-")]
     assert any(r.status == 200 for r in retried), "a request cut off by the kill was retried and answered"
     assert all(r.request_id.startswith(r.retry_of.split(".r")[0]) for r in retried)
