@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +87,69 @@ def pool(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 def client(pool: Any) -> Iterator[Any]:
     with pool.client() as c:
         yield c
+
+
+@contextmanager
+def _serving_side_gateway(pool: Any, cfg: Any) -> Iterator[tuple[Any, str, asyncio.AbstractEventLoop]]:
+    import uvicorn
+
+    from tpmflow.payload import PayloadStore
+    from tpmflow.pool.gateway import Gateway
+    from tpmflow.pool.launch import free_port
+
+    gw = Gateway(cfg, pool.access, pool.ledger, PayloadStore(cfg.store), pool.secret)
+    for replica in pool.gateway.registry.live():
+        gw.registry.heartbeat(replica.info)
+    gw.registry.timeout = 1e9  # this gateway gets no heartbeats of its own
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(gw.app, host="127.0.0.1", port=port, log_level="warning"))
+    loop = asyncio.new_event_loop()  # the test may schedule work on the server's own loop
+    thread = threading.Thread(target=loop.run_until_complete, args=(server.serve(),), daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        yield gw, f"http://127.0.0.1:{port}", loop
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture()
+def side_gateway(pool: Any) -> Callable[[Any], AbstractContextManager[tuple[Any, str, asyncio.AbstractEventLoop]]]:
+    """``with side_gateway(cfg) as (gateway, url, loop)``: a second gateway with its own config
+    (admission, rate limits…) over the session pool's replicas, ledger and access database."""
+    return functools.partial(_serving_side_gateway, pool)
+
+
+# -- PostgreSQL, a facility's ledger ------------------------------------------------------------
+
+POSTGRES_URL = os.environ.get("TPMFLOW_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def _postgres_or_fail() -> str:
+    """PostgreSQL is a facility's ledger. CI must have it (.ci/run starts it); elsewhere skip loudly."""
+    from sqlalchemy import create_engine, text
+
+    try:
+        with create_engine(POSTGRES_URL).connect() as conn:
+            conn.execute(text("select 1"))
+    except Exception as exc:  # noqa: BLE001
+        message = f"PostgreSQL not reachable at {POSTGRES_URL}: {exc}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip("LOUD SKIP: " + message)
+    return POSTGRES_URL
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def access(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """An access database (principals, tokens, ledger, allocations) on SQLite and on PostgreSQL."""
+    from tpmflow.access import AccessDB
+
+    if request.param == "sqlite":
+        db = AccessDB(f"sqlite:///{tmp_path / 'access.db'}")
+    else:
+        db = AccessDB(_postgres_or_fail())
+    yield db
+    db.engine.dispose()

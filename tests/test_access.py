@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,33 +11,6 @@ from sqlalchemy import text
 
 from tpmflow.access import AccessDB, LedgerRow, LedgerWriter
 from tpmflow.errors import InvalidRequest, QuotaExceeded, Unauthorized
-
-POSTGRES_URL = os.environ.get("TPMFLOW_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-
-
-def _postgres_or_fail() -> str:
-    """PostgreSQL is a facility's ledger. CI must have it (.ci/run starts it); elsewhere skip loudly."""
-    from sqlalchemy import create_engine
-
-    try:
-        with create_engine(POSTGRES_URL).connect() as conn:
-            conn.execute(text("select 1"))
-    except Exception as exc:  # noqa: BLE001
-        message = f"PostgreSQL not reachable at {POSTGRES_URL}: {exc}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip("LOUD SKIP: " + message)
-    return POSTGRES_URL
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def access(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AccessDB]:
-    if request.param == "sqlite":
-        yield AccessDB(f"sqlite:///{tmp_path / 'access.db'}")
-        return
-    db = AccessDB(_postgres_or_fail())
-    yield db
-    db.engine.dispose()
 
 
 def _name(prefix: str) -> str:

@@ -33,36 +33,19 @@ def test_200_concurrent_requests_get_200_answers_and_200_ledger_rows(pool: Any) 
     assert all(r.status == 200 and r.output_tokens == 4 and r.principal == "pool-admin" for r in rows.values())
 
 
-def test_admission_beyond_the_queue_is_503_with_retry_after(pool: Any) -> None:
+def test_admission_beyond_the_queue_is_503_with_retry_after(pool: Any, side_gateway: Any) -> None:
     """A second gateway over the same replicas, with room for 1 in flight and 1 waiting.
 
     The test holds the only slot itself, so which requests wait and which are refused does not
     depend on how fast the runner generates tokens.
     """
-    import uvicorn
-
-    from tpmflow.payload import PayloadStore
-    from tpmflow.pool.gateway import Gateway
-    from tpmflow.pool.launch import free_port
-
     cfg = pool.cfg.model_copy(deep=True)
     cfg.gateway.max_inflight, cfg.gateway.queue_limit = 1, 1
-    gw = Gateway(cfg, pool.access, pool.ledger, PayloadStore(cfg.store), pool.secret)
-    for replica in pool.gateway.registry.live():
-        gw.registry.heartbeat(replica.info)
-    gw.registry.timeout = 1e9  # this test gateway gets no heartbeats of its own
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(gw.app, host="127.0.0.1", port=port, log_level="warning"))
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_until_complete, args=(server.serve(),), daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}/v1/completions"
     body = {"model": "tiny-llama", "prompt": "busy", "max_tokens": 4}
     headers = {"Authorization": f"Bearer {pool.token}"}
     queued: list[httpx.Response] = []
-    try:
+    with side_gateway(cfg) as (gw, base, loop):
+        url = f"{base}/v1/completions"
         asyncio.run_coroutine_threadsafe(gw._slots.acquire(), loop).result(timeout=10)  # the pool is busy
         waiter = threading.Thread(target=lambda: queued.append(httpx.post(url, json=body, headers=headers, timeout=60)))
         waiter.start()
@@ -78,9 +61,6 @@ def test_admission_beyond_the_queue_is_503_with_retry_after(pool: Any) -> None:
         refused = asyncio.run(burst())
         loop.call_soon_threadsafe(gw._slots.release)  # the queued request goes through
         waiter.join(timeout=60)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
     assert [r.status_code for r in queued] == [200], "the request that waited in the queue is served"
     assert [r.status_code for r in refused] == [503] * 6, [r.text for r in refused]
     assert all(r.headers["Retry-After"] == "1" and r.json()["error"]["type"] == "Overloaded" for r in refused)

@@ -3,10 +3,7 @@ then through a real gateway over the session pool's replicas (429 + Retry-After 
 
 from __future__ import annotations
 
-import asyncio
 import math
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -138,36 +135,16 @@ def _name(prefix: str) -> str:
 
 
 @pytest.fixture()
-def limited(pool: Any) -> Iterator[tuple[Any, str, Clock]]:
+def limited(pool: Any, side_gateway: Any) -> Iterator[tuple[Any, str, Clock]]:
     """A second gateway over the session pool's replicas: 3 requests a minute per principal, class
     ``metered`` 12 tokens a minute, on a clock the test moves."""
-    import uvicorn
-
-    from tpmflow.payload import PayloadStore
-    from tpmflow.pool.gateway import Gateway
-    from tpmflow.pool.launch import free_port
-
     cfg = pool.cfg.model_copy(deep=True)
     cfg.gateway.principal_requests_per_minute = 3
     cfg.service_classes["metered"] = ServiceClass(priority=10, tokens_per_minute=12)
-    gw = Gateway(cfg, pool.access, pool.ledger, PayloadStore(cfg.store), pool.secret)
-    clock = Clock()
-    gw.rate_limits.clock = clock
-    for replica in pool.gateway.registry.live():
-        gw.registry.heartbeat(replica.info)
-    gw.registry.timeout = 1e9  # this test gateway gets no heartbeats of its own
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(gw.app, host="127.0.0.1", port=port, log_level="warning"))
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_until_complete, args=(server.serve(),), daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    try:
-        yield gw, f"http://127.0.0.1:{port}", clock
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with side_gateway(cfg) as (gw, url, _):
+        clock = Clock()
+        gw.rate_limits.clock = clock
+        yield gw, url, clock
 
 
 def _complete(url: str, token: str, max_tokens: int = 2) -> httpx.Response:
