@@ -128,13 +128,6 @@ def campaign(args: argparse.Namespace, grid: SampleGrid, features: dict[str, np.
     return rows
 
 
-def curves_of(rows: list[dict[str, Any]], repeats: int, budget: int) -> dict[str, np.ndarray]:
-    curves = {arm: np.zeros((repeats, budget)) for arm in ARMS}
-    for row in rows:
-        curves[row["arm"]][row["repeat"], row["step"] - 1] = row["best_so_far"]
-    return curves
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     console = Console()
@@ -159,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Evaluation only: every position measured once (repeat 0's noise), after the campaign.
     full = np.array([measure(grid, i, args.seed, 0).intensity for i in range(n)])
-    curves = curves_of(rows, args.repeats, args.budget)
+    curves = outputs.curves_of(rows, ARMS, args.repeats, args.budget)
     summary = outputs.arm_summary(curves)
     verdict = outputs.winner(summary, maximize=True)
     outputs.write_csv(args.out / "measurements.csv", rows)

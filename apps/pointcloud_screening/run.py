@@ -92,14 +92,6 @@ def campaign(
     return rows
 
 
-def curves_of(rows: list[dict[str, Any]], repeats: int, budget: int) -> dict[str, np.ndarray]:
-    """``[repeats, budget]`` running bests per arm, from the CSV rows."""
-    curves = {arm: np.zeros((repeats, budget)) for arm in ARMS}
-    for row in rows:
-        curves[row["arm"]][row["repeat"], row["step"] - 1] = row["best_so_far"]
-    return curves
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     console = Console()
@@ -123,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Evaluation only: every candidate analysed once, after the campaign.
     measured = np.array([analysis.analyse(c).defect_fraction for c in library.clouds])
-    curves = curves_of(rows, args.repeats, args.budget)
+    curves = outputs.curves_of(rows, ARMS, args.repeats, args.budget)
     summary = outputs.arm_summary(curves)
     for s in summary.values():
         s["rank_of_final_best_per_repeat"] = [

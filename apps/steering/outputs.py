@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,14 @@ from rich.table import Table
 def best_so_far(values: np.ndarray, maximize: bool) -> np.ndarray:
     """Running best along the last axis."""
     return np.maximum.accumulate(values, axis=-1) if maximize else np.minimum.accumulate(values, axis=-1)
+
+
+def curves_of(rows: list[dict[str, Any]], arms: Sequence[str], repeats: int, budget: int) -> dict[str, np.ndarray]:
+    """``[repeats, budget]`` running bests per arm, from the CSV rows."""
+    curves = {arm: np.zeros((repeats, budget)) for arm in arms}
+    for row in rows:
+        curves[row["arm"]][row["repeat"], row["step"] - 1] = row["best_so_far"]
+    return curves
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
