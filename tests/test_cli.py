@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tpmflow.models.card import content_hash, read_card
 
 
@@ -89,3 +91,21 @@ def test_adapters_list_and_show(tmp_path: Path) -> None:
         timeout=120,
     )
     assert missing.returncode == 2 and "not installed" in missing.stderr
+
+
+def test_slo_report_without_and_with_targets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    plain = tpmflow("slo", "report", home=tmp_path)
+    assert plain.returncode == 0 and "no service class has SLO targets" in plain.stdout, plain.stderr
+    config = tmp_path / "pool.yaml"
+    config.write_text("model: tiny-llama\nservice_classes:\n  batch: {priority: 10, min_tokens_per_s: 50}\n")
+    proc = tpmflow("slo", "report", "--config", str(config), "--window", "30m", "--json", home=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    (batch,) = report["classes"]
+    assert (batch["service_class"], batch["verdict"], batch["requests"]) == ("batch", "no data", 0)
+    assert report["until"] - report["since"] == pytest.approx(1800)
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps narrow tables
+    table = tpmflow("slo", "report", "--config", str(config), home=tmp_path)
+    assert table.returncode == 0 and "batch" in table.stdout and "NO DATA" in table.stdout, table.stdout
+    bad = tpmflow("slo", "report", "--window", "soon", home=tmp_path)
+    assert bad.returncode == 2 and "not a duration" in bad.stderr

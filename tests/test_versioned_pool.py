@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,9 +26,43 @@ def _transformers_pooled(model_dir: Path, text: str) -> np.ndarray:
     return out.hidden_states[-1][0].numpy().mean(axis=0)  # after the final norm
 
 
+def _transformers_greedy(model_dir: Path, text: str, n: int) -> list[int]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    ids = tok(text, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return [int(t) for t in out[0, ids.shape[1] :]]
+
+
+def _lora_folder(path: Path, base: dict[str, np.ndarray], rank: int = 8, alpha: float = 16.0) -> Path:
+    """A PEFT LoRA of every attention and MLP projection (what vLLM can serve as an adapter)."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(7)
+    path.mkdir()
+    tensors = {}
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    for name, w in base.items():
+        module = name.removesuffix(".weight")
+        if module.rsplit(".", 1)[-1] in targets:
+            a = rng.standard_normal((rank, w.shape[1])) * 0.05
+            b = rng.standard_normal((w.shape[0], rank)) * 0.05
+            tensors[f"base_model.model.{module}.lora_A.weight"] = a.astype(np.float32)
+            tensors[f"base_model.model.{module}.lora_B.weight"] = b.astype(np.float32)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": list(targets)}
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    return path
+
+
 @pytest.fixture(scope="module")
 def versions(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Version A is the tiny model; B changes its final norm (a fine-tune in miniature)."""
+    """Version A is the tiny model; B changes its final norm (a fine-tune in miniature); "lora" is a
+    rank-8 LoRA of A's projections, committed as factors and served as a vLLM adapter on A."""
     from safetensors.numpy import load_file, save_file
 
     root = tmp_path_factory.mktemp("versions")
@@ -39,7 +74,13 @@ def versions(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     weights["model.norm.weight"] = weights["model.norm.weight"] * np.float32(1.5)
     save_file(weights, str(changed / "model.safetensors"), metadata={"format": "pt"})
     b = store.commit(changed, "final norm x1.5", "tests", parent=a, tag="b")
-    return {"store": store, "root": root, "a": a, "b": b}
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    lora = store.commit(None, "rank-8 LoRA", "tests", lora=_lora_folder(root / "lora", base), parent=a, tag="lora")
+    from tpmflow.versioning.cache import versions_cache_dir
+
+    # an earlier run's reference checkout, so the test can see that the pool makes none of its own
+    shutil.rmtree(versions_cache_dir() / lora.removeprefix("blake3:"), ignore_errors=True)
+    return {"store": store, "root": root, "a": a, "b": b, "lora": lora}
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +94,7 @@ def ab_pool(versions: dict[str, Any]) -> Iterator[Any]:
         model="tiny-llama",
         replicas=2,
         replica_versions=["a", versions["b"]],  # a tag and a version id
+        lora_versions=["lora"],  # served as an adapter by the replica running its parent, A
         model_store=str(versions["store"].root),
         gateway=GatewayConfig(request_timeout_s=60),
         store=StoreConfig(path=str(root / "payloads")),
@@ -86,6 +128,37 @@ def test_replicas_pinned_to_a_and_b_give_those_weights_outputs(ab_pool: Any, ver
     with ab_pool.client() as client:  # unpinned: both versions answer, each naming itself
         seen = {client.generate("x", max_tokens=1).provenance["content_hash"] for _ in range(8)}
     assert seen == {versions["a"], versions["b"]}
+
+
+def test_a_lora_version_is_served_as_a_vllm_adapter_on_its_parent(ab_pool: Any, versions: dict[str, Any]) -> None:
+    import httpx
+
+    from tpmflow.versioning.cache import versions_cache_dir
+
+    a, lora = versions["a"], versions["lora"]
+    # No merged checkout of the LoRA version was made: the replica loads A and the factors only.
+    assert not (versions_cache_dir() / lora.removeprefix("blake3:")).exists()
+    served = {r.info.replica_id: (r.info.content_hash, r.info.lora_versions) for r in ab_pool.gateway.registry.live()}
+    assert served["replica-0"] == (a, [lora]) and served["replica-1"] == (versions["b"], [])
+    text = "versioned weights"
+    with ab_pool.client(version=lora[:20]) as client:  # a prefix of the id pins too
+        embs = [client.embed([text]) for _ in range(3)]
+    assert {e.provenance["content_hash"] for e in embs} == {lora}
+    got = embs[0].numpy()[0]
+    merged = materialise(lora, versions["store"].root)  # the reference: the store's merged weights
+    reference = _transformers_pooled(merged, text)
+    assert float(np.abs(got - reference).max() / np.abs(reference).max()) <= 1e-4
+    base = _transformers_pooled(materialise(a, versions["store"].root), text)
+    assert float(np.abs(got - base).max() / np.abs(base).max()) > 1e-2, "the adapter changes the outputs"
+    # vLLM's own OpenAI route on the adapter: greedy tokens of the merged weights, version in the headers.
+    body = {"model": ab_pool.cfg.model_name(), "prompt": text, "max_tokens": 8, "temperature": 0}
+    headers = {"Authorization": f"Bearer {ab_pool.token}", "X-Tpmflow-Version": lora}
+    resp = httpx.post(f"{ab_pool.url}/v1/completions", json={**body, "return_token_ids": True}, headers=headers)
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["X-Tpmflow-Content-Hash"] == lora
+    assert resp.json()["choices"][0]["token_ids"] == _transformers_greedy(merged, text, 8)
+    ab_pool.ledger.flush()
+    assert ab_pool.access.ledger_rows(request_id=resp.headers["X-Request-Id"])[0].content_hash == lora
 
 
 def test_a_version_the_pool_does_not_serve_is_a_typed_404(ab_pool: Any) -> None:

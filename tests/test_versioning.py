@@ -212,6 +212,49 @@ def test_lora_bad_inputs(tiny_model_dir: Path, store: ModelStore, tmp_path: Path
         store.commit(None, "m", "t", parent="x", lora=tmp_path)
 
 
+def test_lora_versions_export_as_the_adapter_vllm_serves(
+    tiny_model_dir: Path, store: ModelStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The exported PEFT folder holds the committed factors: committing it again on the same parent
+    gives the same version id. What vLLM cannot apply as one adapter is refused with the reason."""
+    from tpmflow.config import PoolConfig
+    from tpmflow.pool.replica import replica_command
+    from tpmflow.versioning import materialise_lora
+    from tpmflow.versioning.lora import StoredFactors, write_peft
+
+    monkeypatch.setenv("TPMFLOW_HOME", str(tmp_path / "home"))
+    rng = np.random.default_rng(5)
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    no_embedding = {k: v for k, v in base.items() if k != "model.embed_tokens.weight"}
+    parent = store.commit(tiny_model_dir, "base", "t", tag="base")
+    version = store.commit(
+        None, "lora", "t", parent=parent, lora=_peft_folder(tmp_path / "l", no_embedding, 4, 8.0, rng), tag="l"
+    )
+    served = materialise_lora("l", store.root)
+    assert (served.version, served.parent) == (version, parent)
+    assert read_card(served.base_dir).content_hash == parent
+    assert store.commit(None, "again", "t", parent=parent, lora=served.adapter_dir) == version
+    assert materialise_lora(version, store.root) == served, "exported once, then reused"
+    # the pool starts the parent's replica with vLLM's LoRA flags naming the version
+    cfg = PoolConfig(model="m", version="base", lora_versions=["l"], model_store=str(store.root))
+    cmd = replica_command(cfg, 8000)
+    assert cmd[cmd.index("--max-lora-rank") + 1] == "8" and "--enable-lora" in cmd
+    assert cmd[cmd.index("--lora-modules") + 1] == f"{version}={served.adapter_dir}"
+    assert replica_command(cfg.model_copy(update={"lora_versions": None}), 8000).count("--enable-lora") == 0
+    # refusals: a LoRA whose parent no replica runs; a dense version; an embedding (transposed) update
+    with pytest.raises(InvalidRequest, match="which no replica runs"):
+        cfg.model_copy(update={"version": "l"}).check_loras()
+    with pytest.raises(InvalidRequest, match="not committed as LoRA factors"):
+        materialise_lora("base", store.root)
+    with_embedding = store.commit(None, "e", "t", parent=parent, lora=_peft_folder(tmp_path / "e", base, 4, 8.0, rng))
+    with pytest.raises(InvalidRequest, match="cannot be served as a LoRA adapter: model.embed_tokens.weight"):
+        materialise_lora(with_embedding, store.root)
+    factors = store.lora_factors(version)[1]
+    mixed = [factors[0], StoredFactors(factors[1].module, factors[1].a, factors[1].b, scale=1.0)]
+    with pytest.raises(InvalidRequest, match="differ in rank"):
+        write_peft(mixed, tmp_path / "mixed", parent)
+
+
 def test_corrupted_blob_is_detected(tiny_model_dir: Path, store: ModelStore, tmp_path: Path) -> None:
     version = store.commit(tiny_model_dir, "m", "t")
     record = store.show(version).tensors["model.layers.0.mlp.up_proj.weight"]

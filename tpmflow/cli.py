@@ -6,13 +6,16 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from tpmflow import __version__
+
+if TYPE_CHECKING:
+    from tpmflow.access.slo import Percentiles, SloReport
 
 app = typer.Typer(
     help="tpmflow: a co-located vLLM model pool for Parsl / Colmena science campaigns.",
@@ -29,6 +32,10 @@ allocations_app = typer.Typer(
     help="Projects' allocations of service units (SU) for a period, and per-principal caps.", no_args_is_help=True
 )
 app.add_typer(allocations_app, name="allocations")
+slo_app = typer.Typer(
+    help="Service-level objectives: service classes' targets against the ledger.", no_args_is_help=True
+)
+app.add_typer(slo_app, name="slo")
 console = Console()
 
 ConfigOption = Annotated[
@@ -200,6 +207,104 @@ def usage(
             *(f"{r[k]:,}" for k in USAGE_COLUMNS),
             f"{r['charge_su']:,.4f}",
         )
+    console.print(table)
+
+
+def _duration(value: str) -> float:
+    """Seconds in ``90``, ``90s``, ``30m``, ``1h``, ``2d`` or ``1w``."""
+    import re
+
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", value)
+    if found is None or float(found[1]) <= 0:
+        raise typer.BadParameter(f"{value!r} is not a duration like 90s, 30m, 1h, 2d or 1w")
+    return float(found[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[found[2]]
+
+
+@slo_app.command("report")
+def slo_report(
+    config: ConfigOption = None,
+    window: Annotated[str, typer.Option(help="How far back from --until (90s, 30m, 1h, 2d, 1w).")] = "1h",
+    since: Annotated[str | None, typer.Option("--since", help="Start instead of --until minus --window.")] = None,
+    until: Annotated[str | None, typer.Option("--until", help="End (ISO 8601 or epoch s; default now).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Each service class's SLO targets against the ledger over a window: TTFT and latency
+    percentiles, output tokens/s, requests and error rate, and MET / MISSED."""
+    import time
+
+    from tpmflow.access.slo import slo_report as measure
+    from tpmflow.config import PoolConfig
+
+    pool = PoolConfig.from_yaml(config) if config else PoolConfig.model_validate({"model": ""})
+    end = _when(until) or time.time()
+    start = _when(since)
+    if start is None:
+        start = end - _duration(window)
+    report = measure(_access(config, database_url).engine, pool.service_classes, start, end)
+    if as_json:
+        print(report.model_dump_json(indent=2))
+        return
+    _print_slo(report)
+
+
+def _print_slo(report: SloReport) -> None:
+    """Each class with targets: TTFT, latency and tokens/s measured, each target with its verdict."""
+    import datetime as dt
+
+    from rich import box
+
+    styles = {"met": "green", "missed": "red", "no data": "yellow"}
+
+    def when(ts: float) -> str:
+        return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+    def verdict(v: str) -> str:
+        return f"[{styles[v]}]{v.upper()}[/]" if v in styles else v
+
+    def percentiles(p: Percentiles) -> str:
+        return "—" if p.p50 is None else f"{p.p50:.0f} / {p.p95:.0f} / {p.p99:.0f}"
+
+    with_targets = [c for c in report.classes if c.checks]
+    if not with_targets:
+        console.print(
+            "no service class has SLO targets: set ttft_p95_ms, latency_p95_ms or min_tokens_per_s "
+            "under service_classes in the pool config (--config)"
+        )
+        return
+    table = Table(
+        title=f"SLOs {when(report.since)} to {when(report.until)}",
+        caption="TTFT and latency in ms: p50 / p95 / p99, targets on p95.  "
+        + "  ".join(f"{c.service_class} {verdict(c.verdict)}" for c in with_targets),
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    for col in ("class", "requests", "errors", "measure", "measured", "target", "verdict"):
+        table.add_column(
+            col, justify="left" if col in ("class", "measure") else "right", no_wrap=col in ("class", "measured")
+        )
+    for c in with_targets:
+        checks = {str(k.name): k for k in c.checks}
+        errors = "—" if c.error_rate is None else f"{c.error_rate:.1%}"
+        tokens_per_s = "—" if c.tokens_per_s is None else f"{c.tokens_per_s:,.1f}"
+        lines = (
+            ("TTFT", percentiles(c.ttft_ms), "ttft_p95_ms", "≤"),
+            ("latency", percentiles(c.latency_ms), "latency_p95_ms", "≤"),
+            ("tokens/s", tokens_per_s, "min_tokens_per_s", "≥"),
+        )
+        for i, (measure, measured, name, sign) in enumerate(lines):
+            check = checks.get(name)
+            table.add_row(
+                c.service_class if i == 0 else "",
+                f"{c.requests:,}" if i == 0 else "",
+                errors if i == 0 else "",
+                measure,
+                measured,
+                "—" if check is None else f"{sign} {check.target:,g}",
+                "—" if check is None else verdict(check.verdict),
+                end_section=i == len(lines) - 1,
+            )
     console.print(table)
 
 

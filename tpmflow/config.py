@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import yaml
 from pydantic import BaseModel, Field, model_validator
 
 from tpmflow.access.costs import CostModel
 from tpmflow.payload import StoreConfig
+
+if TYPE_CHECKING:
+    from tpmflow.versioning import LoraCheckout
 
 
 def tpmflow_home() -> Path:
@@ -77,12 +80,66 @@ class LaunchConfig(BaseModel):
 
 
 class ServiceClass(BaseModel):
-    """Scheduling priority (vLLM: lower runs earlier) and optional rate limits, shared by every
-    principal of the class (per gateway, in memory: tpmflow.pool.ratelimit)."""
+    """Scheduling priority (vLLM: lower runs earlier), optional rate limits, shared by every
+    principal of the class (per gateway, in memory: tpmflow.pool.ratelimit), and optional SLO
+    targets that ``tpmflow slo report`` checks against the ledger (tpmflow.access.slo)."""
 
     priority: int = 0
+    replica_group: str = Field("default", description="the replica group that serves this class (replica_groups)")
     requests_per_minute: float | None = Field(default=None, gt=0, description="None: unlimited")
     tokens_per_minute: float | None = Field(default=None, gt=0, description="prompt + output tokens; None: unlimited")
+    ttft_p95_ms: float | None = Field(
+        default=None, gt=0, description="95th percentile time to first token at the gateway (None: no target)"
+    )
+    latency_p95_ms: float | None = Field(
+        default=None, gt=0, description="95th percentile end-to-end latency at the gateway (None: no target)"
+    )
+    min_tokens_per_s: float | None = Field(
+        default=None, gt=0, description="output tokens per second the class gets while it has work (None: no target)"
+    )
+
+
+class ReplicaGroup(BaseModel):
+    """Replicas that serve only the service classes naming this group (e.g. hook-heavy probes on
+    replicas of their own), scaled by the local launcher between ``min_replicas`` and
+    ``max_replicas`` by queue depth: requests sent to the group's replicas and not yet answered
+    (running or waiting in their engines), plus requests waiting for a replica of the group."""
+
+    replicas: int | None = Field(
+        None, ge=0, description="replicas started with (the default group: the pool's `replicas`; others: 1)"
+    )
+    min_replicas: int | None = Field(None, ge=0, description="never fewer (None: `replicas`, a fixed-size group)")
+    max_replicas: int | None = Field(None, ge=1, description="never more (None: `replicas`, a fixed-size group)")
+    target_queue_per_replica: float = Field(
+        4.0, gt=0, description="scale up while the queue per replica stays above this"
+    )
+    scale_up_after_s: float = Field(5.0, ge=0, description="how long the queue must stay high before adding one")
+    scale_down_after_s: float = Field(
+        60.0, ge=0, description="how long the rest must hold the queue under half the target before one drains"
+    )
+
+    def sized(self, start: int) -> ReplicaGroup:
+        """This group with its start count filled in and min/max defaulting to it."""
+        n = self.replicas if self.replicas is not None else start
+        return self.model_copy(
+            update={
+                "replicas": n,
+                "min_replicas": n if self.min_replicas is None else self.min_replicas,
+                "max_replicas": max(1, n) if self.max_replicas is None else self.max_replicas,
+            }
+        )
+
+    @property
+    def scales(self) -> bool:
+        return self.min_replicas != self.max_replicas
+
+
+class ReplicaSlot(BaseModel):
+    """A place for one replica: its id, group and index (the index picks its version and cores)."""
+
+    replica_id: str
+    group: str
+    index: int
 
 
 class PoolConfig(BaseModel):
@@ -109,8 +166,17 @@ class PoolConfig(BaseModel):
     replica_versions: list[str] | None = Field(
         None, description="one model-store version per replica: A/B comparison, reproducing old results"
     )
+    lora_versions: list[str] | None = Field(
+        None,
+        description="LoRA versions of the model store served as vLLM adapters on every replica that runs "
+        "their parent version (requests pinned to one reach it; unpinned ones get the parent)",
+    )
     model_store: str | None = Field(
         None, description="the model store (default $TPMFLOW_MODEL_STORE, else $TPMFLOW_HOME/store/models)"
+    )
+    replica_groups: dict[str, ReplicaGroup] = Field(
+        default_factory=dict,
+        description="replica groups besides `default` (whose start count is `replicas`; list it here to scale it)",
     )
     service_classes: dict[str, ServiceClass] = Field(
         default_factory=lambda: {"interactive": ServiceClass(priority=0), "batch": ServiceClass(priority=10)}
@@ -135,9 +201,58 @@ class PoolConfig(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _groups_fit(self) -> PoolConfig:
+        groups = self.groups()
+        for name, cls in self.service_classes.items():
+            if cls.replica_group not in groups:
+                raise ValueError(
+                    f"service class {name!r} names replica group {cls.replica_group!r}, which is not defined"
+                )
+        for name, group in groups.items():
+            assert group.min_replicas is not None and group.max_replicas is not None and group.replicas is not None
+            if not group.min_replicas <= group.replicas <= group.max_replicas:
+                raise ValueError(
+                    f"replica group {name!r} starts with {group.replicas} replicas, outside "
+                    f"[{group.min_replicas}, {group.max_replicas}]"
+                )
+            if group.scales and self.launcher.kind != "local":
+                raise ValueError(f"replica group {name!r} scales: that needs `launcher.kind: local` for now")
+            if name != "default" and self.replica_versions:
+                raise ValueError("replica_versions (A/B) and extra replica groups cannot be combined")
+        if "default" in self.replica_groups and self.replica_groups["default"].replicas not in (None, self.replicas):
+            raise ValueError("set the default group's start count with `replicas`, not replica_groups.default.replicas")
+        return self
+
+    def groups(self) -> dict[str, ReplicaGroup]:
+        """Every replica group, sizes filled in: ``default`` first, then the configured ones."""
+        out = {"default": self.replica_groups.get("default", ReplicaGroup()).sized(self.replicas)}
+        for name, group in self.replica_groups.items():
+            if name != "default":
+                out[name] = group.sized(1)
+        return out
+
+    def slots(self) -> list[ReplicaSlot]:
+        """Every replica place up to each group's maximum; the default group's ids are ``replica-<i>``."""
+        out: list[ReplicaSlot] = []
+        for name, group in self.groups().items():
+            assert group.max_replicas is not None
+            prefix = "replica" if name == "default" else name
+            out += [
+                ReplicaSlot(replica_id=f"{prefix}-{i}", group=name, index=len(out) + i)
+                for i in range(group.max_replicas)
+            ]
+        return out
+
+    def initial_slots(self) -> list[ReplicaSlot]:
+        """The slots started with: the first ``replicas`` of each group."""
+        starts = {name: g.replicas or 0 for name, g in self.groups().items()}
+        return [s for s in self.slots() if int(s.replica_id.rsplit("-", 1)[1]) < starts[s.group]]
+
     def model_dir(self, replica: int = 0) -> Path:
-        """The folder replica ``replica`` loads: a model-store version's checkout, or ``model``."""
-        version = self.replica_versions[replica] if self.replica_versions else self.version
+        """The folder replica (slot index) ``replica`` loads: a model-store version's checkout, or ``model``."""
+        per_replica = self.replica_versions or []
+        version = per_replica[replica] if replica < len(per_replica) else self.version
         if version is not None:
             from tpmflow.versioning import materialise
 
@@ -149,5 +264,40 @@ class PoolConfig(BaseModel):
 
         return model_path(self.model)
 
+    def replica_loras(self, replica: int = 0) -> list[LoraCheckout]:
+        """The ``lora_versions`` replica ``replica`` serves as adapters: those whose parent it runs."""
+        if not self.lora_versions:
+            return []
+        from tpmflow.versioning import materialise_lora
+
+        runs = _version_of(self.model_dir(replica))
+        return [
+            lora for name in self.lora_versions if (lora := materialise_lora(name, self.model_store)).parent == runs
+        ]
+
+    def check_loras(self) -> None:
+        """Every LoRA version must have a replica running its parent (fail at start, not per request)."""
+        from tpmflow.errors import InvalidRequest
+        from tpmflow.versioning import materialise_lora
+
+        runs = {_version_of(self.model_dir(s.index)) for s in self.slots()}
+        for name in self.lora_versions or []:
+            lora = materialise_lora(name, self.model_store)
+            if lora.parent not in runs:
+                raise InvalidRequest(
+                    f"LoRA version {name} ({lora.version}) applies to {lora.parent}, which no replica runs "
+                    f"(they run {sorted(runs)}); set `version:` to its parent, or serve it merged with `version: {name}`"
+                )
+
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model).name
+
+
+def _version_of(model_dir: Path) -> str:
+    """The version id (content hash) of a model folder: its card's, else computed."""
+    from tpmflow.models.card import content_hash, read_card
+
+    try:
+        return read_card(model_dir).content_hash
+    except FileNotFoundError:
+        return content_hash(model_dir)

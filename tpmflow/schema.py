@@ -235,6 +235,8 @@ class ReplicaInfo(BaseModel):
     engine: str
     hidden_size: int
     max_model_len: int
+    lora_versions: list[str] = Field(default_factory=list, description="versions served as vLLM LoRA adapters")
+    group: str = Field("default", description="the replica group (service classes name the group that serves them)")
     running: int = 0
     waiting: int = 0
 

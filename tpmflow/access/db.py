@@ -28,7 +28,11 @@ USAGE_COLUMNS = (
 )
 # Columns added to existing tables after the first release: (table, column, SQL type and default).
 # ``create_all`` makes missing tables but never alters existing ones, so ``_migrate`` adds these.
-_ADDED_COLUMNS = (("request_ledger", "charge_su", "FLOAT DEFAULT 0 NOT NULL"),)
+_ADDED_COLUMNS = (
+    ("request_ledger", "charge_su", "FLOAT DEFAULT 0 NOT NULL"),
+    ("request_ledger", "latency_ms", "FLOAT"),
+    ("request_ledger", "ttft_ms", "FLOAT"),
+)
 
 
 def default_database_url() -> str:

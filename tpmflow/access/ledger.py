@@ -36,6 +36,8 @@ class LedgerRow:
     error_type: str | None = None
     created: float = field(default_factory=time.time)
     charge_su: float = 0.0  # service units charged for this attempt (tpmflow.access.costs)
+    latency_ms: float | None = None  # gateway end to end: request in to answer out / end of stream
+    ttft_ms: float | None = None  # request in to first output relayed; None when none was
 
 
 class LedgerWriter:

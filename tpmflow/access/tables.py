@@ -71,6 +71,10 @@ class LedgerEntry(Base):
     # Added after the first release: databases made before it get the column on startup
     # (AccessDB._migrate); the server default keeps older writers working against a migrated table.
     charge_su: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    # SLO timings at the gateway (tpmflow.access.slo), added the same way; NULL on rows from before
+    # them, and ``ttft_ms`` NULL on attempts that relayed no output (refusals, failures).
+    latency_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ttft_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class AllocationRow(Base):

@@ -154,7 +154,7 @@ def _loaded(ctx: ReplicaContext, name: str, config: dict[str, Any] | None) -> An
     from tpmflow.adapters import check_fits
 
     adapter = ctx.adapter(name, config)
-    check_fits(adapter, ctx.hidden_size, ctx.content_hash)
+    check_fits(adapter, ctx.hidden_size, ctx.serving())
     return adapter
 
 
@@ -207,10 +207,10 @@ async def adapter_predict(
 
     started = time.time()
     head, card = await asyncio.to_thread(load_head, body.adapter, body.head)
-    if card.base_content_hash != ctx.content_hash or card.hidden_size != ctx.hidden_size:
+    if card.base_content_hash != ctx.serving() or card.hidden_size != ctx.hidden_size:
         raise InvalidRequest(
             f"head {card.name}@{card.version} was trained on {card.base_model} ({card.base_content_hash[:19]}), "
-            f"not on this pool's model ({ctx.content_hash[:19]})"
+            f"not on this pool's model ({ctx.serving()[:19]})"
         )
     # A head fitted through a projector names it in its card: that projector is the default, and
     # no other may feed it (its features would mean something else).

@@ -22,6 +22,7 @@ import uuid
 from argparse import Namespace
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,9 @@ PRINCIPAL_HEADER = "X-Tpmflow-Principal"
 REQUEST_ID_HEADER = "X-Tpmflow-Request-Id"
 PRIORITY_HEADER = "X-Tpmflow-Priority"
 SALT_HEADER = "X-Tpmflow-Cache-Salt"
+LORA_HEADER = "X-Tpmflow-Lora"  # the gateway's choice of a LoRA version this replica serves as an adapter
 HEARTBEAT_S = 1.0
+CURRENT_LORA: ContextVar[Any] = ContextVar("tpmflow_lora", default=None)
 ADAPTER_CACHE_SIZE = 16  # loaded adapters (with their trained parts) kept per replica
 
 
@@ -79,6 +82,8 @@ class ReplicaContext:
         self.replica_id = os.environ.get("TPMFLOW_REPLICA_ID", f"replica-{os.getpid()}")
         self.url = os.environ.get("TPMFLOW_REPLICA_URL", f"http://{args.host or '127.0.0.1'}:{args.port}")
         self.content_hash = _content_hash(Path(self.model_dir))
+        # Versions served as vLLM LoRA adapters: `--lora-modules <version id>=<folder>`.
+        self.lora_versions = [m.name for m in getattr(args, "lora_modules", None) or []]
         self.engine_build = f"vllm {_vllm_version()}"
         self.store = PayloadStore(StoreConfig.model_validate_json(os.environ.get("TPMFLOW_STORE", "{}")))
         self.signer = Signer(os.environ.get("TPMFLOW_POOL_SECRET", ""))
@@ -130,13 +135,20 @@ class ReplicaContext:
             engine=self.engine_build,
             hidden_size=self.hidden_size,
             max_model_len=self.max_model_len,
+            lora_versions=self.lora_versions,
+            group=os.environ.get("TPMFLOW_REPLICA_GROUP", "default"),
         )
+
+    def serving(self) -> str:
+        """The version this request runs on: its LoRA adapter's, else the replica's weights'."""
+        lora = CURRENT_LORA.get()
+        return lora.lora_name if lora is not None else self.content_hash
 
     def provenance(self, request_id: str, sampling: dict[str, Any], started: float) -> Provenance:
         return Provenance(
             request_id=request_id,
             model=self.model_name,
-            content_hash=self.content_hash,
+            content_hash=self.serving(),
             replica_id=self.replica_id,
             engine=self.engine_build,
             sampling=sampling,
@@ -235,10 +247,25 @@ def check_embeds(array: np.ndarray, hidden: int, max_len: int) -> np.ndarray:
     return array.astype(np.float32)
 
 
+def _lora_request(request: Request) -> Any:
+    """The vLLM ``LoRARequest`` the gateway chose (by version id), from vLLM's own table of the
+    adapters loaded at start, so the engine sees the same adapter id as on its OpenAI routes."""
+    name = request.headers.get(LORA_HEADER)
+    if not name:
+        return None
+    loaded = request.app.state.openai_serving_models.lora_requests
+    if name not in loaded:
+        raise InvalidRequest(f"this replica serves no LoRA version {name!r}; it serves {sorted(loaded)}")
+    return loaded[name]
+
+
 async def run_request(engine: Any, prompt: Any, params: Any, request_id: str, priority: int) -> Any:
+    """One engine request to its final output (on the request's LoRA adapter, if it has one)."""
     final = None
     try:
-        async for out in engine.generate(prompt, params, request_id, priority=priority):
+        async for out in engine.generate(
+            prompt, params, request_id, priority=priority, lora_request=CURRENT_LORA.get()
+        ):
             final = out
     except (ValueError, TypeError) as exc:  # vLLM's own input validation
         raise InvalidRequest(str(exc)) from exc
@@ -253,7 +280,13 @@ def _endpoint(model: type, handler: Callable[..., Awaitable[Any]]) -> Callable[[
         try:
             principal, request_id, priority, salt = _caller(request)
             body = await _body(request, model)
-            result = await handler(ctx, body, principal, request_id, priority, salt)
+            # Each request runs in its own context (copied into the tasks it starts), so the adapter
+            # reaches every engine call of the request without being threaded through each handler.
+            lora = CURRENT_LORA.set(_lora_request(request))
+            try:
+                result = await handler(ctx, body, principal, request_id, priority, salt)
+            finally:
+                CURRENT_LORA.reset(lora)
         except TpmflowError as exc:
             return _error(exc)
         return JSONResponse(result.model_dump() if isinstance(result, BaseModel) else result)

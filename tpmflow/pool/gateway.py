@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from tpmflow.access import AccessDB, LedgerRow, LedgerWriter, Principal, Reservation
 from tpmflow.access.costs import Limits, max_charge
 from tpmflow.config import PoolConfig
-from tpmflow.engine.routes import PRINCIPAL_HEADER, PRIORITY_HEADER, REQUEST_ID_HEADER, SALT_HEADER
+from tpmflow.engine.routes import LORA_HEADER, PRINCIPAL_HEADER, PRIORITY_HEADER, REQUEST_ID_HEADER, SALT_HEADER
 from tpmflow.errors import (
     Forbidden,
     InvalidRequest,
@@ -47,7 +47,8 @@ from tpmflow.errors import (
 from tpmflow.payload import PayloadStore, Reference, Signer
 from tpmflow.pool.metrics import GatewayMetrics
 from tpmflow.pool.ratelimit import RateLimiter
-from tpmflow.pool.registry import ReplicaRegistry, ReplicaState
+from tpmflow.pool.registry import ReplicaRegistry, ReplicaState, lora_for
+from tpmflow.pool.uptime import Uptime
 from tpmflow.schema import ReplicaInfo, SignRequest
 
 log = logging.getLogger("tpmflow.gateway")
@@ -117,6 +118,7 @@ class Gateway:
         self.signer = Signer(secret)
         self.registry = ReplicaRegistry(cfg.gateway.heartbeat_timeout_s)
         self.metrics = GatewayMetrics()
+        self.uptime = Uptime(self.registry, self.metrics)
         self.model_name = cfg.model_name()
         self._slots = asyncio.Semaphore(cfg.gateway.max_inflight)
         self._waiting = 0
@@ -198,6 +200,11 @@ class Gateway:
     def _priority(self, principal: Principal) -> int:
         cls = self.cfg.service_classes.get(principal.service_class)
         return cls.priority if cls else 0
+
+    def _group(self, call: Call) -> str:
+        """The replica group serving the caller's service class (unknown classes: ``default``)."""
+        cls = self.cfg.service_classes.get(call.principal.service_class)
+        return cls.replica_group if cls else "default"
 
     @asynccontextmanager
     async def _admitted(self, call: Call, body: dict[str, Any] | None = None) -> AsyncIterator[None]:
@@ -316,8 +323,16 @@ class Gateway:
         usage: dict[str, Any] | None = None,
         engine_ms: float = 0.0,
         error_type: str | None = None,
+        first_output: float | None = None,
     ) -> None:
+        """One ledger row and the metrics of one attempt. ``first_output``: when a stream relayed its
+        first chunk (time.monotonic); any other answer reaches its client whole, at the end."""
         usage = usage or {}
+        latency_ms = (time.monotonic() - call.started) * 1000
+        if first_output is not None:
+            ttft_ms: float | None = (first_output - call.started) * 1000
+        else:
+            ttft_ms = latency_ms if status == 200 else None
         p = call.principal
         prompt = int(usage.get("prompt_tokens") or 0)
         output = int(usage.get("completion_tokens") or 0)
@@ -329,7 +344,7 @@ class Gateway:
             service_class=p.service_class,
             endpoint=call.endpoint,
             model=self.model_name,
-            content_hash=replica.info.content_hash if replica else call.content_hash,
+            content_hash=self._served(call, replica) if replica else call.content_hash,
             replica_id=replica.info.replica_id if replica else None,
             prompt_tokens=prompt,
             output_tokens=output,
@@ -340,13 +355,17 @@ class Gateway:
             engine_ms=engine_ms,
             status=status,
             error_type=error_type,
+            latency_ms=latency_ms,
+            ttft_ms=ttft_ms,
         )
         row.charge_su = self._charge(call, row)
         self.ledger.record(row)
         # Token rate limits are debited with the same counts the ledger row gets, once known.
         self.rate_limits.debit_tokens(p, prompt + output)
         self.metrics.requests.labels(call.endpoint, p.service_class, str(status)).inc()
-        self.metrics.latency.labels(call.endpoint).observe(time.monotonic() - call.started)
+        self.metrics.latency.labels(call.endpoint).observe(latency_ms / 1000)
+        if status == 200:
+            self.metrics.observe_answer(p.service_class, latency_ms, ttft_ms, output, engine_ms)
         if error_type:
             self.metrics.errors.labels(call.endpoint, p.service_class, error_type).inc()
         self.metrics.tokens.labels("prompt").inc(prompt)
@@ -405,10 +424,15 @@ class Gateway:
         return {
             "X-Request-Id": call.request_id,
             "X-Tpmflow-Model": self.model_name,
-            "X-Tpmflow-Content-Hash": replica.info.content_hash,
+            "X-Tpmflow-Content-Hash": self._served(call, replica),
             "X-Tpmflow-Replica": replica.info.replica_id,
             "X-Tpmflow-Engine": replica.info.engine,
         }
+
+    @staticmethod
+    def _served(call: Call, replica: ReplicaState) -> str:
+        """The version answering ``call`` on ``replica``: a pinned LoRA adapter's, else its weights'."""
+        return lora_for(replica, call.version) or replica.info.content_hash
 
     def _busy(self, replica: ReplicaState, delta: int) -> None:
         replica.inflight += delta
@@ -454,10 +478,17 @@ class Gateway:
         The replica counts as busy from the moment the request is sent (vLLM answers headers only
         when it is done), so least-loaded routing sees work in progress; the caller un-busies it.
         """
-        data = json.dumps(body).encode() if body is not None else None
+        plain = json.dumps(body).encode() if body is not None else None
         headers = {**self._headers(call), "Content-Type": "application/json"}
         while True:
-            replica = await self.registry.wait_pick(deadline, attempts.tried, call.version)
+            replica = await self.registry.wait_pick(deadline, attempts.tried, call.version, self._group(call))
+            data, lora = plain, lora_for(replica, call.version)
+            if lora is not None:  # a LoRA version: vLLM's OpenAI routes pick adapters by model name
+                headers[LORA_HEADER] = lora
+                if body is not None and "model" in body:
+                    data = json.dumps({**body, "model": lora}).encode()
+            else:
+                headers.pop(LORA_HEADER, None)
             attempt_id, previous = attempts.next_id(call.request_id), attempts.previous
             attempts.tried.add(replica.info.replica_id)
             t0 = time.monotonic()
@@ -565,7 +596,13 @@ class Gateway:
             release()
             return JSONResponse(payload, status_code=upstream.status)
 
-        state: dict[str, Any] = {"status": 200, "error_type": None, "usage_line": None, "done": False}
+        state: dict[str, Any] = {
+            "status": 200,
+            "error_type": None,
+            "usage_line": None,
+            "done": False,
+            "first_output": None,  # when the first chunk went to the client: its time to first token
+        }
 
         def finish() -> None:
             """Idempotent cleanup: runs from the generator and from the response, whichever gets
@@ -592,6 +629,7 @@ class Gateway:
                 usage=usage if isinstance(usage, dict) else None,
                 engine_ms=(time.monotonic() - t0) * 1000,
                 error_type=state["error_type"],
+                first_output=state["first_output"],
             )
             release()
 
@@ -606,6 +644,8 @@ class Gateway:
                         # parse it once at the end, so a client that hangs up early is still billed.
                         if line.startswith(b"data: {") and b'"usage":{' in line.replace(b" ", b""):
                             state["usage_line"] = line
+                    if state["first_output"] is None:
+                        state["first_output"] = time.monotonic()
                     yield chunk
             except (asyncio.CancelledError, GeneratorExit):
                 state["status"], state["error_type"] = 499, "ClientDisconnected"  # closing upstream aborts in vLLM
@@ -682,8 +722,10 @@ class Gateway:
         @asynccontextmanager
         async def lifespan(_: FastAPI) -> AsyncIterator[None]:
             sweeper = asyncio.get_running_loop().create_task(self._sweep_payloads())
+            watcher = asyncio.get_running_loop().create_task(self.uptime.watch())
             yield
             sweeper.cancel()
+            watcher.cancel()
             if self._http is not None:
                 await self._http.close()
 
@@ -705,6 +747,7 @@ class Gateway:
                 "replicas": [
                     {
                         "id": r.info.replica_id,
+                        "group": r.info.group,
                         "inflight": r.inflight,
                         "served": r.served,
                         "running": r.info.running,
@@ -718,6 +761,7 @@ class Gateway:
         @app.get("/metrics")
         async def metrics() -> Response:
             self.metrics.replicas_live.set(len(self.registry.live()))
+            self.uptime.export()
             return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
         @app.post("/internal/replicas/heartbeat")
@@ -728,7 +772,7 @@ class Gateway:
                 info = ReplicaInfo.model_validate(await request.json())
             except (ValidationError, ValueError) as exc:
                 raise InvalidRequest(f"bad heartbeat: {exc}") from exc
-            self.registry.heartbeat(info)
+            self.uptime.heartbeat(info)  # into the registry, noting a (re)join
             self.metrics.replica_running.labels(info.replica_id).set(info.running)
             self.metrics.replica_waiting.labels(info.replica_id).set(info.waiting)
             return JSONResponse({"ok": True})

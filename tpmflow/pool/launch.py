@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from tpmflow.config import PoolConfig
+from tpmflow.config import PoolConfig, ReplicaSlot
 from tpmflow.pool.replica import ReplicaProcess, cpu_binds, replica_command, replica_env
 
 log = logging.getLogger("tpmflow.launch")
@@ -64,29 +64,31 @@ class LocalLauncher:
         self.on_restart = on_restart
         self.host = host
         self.replicas: dict[str, ReplicaProcess] = {}
+        self._slots = {s.replica_id: s for s in cfg.slots()}
         self._binds = cpu_binds(cfg)
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._supervisor: threading.Thread | None = None
 
-    def _spawn(self, index: int) -> ReplicaProcess:
-        replica_id = f"replica-{index}"
+    def _spawn(self, slot: ReplicaSlot) -> ReplicaProcess:
         port = free_port(self.host)
         url = f"http://{self.host}:{port}"
         proc = ReplicaProcess(
-            replica_id,
-            replica_command(self.cfg, port, self.host, index),
-            replica_env(self.cfg, replica_id, url, self.gateway_url, self.secret, self._binds[index]),
-            self.log_dir / f"{replica_id}.log",
+            slot.replica_id,
+            replica_command(self.cfg, port, self.host, slot.index),
+            replica_env(
+                self.cfg, slot.replica_id, url, self.gateway_url, self.secret, self._binds[slot.index], slot.group
+            ),
+            self.log_dir / f"{slot.replica_id}.log",
         )
         proc.start()
-        log.info("started %s (pid %s) on %s", replica_id, proc.pid, url)
+        log.info("started %s (group %s, pid %s) on %s", slot.replica_id, slot.group, proc.pid, url)
         return proc
 
     def start(self) -> None:
         with self._lock:
-            for i in range(self.cfg.replicas):
-                self.replicas[f"replica-{i}"] = self._spawn(i)
+            for slot in self.cfg.initial_slots():
+                self.replicas[slot.replica_id] = self._spawn(slot)
         self._supervisor = threading.Thread(target=self._supervise, name="tpmflow-launcher", daemon=True)
         self._supervisor.start()
 
@@ -100,12 +102,35 @@ class LocalLauncher:
                         continue
                     log.warning("%s exited (code %s); restarting", replica_id, proc.proc and proc.proc.returncode)
                     proc.stop(grace_s=0)  # reap the group: engine children may outlive the server
-                    index = int(replica_id.rsplit("-", 1)[1])
-                    fresh = self._spawn(index)
+                    fresh = self._spawn(self._slots[replica_id])
                     fresh.restarts = proc.restarts + 1
                     self.replicas[replica_id] = fresh
                     if self.on_restart:
                         self.on_restart(replica_id)
+
+    def group_ids(self, group: str) -> list[str]:
+        """The replicas of ``group`` this launcher runs (started, maybe not yet registered)."""
+        with self._lock:
+            return [r for r in self.replicas if self._slots[r].group == group]
+
+    def add(self, group: str) -> str | None:
+        """Start one more replica of ``group`` in its first free slot; None when the group is at its maximum."""
+        with self._lock:
+            if self._stopping.is_set():
+                return None
+            free = [s for s in self._slots.values() if s.group == group and s.replica_id not in self.replicas]
+            if not free:
+                return None
+            self.replicas[free[0].replica_id] = self._spawn(free[0])
+            return free[0].replica_id
+
+    def remove(self, replica_id: str, grace_s: float = 10.0) -> None:
+        """Stop a replica for good (no restart): the autoscaler drains it first."""
+        with self._lock:
+            proc = self.replicas.pop(replica_id, None)
+        if proc is not None:
+            proc.stop(grace_s=grace_s)
+            log.info("stopped %s (scaled down)", replica_id)
 
     def kill(self, replica_id: str) -> None:
         """SIGKILL a replica's whole process group (what a node failure looks like); for tests."""

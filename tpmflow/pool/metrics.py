@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+# Seconds, from a tiny model on a CPU (milliseconds) to a TPM's long generations (minutes).
+_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TOKENS_PER_S = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+
 
 class GatewayMetrics:
     def __init__(self) -> None:
@@ -53,3 +57,52 @@ class GatewayMetrics:
         self.replica_restarts = Counter(
             "tpmflow_replica_restarts_total", "Replica restarts by the launcher", ["replica"], registry=r
         )
+        self.group_replicas = Gauge(
+            "tpmflow_group_replicas", "Replicas a scaling group runs (not draining)", ["group"], registry=r
+        )
+        # SLO measurements of answered requests (status 200), per service class: the targets
+        # live in the pool config's service classes (tpmflow.access.slo reads the same from the ledger).
+        self.ttft = Histogram(
+            "tpmflow_ttft_seconds",
+            "Time to first token at the gateway (a non-streamed answer: its whole latency)",
+            ["service_class"],
+            registry=r,
+            buckets=_SECONDS,
+        )
+        self.e2e_latency = Histogram(
+            "tpmflow_e2e_latency_seconds",
+            "End-to-end latency at the gateway, to the answer or the end of its stream",
+            ["service_class"],
+            registry=r,
+            buckets=_SECONDS,
+        )
+        self.output_tokens_per_s = Histogram(
+            "tpmflow_output_tokens_per_second",
+            "Per request: output tokens over its engine time (requests with output tokens)",
+            ["service_class"],
+            registry=r,
+            buckets=_TOKENS_PER_S,
+        )
+        # Uptime (tpmflow.pool.uptime sets these).
+        self.pool_uptime = Gauge("tpmflow_pool_uptime_seconds", "Seconds since the gateway started", registry=r)
+        self.replica_uptime = Gauge(
+            "tpmflow_replica_uptime_seconds",
+            "Seconds since each replica (re)joined the rotation; 0 while it is out of it",
+            ["replica"],
+            registry=r,
+        )
+        self.pool_unavailable = Counter(
+            "tpmflow_pool_unavailable_seconds_total",
+            "Seconds the pool had no live replica, counted from the first replica's joining",
+            registry=r,
+        )
+
+    def observe_answer(
+        self, service_class: str, latency_ms: float, ttft_ms: float | None, output_tokens: int, engine_ms: float
+    ) -> None:
+        """The SLO histograms of one answered request (times in ms, as the ledger has them)."""
+        self.e2e_latency.labels(service_class).observe(latency_ms / 1000)
+        if ttft_ms is not None:
+            self.ttft.labels(service_class).observe(ttft_ms / 1000)
+        if output_tokens > 0 and engine_ms > 0:
+            self.output_tokens_per_s.labels(service_class).observe(output_tokens / (engine_ms / 1000))

@@ -38,13 +38,14 @@ def run_replica(
     from tpmflow.pool.replica import ReplicaProcess, cpu_binds, replica_command, replica_env
 
     cfg = PoolConfig.model_validate_json(cfg_json)
-    replica_id = f"replica-{index}"
+    slot = cfg.slots()[index]
+    replica_id = slot.replica_id
     port = free_port(host)
     url = f"http://{host}:{port}"
     proc = ReplicaProcess(
         replica_id,
         replica_command(cfg, port, host, index),
-        replica_env(cfg, replica_id, url, gateway_url, secret, cpu_binds(cfg)[index]),
+        replica_env(cfg, replica_id, url, gateway_url, secret, cpu_binds(cfg)[index], slot.group),
         Path(log_dir) / f"{replica_id}.log",
     )
     proc.start()
@@ -90,6 +91,7 @@ class ParslLauncher:
         self._app = python_app(run_replica, executors=[cfg.launcher.parsl_executor])
         self.futures: dict[str, Future[int]] = {}
         self.restarts: dict[str, int] = {}
+        self.index: dict[str, int] = {}  # replica id -> its slot index (version, cores)
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -100,9 +102,10 @@ class ParslLauncher:
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        for i in range(self.cfg.replicas):
-            self.futures[f"replica-{i}"] = self._submit(i)
-            self.restarts[f"replica-{i}"] = 0
+        for slot in self.cfg.initial_slots():
+            self.index[slot.replica_id] = slot.index
+            self.futures[slot.replica_id] = self._submit(slot.index)
+            self.restarts[slot.replica_id] = 0
         self._thread = threading.Thread(target=self._supervise, name="tpmflow-parsl-launcher", daemon=True)
         self._thread.start()
 
@@ -111,7 +114,7 @@ class ParslLauncher:
             for replica_id, fut in list(self.futures.items()):
                 if fut.done() and not self._stopping.is_set() and self.cfg.launcher.restart:
                     log.warning("%s app ended (%s); resubmitting", replica_id, fut.exception() or fut.result())
-                    self.futures[replica_id] = self._submit(int(replica_id.rsplit("-", 1)[1]))
+                    self.futures[replica_id] = self._submit(self.index[replica_id])
                     self.restarts[replica_id] += 1
                     if self.on_restart:
                         self.on_restart(replica_id)

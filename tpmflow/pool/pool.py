@@ -30,6 +30,7 @@ class Pool:
         self.token: str | None = None
         self.gateway: Any = None
         self.launcher: Any = None
+        self.autoscaler: Any = None
         self.access: Any = None
         self.ledger: Any = None
         self._server: Any = None
@@ -63,8 +64,9 @@ class Pool:
         from tpmflow.pool.launch import LocalLauncher, free_port
 
         cfg = self.cfg
-        for replica in range(cfg.replicas):  # fail fast (ModelNotFound names the build command),
-            cfg.model_dir(replica)  # and check stored versions out once, before replicas start
+        for slot in cfg.slots():  # fail fast (ModelNotFound names the build command),
+            cfg.model_dir(slot.index)  # and check stored versions out once, before replicas start
+        cfg.check_loras()
         self.access = AccessDB(cfg.database_url)
         self.ledger = LedgerWriter(self.access.engine)
         self.gateway = Gateway(cfg, self.access, self.ledger, PayloadStore(cfg.store), self.secret)
@@ -107,12 +109,20 @@ class Pool:
         atexit.register(self.stop)
         self.launcher.start()
         self.wait_ready(timeout_s or cfg.launcher.start_timeout_s)
+        if cfg.launcher.kind == "local":  # groups with min < max scale by queue depth
+            from tpmflow.pool.autoscale import Autoscaler
+
+            gauge = self.gateway.metrics.group_replicas
+            self.autoscaler = Autoscaler(
+                cfg, self.gateway.registry, self.launcher, on_change=lambda group, n: gauge.labels(group).set(n)
+            )
+            self.autoscaler.start()
         self.access.ensure_principal("pool-admin", "facility", {"generate", "embed", "probe", "admin"})
         self.token = self.access.create_token("pool-admin")
 
     def wait_ready(self, timeout_s: float, replicas: int | None = None) -> None:
         """Block until ``replicas`` (default: all) are registered and live."""
-        want = self.cfg.replicas if replicas is None else replicas
+        want = len(self.cfg.initial_slots()) if replicas is None else replicas
         deadline = time.monotonic() + timeout_s
         while len(self.gateway.registry.live()) < want:
             if time.monotonic() > deadline:
@@ -139,6 +149,9 @@ class Pool:
         return Client(self.url, token=token or self.token, **kwargs)
 
     def stop(self) -> None:
+        autoscaler, self.autoscaler = self.autoscaler, None
+        if autoscaler is not None:
+            autoscaler.stop()
         launcher, self.launcher = self.launcher, None
         if launcher is not None:
             launcher.stop()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 from tpmflow.errors import ReplicaFailed, VersionNotFound
@@ -17,6 +19,7 @@ class ReplicaState:
     inflight: int = 0
     dead: bool = False
     served: int = 0
+    draining: bool = False  # being scaled down: finishes what it has, takes nothing new
 
 
 class ReplicaRegistry:
@@ -26,13 +29,15 @@ class ReplicaRegistry:
     def __init__(self, heartbeat_timeout_s: float) -> None:
         self.timeout = heartbeat_timeout_s
         self.replicas: dict[str, ReplicaState] = {}
+        self._lock = threading.Lock()
+        self.wanting: Counter[str] = Counter()  # requests waiting for a replica, per group (scale from zero)
 
     def heartbeat(self, info: ReplicaInfo) -> None:
         now = time.monotonic()
         state = self.replicas.get(info.replica_id)
         if state is None or state.info.url != info.url:
-            inflight = state.inflight if state and state.info.url == info.url else 0
-            self.replicas[info.replica_id] = ReplicaState(info=info, last_seen=now, inflight=inflight)
+            with self._lock:  # copy on write: other threads (the autoscaler) read the dict unlocked
+                self.replicas = {**self.replicas, info.replica_id: ReplicaState(info=info, last_seen=now)}
         else:
             state.info, state.last_seen, state.dead = info, now, False
 
@@ -40,38 +45,80 @@ class ReplicaRegistry:
         if replica_id in self.replicas:
             self.replicas[replica_id].dead = True
 
-    def live(self) -> list[ReplicaState]:
-        now = time.monotonic()
-        return [r for r in self.replicas.values() if not r.dead and now - r.last_seen <= self.timeout]
+    def drain(self, replica_id: str) -> None:
+        """Take a replica out of the rotation for good; what it is running finishes."""
+        if replica_id in self.replicas:
+            self.replicas[replica_id].draining = True
 
-    def pick(self, exclude: set[str] = frozenset(), version: str = "") -> ReplicaState | None:  # type: ignore[assignment]
-        """The least-loaded live replica not in ``exclude`` (serving ``version``, when one is asked for)."""
-        candidates = [r for r in self.live() if r.info.replica_id not in exclude and serves(r, version)]
+    def remove(self, replica_id: str) -> None:
+        """Forget a replica that was scaled down (a dead one stays known: it comes back)."""
+        with self._lock:
+            self.replicas = {k: v for k, v in self.replicas.items() if k != replica_id}
+
+    def live(self, group: str | None = None) -> list[ReplicaState]:
+        """Replicas heartbeating and not draining (of ``group``, when given)."""
+        now = time.monotonic()
+        return [
+            r
+            for r in self.replicas.values()
+            if not r.dead and not r.draining and now - r.last_seen <= self.timeout and group in (None, r.info.group)
+        ]
+
+    def pick(
+        self,
+        exclude: set[str] = frozenset(),  # type: ignore[assignment]
+        version: str = "",
+        group: str | None = None,
+    ) -> ReplicaState | None:
+        """The least-loaded live replica not in ``exclude`` (of ``group`` and serving ``version``, when asked)."""
+        candidates = [r for r in self.live(group) if r.info.replica_id not in exclude and serves(r, version)]
         if not candidates:
             return None
         return min(candidates, key=lambda r: (r.inflight, r.served))
 
-    async def wait_pick(self, deadline: float, exclude: set[str], version: str = "") -> ReplicaState:
-        """A live replica not yet tried, waiting for one to (re)appear until ``deadline``.
+    async def wait_pick(
+        self, deadline: float, exclude: set[str], version: str = "", group: str | None = None
+    ) -> ReplicaState:
+        """A live replica (of ``group``) not yet tried, waiting for one to (re)appear until ``deadline``.
 
-        A ``version`` (content hash, or a unique prefix of one) no replica of the pool was started
-        with is refused at once, not waited for."""
-        if version and not any(serves(r, version) for r in self.replicas.values()):
-            served = sorted({r.info.content_hash for r in self.replicas.values()})
+        A ``version`` (content hash, or a unique prefix of one) that none of the group's known
+        replicas serves is refused at once, not waited for."""
+        known = [r for r in self.replicas.values() if group in (None, r.info.group)]
+        if version and known and not any(serves(r, version) for r in known):
+            served = sorted({v for r in known for v in [r.info.content_hash, *r.info.lora_versions]})
             raise VersionNotFound(f"no replica serves version {version!r}; this pool serves {served}")
-        while True:
-            state = self.pick(exclude, version) or (self.pick(set(), version) if exclude else None)
-            if state is not None:
-                return state
-            if time.monotonic() >= deadline:
-                raise ReplicaFailed("no live replica could take the request before its timeout")
-            await asyncio.sleep(0.1)
+        waiting = False
+        try:
+            while True:
+                state = self.pick(exclude, version, group) or (self.pick(set(), version, group) if exclude else None)
+                if state is not None:
+                    return state
+                if time.monotonic() >= deadline:
+                    where = f" of replica group {group!r}" if group else ""
+                    raise ReplicaFailed(f"no live replica{where} could take the request before its timeout")
+                if not waiting:
+                    waiting = True
+                    self.wanting[group or "default"] += 1
+                await asyncio.sleep(0.1)
+        finally:
+            if waiting:
+                self.wanting[group or "default"] -= 1
 
 
 def serves(replica: ReplicaState, version: str) -> bool:
-    """Whether ``replica`` serves ``version``: a content hash, with or without ``blake3:``, or a prefix."""
-    if not version:
-        return True
-    have = replica.info.content_hash.removeprefix("blake3:")
+    """Whether ``replica`` serves ``version`` (a content hash, with or without ``blake3:``, or a
+    prefix): as its weights or as one of its LoRA adapters."""
+    return not version or _matches(replica.info.content_hash, version) or lora_for(replica, version) is not None
+
+
+def lora_for(replica: ReplicaState, version: str) -> str | None:
+    """The LoRA adapter (named by its version id) that serves ``version`` on ``replica``; None when
+    the replica's own weights do (or nothing pinned: unpinned requests get the weights)."""
+    if not version or _matches(replica.info.content_hash, version):
+        return None
+    return next((lora for lora in replica.info.lora_versions if _matches(lora, version)), None)
+
+
+def _matches(have: str, version: str) -> bool:
     want = version.removeprefix("blake3:")
-    return len(want) >= 6 and have.startswith(want)
+    return len(want) >= 6 and have.removeprefix("blake3:").startswith(want)

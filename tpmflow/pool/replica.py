@@ -8,6 +8,7 @@ loopback unless the launcher says otherwise.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,8 +17,10 @@ import time
 from pathlib import Path
 
 from tpmflow.config import EngineConfig, PoolConfig
+from tpmflow.versioning import LoraCheckout
 
 WORKER_EXTENSION = "tpmflow.engine.hooks.TpmflowWorkerExtension"
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's --max-lora-rank accepts
 
 
 def replica_command(cfg: PoolConfig, port: int, host: str = "127.0.0.1", index: int = 0) -> list[str]:
@@ -59,23 +62,41 @@ def replica_command(cfg: PoolConfig, port: int, host: str = "127.0.0.1", index: 
         cmd += ["--gpu-memory-utilization", str(e.gpu_memory_utilization)]
     if e.max_num_seqs is not None:
         cmd += ["--max-num-seqs", str(e.max_num_seqs)]
-    return cmd + list(e.extra_args)
+    return cmd + lora_args(cfg.replica_loras(index)) + list(e.extra_args)
+
+
+def lora_args(loras: list[LoraCheckout]) -> list[str]:
+    """vLLM's LoRA flags for adapters named by their version ids, all resident at once."""
+    if not loras:
+        return []
+    rank = max(json.loads((lora.adapter_dir / "adapter_config.json").read_text())["r"] for lora in loras)
+    return [
+        "--enable-lora",
+        "--max-loras",
+        str(len(loras)),
+        "--max-lora-rank",
+        str(min(r for r in VLLM_LORA_RANKS if r >= rank)),
+        "--lora-modules",
+        *(f"{lora.version}={lora.adapter_dir}" for lora in loras),
+    ]
 
 
 def cpu_binds(cfg: PoolConfig) -> list[str | None]:
-    """``VLLM_CPU_OMP_THREADS_BIND`` per replica, so replicas on one node don't fight over cores."""
+    """``VLLM_CPU_OMP_THREADS_BIND`` per replica slot (every group at its maximum), so replicas on
+    one node don't fight over cores."""
+    n = len(cfg.slots())
     if cfg.engine.cpu_threads_bind != "auto":
         binds = list(cfg.engine.cpu_threads_bind)
-        return [binds[i % len(binds)] for i in range(cfg.replicas)]
+        return [binds[i % len(binds)] for i in range(n)]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if cfg.replicas == 1 or cores < cfg.replicas:
-        return [None] * cfg.replicas  # let vLLM decide (one replica, or fewer cores than replicas)
-    per = cores // cfg.replicas
-    return [f"{i * per}-{(i + 1) * per - 1}" if per > 1 else str(i) for i in range(cfg.replicas)]
+    if n == 1 or cores < n:
+        return [None] * n  # let vLLM decide (one replica, or fewer cores than replicas)
+    per = cores // n
+    return [f"{i * per}-{(i + 1) * per - 1}" if per > 1 else str(i) for i in range(n)]
 
 
 def replica_env(
-    cfg: PoolConfig, replica_id: str, url: str, gateway_url: str, secret: str, bind: str | None
+    cfg: PoolConfig, replica_id: str, url: str, gateway_url: str, secret: str, bind: str | None, group: str = "default"
 ) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
@@ -85,6 +106,7 @@ def replica_env(
             "VLLM_CPU_KVCACHE_SPACE": str(cfg.engine.kv_cache_space_gib),
             "VLLM_CPU_NUM_OF_RESERVED_CPU": env.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0"),
             "TPMFLOW_REPLICA_ID": replica_id,
+            "TPMFLOW_REPLICA_GROUP": group,
             "TPMFLOW_REPLICA_URL": url,
             "TPMFLOW_GATEWAY_URL": gateway_url,
             "TPMFLOW_POOL_SECRET": secret,

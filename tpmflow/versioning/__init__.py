@@ -6,13 +6,14 @@ hash (``tpmflow.models.card.content_hash``) of the folder ``checkout`` writes, s
 names the weights whether they came from the store or straight from a model folder.
 """
 
-from tpmflow.versioning.cache import materialise
+from tpmflow.versioning.cache import LoraCheckout, materialise, materialise_lora
 from tpmflow.versioning.diff import TensorDiff, VersionDiff
 from tpmflow.versioning.manifest import Manifest, TensorRecord, WeightFile
 from tpmflow.versioning.store import GcReport, ModelStore, VerifyReport, default_store_dir
 
 __all__ = [
     "GcReport",
+    "LoraCheckout",
     "Manifest",
     "ModelStore",
     "TensorDiff",
@@ -22,4 +23,5 @@ __all__ = [
     "WeightFile",
     "default_store_dir",
     "materialise",
+    "materialise_lora",
 ]

@@ -1,7 +1,7 @@
 """Crash-safe file writes and the store's writer lock.
 
 Every file the store publishes appears whole or not at all: it is written under ``tmp/``, flushed to
-disk, then renamed into place. A commit killed at any instant therefore leaves only unreferenced
+disk, renamed into place, and the directory flushed too. A commit killed at any instant therefore leaves only unreferenced
 blobs and temporary files behind, which ``gc`` removes.
 """
 
@@ -16,8 +16,9 @@ from pathlib import Path
 
 
 def write_atomic(path: Path, data: bytes | memoryview, tmp_dir: Path, *, durable: bool = True) -> None:
-    """Write ``data`` to ``path`` in one ``os.replace``; ``durable`` fsyncs before the rename so a
-    power loss cannot publish a name whose bytes never reached the disk."""
+    """Write ``data`` to ``path`` in one ``os.replace``. ``durable`` fsyncs the file before the rename
+    (a power loss cannot publish a name whose bytes never reached the disk) and the directory after
+    it (the rename itself is on disk before the next step, e.g. the manifest naming this blob)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=path.name[:16] + ".")
     try:
@@ -31,6 +32,17 @@ def write_atomic(path: Path, data: bytes | memoryview, tmp_dir: Path, *, durable
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if durable:
+        fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make the renames into ``folder`` durable (POSIX: a directory's entries are synced on their own)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from tpmflow.versioning.refs import check_version_id
@@ -44,6 +45,44 @@ def materialise(name_or_id: str, store_root: str | Path | None = None) -> Path:
     except OSError:  # another process put the same version in place first
         shutil.rmtree(scratch, ignore_errors=True)
     return dest
+
+
+@dataclass(frozen=True)
+class LoraCheckout:
+    """A LoRA version ready to serve as a vLLM adapter: its parent's folder and its factors' folder."""
+
+    version: str
+    parent: str
+    base_dir: Path
+    adapter_dir: Path
+
+
+def materialise_lora(name_or_id: str, store_root: str | Path | None = None) -> LoraCheckout:
+    """A LoRA version as a PEFT folder (exported once, like ``materialise``) beside its parent's
+    checkout. ``InvalidRequest`` says why a version cannot be served as an adapter."""
+    from tpmflow.errors import InvalidRequest
+    from tpmflow.versioning.lora import write_peft
+
+    store = ModelStore(store_root)
+    version = check_version_id(store.resolve(name_or_id), f"the store's answer for {name_or_id!r}")
+    try:
+        parent, factors = store.lora_factors(version)
+    except InvalidRequest as exc:
+        raise InvalidRequest(f"version {version} cannot be served as a LoRA adapter: {exc}") from exc
+    base_dir = materialise(parent, store_root)
+    dest = versions_cache_dir() / f"lora-{version.removeprefix('blake3:')}"
+    if dest.is_dir() and _marker(dest) == version:
+        return LoraCheckout(version, parent, base_dir, dest)
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    write_peft(factors, scratch, base_model=parent)
+    (scratch / MARKER).write_text(version)
+    try:
+        os.replace(scratch, dest)
+    except OSError:  # another process exported it first
+        shutil.rmtree(scratch, ignore_errors=True)
+    return LoraCheckout(version, parent, base_dir, dest)
 
 
 def _marker(folder: Path) -> str | None:

@@ -138,3 +138,55 @@ def apply_lora(
             delta += np.multiply.outer(left[block, k], right[k, :])
         out[block] = from_float64(weight[block] + scale * delta, dtype).reshape(delta.shape[0], -1)
     return out.reshape(-1)
+
+
+@dataclass(frozen=True)
+class StoredFactors:
+    """One module's factors as the store keeps them, ready to be written back as a PEFT adapter."""
+
+    module: str  # e.g. model.layers.0.self_attn.q_proj
+    a: Factor
+    b: Factor
+    scale: float
+
+
+def write_peft(factors: list[StoredFactors], dest: Path, base_model: str) -> Path:
+    """Write ``factors`` as a PEFT LoRA folder that vLLM loads (``--lora-modules name=dest``).
+
+    The factor bytes are written untouched, so the served update is the committed one. vLLM scales
+    every module by one ``lora_alpha / r``: adapters whose modules differ in rank or scale (PEFT's
+    rank_pattern / alpha_pattern) are refused here, and such a version is served merged instead.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    if not factors:
+        raise InvalidRequest("the version has no LoRA factors to serve")
+    ranks = {f.a.shape[0] for f in factors}
+    scales = {f.scale for f in factors}
+    if len(ranks) != 1 or len(scales) != 1:
+        raise InvalidRequest(
+            f"its modules differ in rank {sorted(ranks)} or scale {sorted(scales)}; vLLM applies one of each"
+        )
+    rank, scale = ranks.pop(), scales.pop()
+    torch_dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+    tensors = {}
+    for f in factors:
+        for kind, factor in (("lora_A", f.a), ("lora_B", f.b)):
+            values = torch.frombuffer(bytearray(factor.raw.tobytes()), dtype=torch_dtype[factor.dtype])
+            tensors[f"{PREFIX}{f.module}.{kind}.weight"] = values.reshape(factor.shape)
+    dest.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(dest / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": scale * rank,  # vLLM's scaling is lora_alpha / r
+        "use_rslora": False,
+        "target_modules": sorted({f.module.rsplit(".", 1)[-1] for f in factors}),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "base_model_name_or_path": base_model,
+    }
+    (dest / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return dest

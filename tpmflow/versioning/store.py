@@ -33,7 +33,7 @@ from tpmflow.versioning.atomic import exclusive, write_atomic
 from tpmflow.versioning.blobs import BlobStore, blob_id
 from tpmflow.versioning.codecs import CHUNK_SIZE, Encoded, decode, encode_chunks, encode_sparse, encode_xor
 from tpmflow.versioning.diff import Status, TensorDiff, VersionDiff, compare
-from tpmflow.versioning.lora import apply_lora, read_peft
+from tpmflow.versioning.lora import Factor, StoredFactors, apply_lora, read_peft
 from tpmflow.versioning.manifest import Manifest, TensorRecord, WeightFile
 from tpmflow.versioning.refs import Tags, check_tag_name
 from tpmflow.versioning.tensorfile import ITEMSIZE, TensorSpan, read_layout, to_float64
@@ -466,6 +466,37 @@ class ModelStore:
         if name not in manifest.tensors:
             raise InvalidRequest(f"version {manifest.id} has no tensor {name!r}")
         return self._rebuild(name, manifest.tensors[name])
+
+    def lora_factors(self, version: str) -> tuple[str, list[StoredFactors]]:
+        """The parent and the stored factors of a version committed as one LoRA on its parent, for
+        serving it as a vLLM adapter on the parent's weights.
+
+        Refused (``InvalidRequest``, with the reason) when the version is not exactly "parent +
+        factors": not a LoRA commit, a tensor stored whole (delta chain at its cap) or otherwise
+        changed, or a transposed update (embeddings, ``fan_in_fan_out``), which vLLM cannot apply.
+        """
+        manifest = self.show(version)
+        if manifest.lora is None or manifest.parent is None:
+            raise InvalidRequest(f"version {manifest.id} was not committed as LoRA factors")
+        parent = self.show(manifest.parent)
+        factors = []
+        for name, record in sorted(manifest.tensors.items()):
+            if record.encoding == "lora" and record.base == parent.id:
+                p = record.params
+                if p["transpose"]:
+                    raise InvalidRequest(f"{name}: a transposed (embedding or fan_in_fan_out) update")
+                a, b = (self.blobs.get(bid) for bid in record.blobs)
+                factors.append(
+                    StoredFactors(
+                        module=name.removesuffix(".weight"),
+                        a=Factor(a, p["a"]["dtype"], tuple(p["a"]["shape"])),
+                        b=Factor(b, p["b"]["dtype"], tuple(p["b"]["shape"])),
+                        scale=float(p["scale"]),
+                    )
+                )
+            elif record.hash != getattr(parent.tensors.get(name), "hash", None):
+                raise InvalidRequest(f"{name} changed beyond the LoRA factors (stored {record.encoding})")
+        return parent.id, factors
 
     def _write_weights(
         self,

@@ -1,0 +1,191 @@
+"""Service classes on replica groups: probe traffic on replicas of its own, vLLM priority scheduling
+for interactive over batch, and groups scaled by queue depth, draining before they stop."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import ValidationError
+
+from tpmflow.config import PoolConfig, ReplicaGroup
+from tpmflow.pool.autoscale import Decider, GroupLoad
+
+# -- the scaling rule, on an injected clock -----------------------------------------------------------
+
+
+def _decider(**kw: Any) -> Decider:
+    group = ReplicaGroup(
+        min_replicas=kw.pop("min", 1), max_replicas=kw.pop("max", 3), target_queue_per_replica=4.0, **kw
+    ).sized(1)
+    return Decider(group)
+
+
+def test_scale_up_only_after_the_queue_stays_high() -> None:
+    d = _decider(scale_up_after_s=5.0)
+    assert d.decide(GroupLoad(1, 9, False), now=0.0) == 0  # 9 per replica > 4: pressure starts
+    assert d.decide(GroupLoad(1, 9, False), now=4.9) == 0
+    assert d.decide(GroupLoad(1, 3, False), now=5.0) == 0  # dipped: the clock restarts
+    assert d.decide(GroupLoad(1, 9, False), now=6.0) == 0
+    assert d.decide(GroupLoad(1, 9, False), now=11.0) == +1
+    assert d.decide(GroupLoad(3, 30, False), now=100.0) == 0, "never above max"
+    assert d.decide(GroupLoad(3, 30, False), now=200.0) == 0
+
+
+def test_scale_down_only_when_the_rest_hold_the_queue_for_a_while() -> None:
+    d = _decider(scale_down_after_s=60.0)
+    assert d.decide(GroupLoad(2, 3, False), now=0.0) == 0  # 3 > half of 4 on one replica: stay
+    assert d.decide(GroupLoad(2, 2, False), now=1.0) == 0  # 2 <= 2: quiet starts
+    assert d.decide(GroupLoad(2, 2, False), now=60.9) == 0
+    assert d.decide(GroupLoad(2, 0, False), now=61.0) == -1
+    assert d.decide(GroupLoad(1, 0, False), now=1000.0) == 0, "never below min"
+
+
+def test_a_group_scaled_to_zero_starts_one_as_soon_as_a_request_waits() -> None:
+    d = _decider(min=0, max=1)
+    assert d.decide(GroupLoad(0, 1, True), now=0.0) == +1
+    assert d.decide(GroupLoad(1, 0, False), now=1.0) == 0
+    assert d.decide(GroupLoad(1, 0, False), now=62.0) == -1
+
+
+def test_group_configs_are_checked() -> None:
+    with pytest.raises(ValidationError, match="names replica group 'gpu-probe', which is not defined"):
+        PoolConfig(model="m", service_classes={"probe": {"replica_group": "gpu-probe"}})
+    with pytest.raises(ValidationError, match=r"starts with 3 replicas, outside \[1, 2\]"):
+        PoolConfig(model="m", replica_groups={"probe": {"replicas": 3, "min_replicas": 1, "max_replicas": 2}})
+    with pytest.raises(ValidationError, match="needs `launcher.kind: local`"):
+        PoolConfig(model="m", launcher={"kind": "parsl"}, replica_groups={"default": {"max_replicas": 2}})
+    cfg = PoolConfig(model="m", replicas=2, replica_groups={"probe": {"replicas": 0, "max_replicas": 1}})
+    assert [s.replica_id for s in cfg.slots()] == ["replica-0", "replica-1", "probe-0"]
+    assert [s.replica_id for s in cfg.initial_slots()] == ["replica-0", "replica-1"]
+
+
+# -- a real pool: a default group that scales (1..2) and a probe group of its own ----------------------
+
+
+@pytest.fixture(scope="module")
+def grouped_pool(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from tpmflow.config import GatewayConfig
+    from tpmflow.payload import StoreConfig
+    from tpmflow.pool import Pool
+
+    root = tmp_path_factory.mktemp("groups")
+    cfg = PoolConfig(
+        model=str(tiny_model_dir),
+        served_model_name="tiny-llama",
+        replicas=1,
+        # Thresholds no test load reaches: the tests scale by hand, deterministically.
+        replica_groups={
+            "default": {"min_replicas": 1, "max_replicas": 2, "target_queue_per_replica": 1000},
+            "probe": {"replicas": 1},
+        },
+        service_classes={
+            "interactive": {"priority": 0},
+            "batch": {"priority": 10},
+            "probe": {"priority": 5, "replica_group": "probe"},
+        },
+        gateway=GatewayConfig(request_timeout_s=120),
+        store=StoreConfig(path=str(root / "store")),
+        database_url=f"sqlite:///{root / 'access.db'}",
+    )
+    cfg.engine.max_model_len = 1024
+    cfg.engine.max_num_seqs = 1  # one sequence at a time: the engine's waiting queue decides the order
+    with Pool(cfg) as running:
+        yield running
+
+
+def _complete(pool: Any, token: str, max_tokens: int, **extra: Any) -> httpx.Response:
+    body = {"model": "tiny-llama", "prompt": "C", "max_tokens": max_tokens, "ignore_eos": True, **extra}
+    return httpx.post(
+        f"{pool.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=120
+    )
+
+
+def _wait(condition: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_each_class_runs_on_its_own_group(grouped_pool: Any) -> None:
+    probe = grouped_pool.add_principal("probe-user", "interp", {"generate", "embed", "probe"}, "probe")
+    interactive = grouped_pool.add_principal("chem-user", "chem", {"generate", "embed"}, "interactive")
+    for token, replica in ((probe, "probe-0"), (interactive, "replica-0")):
+        with grouped_pool.client(token) as client:
+            assert {client.embed(["CCO"]).provenance["replica_id"] for _ in range(4)} == {replica}
+            assert {_complete(grouped_pool, token, 2).headers["X-Tpmflow-Replica"] for _ in range(4)} == {replica}
+    health = httpx.get(f"{grouped_pool.url}/health").json()
+    assert {(r["id"], r["group"]) for r in health["replicas"]} == {("replica-0", "default"), ("probe-0", "probe")}
+
+
+def test_interactive_overtakes_queued_batch_work(grouped_pool: Any) -> None:
+    """vLLM's priority scheduling: with one sequence at a time and 6 batch requests queued first,
+    an interactive request is served next, not after them."""
+    batch = grouped_pool.add_principal("sweeper", "chem", {"generate"}, "batch")
+    interactive = grouped_pool.add_principal("steerer", "chem", {"generate"}, "interactive")
+    registry = grouped_pool.gateway.registry
+    done: list[str] = []
+    lock = threading.Lock()
+
+    def run(name: str, token: str, max_tokens: int) -> None:
+        resp = _complete(grouped_pool, token, max_tokens)
+        assert resp.status_code == 200, resp.text
+        with lock:
+            done.append(name)
+
+    threads = [threading.Thread(target=run, args=(f"batch-{i}", batch, 120)) for i in range(6)]
+    for t in threads:
+        t.start()
+    _wait(lambda: registry.replicas["replica-0"].inflight == 6, 30, "6 batch requests at the replica")
+    time.sleep(0.3)  # they reach the engine's queue
+    first = threading.Thread(target=run, args=("interactive", interactive, 8))
+    first.start()
+    for t in [*threads, first]:
+        t.join(timeout=180)
+    assert sorted(done) == sorted(["interactive", *(f"batch-{i}" for i in range(6))])
+    overtaken = len(done) - 1 - done.index("interactive")
+    assert overtaken >= 4, f"the interactive request finished {done.index('interactive') + 1}th of 7: {done}"
+
+
+def test_a_scaled_down_replica_drains_without_failing_requests(grouped_pool: Any) -> None:
+    scaler, registry = grouped_pool.autoscaler, grouped_pool.gateway.registry
+    token = grouped_pool.add_principal("drain-user", "chem", {"generate"}, "interactive")
+    assert scaler.scale_up("default") == "replica-1"
+    _wait(lambda: "replica-1" in {r.info.replica_id for r in registry.live("default")}, 180, "replica-1 to join")
+    results: list[tuple[int, str]] = []
+    during: list[tuple[int, str]] = []
+    lock = threading.Lock()
+
+    def run(max_tokens: int, out: list[tuple[int, str]]) -> None:
+        resp = _complete(grouped_pool, token, max_tokens)
+        with lock:
+            out.append((resp.status_code, resp.headers.get("X-Tpmflow-Replica", "")))
+
+    first = [threading.Thread(target=run, args=(150, results)) for _ in range(6)]
+    for t in first:
+        t.start()
+    _wait(lambda: all(registry.replicas[r].inflight > 0 for r in ("replica-0", "replica-1")), 30, "load on both")
+    victim = scaler.scale_down("default")
+    assert victim in ("replica-0", "replica-1")
+    had = registry.replicas[victim].inflight
+    assert had > 0, "the drained replica was busy when it left the rotation"
+    later = [threading.Thread(target=run, args=(4, during)) for _ in range(6)]  # sent while it drains
+    for t in later:
+        t.start()
+    for t in [*first, *later]:
+        t.join(timeout=180)
+    assert [s for s, _ in results + during] == [200] * 12, (results, during)
+    survivor = ({"replica-0", "replica-1"} - {victim}).pop()
+    assert sum(r == victim for _, r in results) == had, "its in-flight requests were answered by it"
+    assert {r for _, r in during} == {survivor}, "nothing new went to the draining replica"
+    _wait(lambda: victim not in registry.replicas, 60, "the drained replica to stop")
+    assert grouped_pool.launcher.group_ids("default") == [survivor]
+    assert not grouped_pool.launcher.replicas.get(victim)
+    assert scaler.scale_down("default") is None, "the group is at its minimum"
+    assert _complete(grouped_pool, token, 2).headers["X-Tpmflow-Replica"] == survivor
