@@ -18,6 +18,7 @@ from academy.manager import Manager
 from tpmflow.academy import TPMAgent
 from tpmflow.client import Generation
 from tpmflow.errors import AdapterInputError, InvalidRequest
+from tpmflow.schema import Capture
 
 
 def run_with_agent(
@@ -58,8 +59,15 @@ def test_actions_through_a_handle(pool: Any) -> None:
         decoded = await tpm.generate(["", "c1ccccc1"], adapter="smiles", n=2, max_tokens=8, seed=3)
         assert len(decoded) == 2 and all(len(d) == 2 for d in decoded)
 
+        # intermediary access: the same activations as a direct client's probe
+        capture = [Capture(site="hook_resid_post", layers=[1])]
+        trace = await tpm.probe("CCO", capture=capture)
+        with pool.client() as client:
+            direct = client.probe("CCO", capture=capture)["blocks.1.hook_resid_post"]
+        np.testing.assert_allclose(trace["blocks.1.hook_resid_post"], direct, rtol=1e-5, atol=1e-6)
+
         described = await tpm.agent_describe()
-        assert {"generate", "embed", "predict", "models"} <= set(described.actions)
+        assert {"generate", "embed", "predict", "probe", "models"} <= set(described.actions)
 
     run_with_agent(pool, body)
 

@@ -4,6 +4,7 @@ the real gateway."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -349,3 +350,289 @@ def test_a_failed_request_settles_with_what_it_used(pool: Any, priced: CostModel
     (alloc,) = pool.access.allocations.show(project)
     assert alloc["reserved_su"] == 0 and alloc["spent_su"] == pytest.approx(row.charge_su, abs=1e-6)
     assert alloc["available_su"] == pytest.approx(100 - row.charge_su, abs=1e-6)
+
+
+# -- reservations that outlive their gateway ----------------------------------------------------
+
+
+def _one(access: AccessDB, project: str) -> dict[str, Any]:
+    (row,) = access.allocations.show(project)
+    return row
+
+
+def _held(access: AccessDB, project: str) -> list[Any]:
+    """The project's rows in ``reservations``."""
+    with access.engine.connect() as conn:
+        return list(conn.execute(text("SELECT * FROM reservations WHERE project = :p"), {"p": project}).all())
+
+
+def _crashed_gateway_reserves(access: AccessDB, project: str, who: str, su: float, expires_in: float) -> Any:
+    """A reservation made by another gateway (its own engine) that then died without settling,
+    expiring ``expires_in`` seconds from now (negative: already expired; made in the past, so no
+    sweep needs a future clock: PostgreSQL's database is shared with other runs, whose live
+    reservations must not be swept)."""
+    gone = AccessDB(access.url)
+    try:
+        return gone.allocations.reserve(project, who, su, now=time.time() - 60, ttl_s=60 + expires_in)
+    finally:
+        gone.engine.dispose()
+
+
+def test_a_crashed_gateways_reservation_is_released_once_expired(access: AccessDB) -> None:
+    project, who = _name("proj"), _name("orphan")
+    access.allocations.create(project, 10, starts=time.time() - 3600, caps={who: 8})
+    live = _crashed_gateway_reserves(access, project, who, 1.5, expires_in=600)  # expires in 10 minutes
+    dead = _crashed_gateway_reserves(access, project, who, 3.25, expires_in=-5)
+    row = _one(access, project)
+    assert row["reserved_su"] == 4.75 and row["available_su"] == 5.25 and row["caps"][who]["reserved_su"] == 4.75
+    assert sorted(h.amount for h in _held(access, project)) == [to_micro(1.5), to_micro(3.25)]
+    released = [r for r in access.allocations.sweep() if r["project"] == project]
+    assert [(r["id"], r["su"], r["principal"]) for r in released] == [(dead.id, 3.25, who)]
+    row = _one(access, project)
+    assert row["reserved_su"] == 1.5 and row["available_su"] == 8.5 and row["spent_su"] == 0
+    assert row["caps"][who]["reserved_su"] == 1.5
+    assert [h.id for h in _held(access, project)] == [live.id]  # not yet expired: kept
+    assert not [r for r in access.allocations.sweep() if r["project"] == project]  # nothing twice
+    access.allocations.settle(live, 1.0)
+    row = _one(access, project)
+    assert (
+        row["reserved_su"] == 0 and row["spent_su"] == 1.0 and row["balance_su"] == 9.0 and not _held(access, project)
+    )
+
+
+def test_concurrent_sweepers_release_each_expired_reservation_once(access: AccessDB) -> None:
+    """Eight gateways (own engines) sweep at once: each expired reservation is released by one."""
+    project, who = _name("proj"), _name("orphan")
+    access.allocations.create(project, 100, starts=time.time() - 3600, caps={who: 90})
+    dead = [_crashed_gateway_reserves(access, project, who, 1 + i / 7, expires_in=-5) for i in range(6)]
+    assert _one(access, project)["reserved_su"] == pytest.approx(sum(d.su for d in dead))
+    gateways = [AccessDB(access.url) for _ in range(8)]
+    start = threading.Barrier(len(gateways))
+    released: list[dict[str, Any]] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def sweeper(db: AccessDB) -> None:
+        start.wait()
+        try:
+            mine = [r for r in db.allocations.sweep() if r["project"] == project]
+            with lock:
+                released.extend(mine)
+        except BaseException as exc:  # noqa: BLE001 - asserted in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=sweeper, args=(db,)) for db in gateways]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for db in gateways:
+        db.engine.dispose()
+    assert not errors, errors
+    assert sorted(r["id"] for r in released) == sorted(d.id for d in dead)  # each once, none twice
+    row = _one(access, project)
+    assert row["reserved_su"] == 0 and row["available_su"] == 100 and row["caps"][who]["reserved_su"] == 0
+    assert not _held(access, project)
+
+
+def test_a_live_gateway_renews_its_reservation_so_no_sweep_takes_it(access: AccessDB) -> None:
+    """A request that runs for several expiries (a long stream) keeps its reservation while its
+    gateway renews; another gateway sweeping all along releases nothing until renewals stop."""
+    project, who = _name("proj"), _name("streamer")
+    access.allocations.create(project, 10)
+    ttl = 0.8
+    held = access.allocations.reserve(project, who, 2, ttl_s=ttl)
+    assert held is not None
+    other = AccessDB(access.url)
+    running = threading.Event()
+    running.set()
+    swept: list[dict[str, Any]] = []
+    errors: list[BaseException] = []
+
+    def renewing() -> None:
+        while running.is_set():
+            access.allocations.renew(margin_s=ttl)
+            time.sleep(ttl / 8)
+
+    def sweeping() -> None:
+        try:
+            while running.is_set():
+                swept.extend(r for r in other.allocations.sweep() if r["project"] == project)
+                time.sleep(ttl / 10)
+        except BaseException as exc:  # noqa: BLE001 - asserted in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=renewing), threading.Thread(target=sweeping)]
+    for t in threads:
+        t.start()
+    time.sleep(4 * ttl)  # the request "runs" for four expiries
+    running.clear()
+    for t in threads:
+        t.join(30)
+    assert not errors and not swept, (errors, swept)
+    assert _one(access, project)["reserved_su"] == 2
+    time.sleep(ttl + 0.1)  # renewals stopped: expired now
+    assert not [r for r in access.allocations.sweep() if r["project"] == project]  # its own gateway never sweeps it
+    assert _one(access, project)["reserved_su"] == 2
+    assert access.allocations.settle(held, 1.25) == 1.25
+    row = _one(access, project)
+    assert row["reserved_su"] == 0 and row["spent_su"] == 1.25 and not _held(access, project)
+    other.engine.dispose()
+
+
+def test_settling_after_a_sweep_spends_the_charge_without_releasing_twice(access: AccessDB) -> None:
+    """A gateway cut off from the database for longer than the margin: its request's reservation
+    was swept (and the SUs went to someone else) when it finally settles. The charge is still
+    spent, as the ledger bills it; the reservation, already given back, is not given back again."""
+    project, who, rival = _name("proj"), _name("stalled"), _name("rival")
+    access.allocations.create(project, 10, starts=time.time() - 3600, caps={who: 8})
+    stalled = AccessDB(access.url)  # the stalled gateway, alive again after the sweep
+    late = stalled.allocations.reserve(project, who, 4, now=time.time() - 100, ttl_s=60)
+    assert late is not None
+    assert [r["id"] for r in access.allocations.sweep() if r["project"] == project] == [late.id]
+    taken = access.allocations.reserve(project, rival, 6)  # the freed SUs are reserved again
+    assert taken is not None
+    assert stalled.allocations.settle(late, 2.5) == 2.5
+    row = _one(access, project)
+    assert row["reserved_su"] == 6 and row["spent_su"] == 2.5  # the rival's 6 untouched: not 6 - 4
+    assert row["caps"][who]["reserved_su"] == 0 and row["caps"][who]["spent_su"] == 2.5
+    assert row["available_su"] == 1.5
+    access.allocations.settle(taken, 6)
+    row = _one(access, project)
+    assert row["reserved_su"] == 0 and row["spent_su"] == 8.5 and row["available_su"] == 1.5
+    assert not _held(access, project)
+    stalled.engine.dispose()
+
+
+def test_settle_and_sweep_racing_release_once(access: AccessDB) -> None:
+    """Expired reservations whose gateways settle them just as others sweep: whichever deletes the
+    row gives the amount back, so ``reserved`` ends at exactly zero and every charge is spent."""
+    project, who = _name("proj"), _name("racer")
+    access.allocations.create(project, 100, starts=time.time() - 3600)
+    owner = AccessDB(access.url)
+    late = [owner.allocations.reserve(project, who, 2, now=time.time() - 100, ttl_s=60) for _ in range(6)]
+    sweepers = [AccessDB(access.url) for _ in range(3)]
+    start = threading.Barrier(1 + len(sweepers))
+    errors: list[BaseException] = []
+
+    def run(fn: Any) -> None:
+        start.wait()
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - asserted in the test's thread
+            errors.append(exc)
+
+    settle_all = lambda: [owner.allocations.settle(r, 0.5) for r in late]  # noqa: E731
+    threads = [threading.Thread(target=run, args=(settle_all,))]
+    threads += [threading.Thread(target=run, args=(db.allocations.sweep,)) for db in sweepers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for db in (owner, *sweepers):
+        db.engine.dispose()
+    assert not errors, errors
+    row = _one(access, project)
+    assert row["reserved_su"] == 0 and row["spent_su"] == 3.0 and row["available_su"] == 97.0
+    assert not _held(access, project)
+
+
+def test_an_older_database_gets_the_reservations_table_on_startup(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    db = AccessDB(url)
+    with db.engine.begin() as conn:  # a database from before reservations were tracked
+        conn.execute(text("DROP TABLE reservations"))
+    db.engine.dispose()
+    again = AccessDB(url)
+    again.allocations.create("p", 5)
+    held = again.allocations.reserve("p", "someone", 1)
+    assert held is not None and again.allocations.settle(held, 0.5) == 0.5
+    assert _one(again, "p")["reserved_su"] == 0 and _one(again, "p")["spent_su"] == 0.5
+
+
+def test_the_sweep_command_releases_expired_reservations(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from tpmflow.cli import app
+
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    db = AccessDB(url)
+    db.allocations.create("p", 5, starts=time.time() - 3600)
+    dead = _crashed_gateway_reserves(db, "p", "someone", 2, expires_in=-1)
+    result = CliRunner().invoke(app, ["allocations", "sweep", "--json", "--database-url", url])
+    assert result.exit_code == 0, result.output
+    assert [(r["id"], r["su"]) for r in json.loads(result.output)] == [(dead.id, 2.0)]
+    assert _one(db, "p")["reserved_su"] == 0
+    result = CliRunner().invoke(app, ["allocations", "sweep", "--database-url", url])
+    assert result.exit_code == 0 and "released 0" in result.output, result.output
+
+
+# -- streams through the real gateway ------------------------------------------------------------
+
+# Long enough (seconds) and bigger than the sockets' buffers that the gateway is still relaying
+# while the test looks at the allocation (the same shape as the mid-stream disconnect test).
+_LONG_STREAM = {"max_tokens": 1000, "stream": True, "ignore_eos": True}
+
+
+def _settled(pool: Any, project: str, who: str, timeout: float = 30) -> tuple[Any, dict[str, Any]]:
+    """The request's ledger row and the allocation once the gateway settled (after the stream)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows, alloc = _rows(pool, who), _one(pool.access, project)
+        if (rows and alloc["reserved_su"] == 0) or time.monotonic() > deadline:
+            assert len(rows) == 1, rows
+            return rows[0], alloc
+        time.sleep(0.1)
+
+
+def test_a_stream_holds_its_reservation_and_settles_to_its_charge(pool: Any, priced: CostModel) -> None:
+    project, who = _name("stream"), _name("reader")
+    pool.access.allocations.create(project, 10_000)
+    token = pool.add_principal(who, project, {"generate"})
+    body = {"prompt": [f"stream {i}" for i in range(4)], **_LONG_STREAM}
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.stream("POST", f"{pool.url}/v1/completions", json=body, headers=headers, timeout=120) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        assert next(line for line in lines if line.startswith("data: {"))
+        mid = _one(pool.access, project)
+        assert mid["reserved_su"] > 0 and mid["spent_su"] == 0  # reserved while streaming
+        (held,) = _held(pool.access, project)
+        assert held.expires >= time.time() + pool.cfg.gateway.request_timeout_s  # past its deadline + margin
+        # An hour on, this gateway renewed it (the stream still runs) before anyone swept: neither
+        # its own sweep nor another gateway's releases it.
+        later = time.time() + 3600
+        pool.gateway.keep_reservations_now(now=later)
+        other = AccessDB(pool.cfg.database_url)
+        assert not [r for r in other.allocations.sweep(now=later) if r["project"] == project]
+        other.engine.dispose()
+        assert _one(pool.access, project)["reserved_su"] == mid["reserved_su"]
+        tail = [line for line in lines if line.startswith("data: ")]
+    assert tail[-1] == "data: [DONE]"
+    row, alloc = _settled(pool, project, who)
+    assert row.status == 200 and row.output_tokens == 4 * 1000
+    assert row.charge_su == pytest.approx(priced.charge_of(row), rel=1e-9) and row.charge_su > 0
+    assert alloc["reserved_su"] == 0 and alloc["spent_su"] == pytest.approx(row.charge_su, abs=1e-6)
+    assert not _held(pool.access, project)
+
+
+def test_a_client_that_hangs_up_mid_stream_pays_for_what_it_got(pool: Any, priced: CostModel) -> None:
+    project, who = _name("stream"), _name("quitter")
+    pool.access.allocations.create(project, 10_000)
+    token = pool.add_principal(who, project, {"generate"})
+    body = {"prompt": [f"hang up {i}" for i in range(16)], **_LONG_STREAM}
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.stream("POST", f"{pool.url}/v1/completions", json=body, headers=headers, timeout=120) as resp:
+        assert resp.status_code == 200
+        got = 0
+        for line in resp.iter_lines():
+            got += line.startswith("data: {")
+            if got == 5:
+                assert _one(pool.access, project)["reserved_su"] > 0  # still streaming: reserved
+                break  # leaving the iterator closes the connection: the client hangs up
+    row, alloc = _settled(pool, project, who)
+    assert row.status == 499 and row.error_type == "ClientDisconnected"
+    assert 0 < row.output_tokens < 16 * 1000  # billed for the tokens it got, not the whole bound
+    assert row.charge_su == pytest.approx(priced.charge_of(row), rel=1e-9) and row.charge_su > 0
+    assert alloc["reserved_su"] == 0 and alloc["spent_su"] == pytest.approx(row.charge_su, abs=1e-6)
+    assert not _held(pool.access, project)

@@ -30,7 +30,7 @@ import numpy as np
 from academy.agent import Agent, action
 
 from tpmflow.adapters.base import Decoded
-from tpmflow.client import AsyncClient, Embeddings, Generation, Predictions
+from tpmflow.client import AsyncClient, Embeddings, Generation, Predictions, Trace
 from tpmflow.errors import AdapterInputError
 from tpmflow.payload import Reference
 
@@ -146,6 +146,32 @@ class TPMAgent(Agent):
         One value (float or label) or one ``AdapterInputError`` per item.
         """
         return await self.client.predict(items, adapter=adapter, head=head, adapter_config=adapter_config)
+
+    @action
+    async def probe(
+        self,
+        prompt: str | list[int],
+        *,
+        capture: list[Any] | None = None,
+        interventions: list[Any] | None = None,
+        lens: Any = None,
+        max_tokens: int = 1,
+        temperature: float = 0.0,
+        seed: int | None = None,
+    ) -> Trace:
+        """Intermediary access: read (``capture``) and write (``interventions``) activations during
+        the forward pass, optionally with a logit ``lens`` (specs as for ``Client.probe``; the
+        caller needs the ``probe`` permission). Captures are fetched here, so the trace needs no store."""
+        trace = await self.client.probe(
+            prompt,
+            capture=capture or (),
+            interventions=interventions or (),
+            lens=lens,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            seed=seed,
+        )
+        return await self.agent_run_sync(trace.fetch)
 
     @action
     async def models(self) -> list[str]:

@@ -377,6 +377,29 @@ def allocations_cap(
     _print_allocations(access.allocations.show(project))
 
 
+@allocations_app.command("sweep")
+def allocations_sweep(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    config: ConfigOption = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Give back expired reservations (a gateway crashed before settling them). Running gateways
+    do this on their own; safe to run alongside them: each is released once."""
+    released = _access(config, database_url).allocations.sweep()
+    if as_json:
+        print(json.dumps(released))
+        return
+    import datetime as dt
+
+    table = Table(title=f"released {len(released)} expired reservation(s) (SU)")
+    for col in ("id", "project", "principal", "su", "gateway", "expired"):
+        table.add_column(col, justify="right" if col == "su" else "left")
+    for r in released:
+        expired = dt.datetime.fromtimestamp(r["expires"]).isoformat(sep=" ", timespec="seconds")
+        table.add_row(str(r["id"]), r["project"], r["principal"], f"{r['su']:,.6f}", r["gateway"], expired)
+    console.print(table)
+
+
 def _print_allocations(rows: list[dict[str, Any]]) -> None:
     table = Table(title="allocations (SU)")
     for col in ("id", "project", "period", "state", "granted", "spent", "reserved", "balance", "caps"):

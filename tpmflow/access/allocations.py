@@ -8,22 +8,45 @@ no Python lock is involved. Amounts are integer micro-SU, so sums and comparison
 
 A project with no allocation at all is unlimited (nothing is reserved); one whose allocations all
 lie outside the current time is refused.
+
+Each reservation is also a row in ``reservations``, inserted in the reserving transaction and
+deleted in the settling one, with an expiry: its request's deadline plus ``EXPIRY_MARGIN_S``. A live
+gateway pushes the expiry of its own reservations on (``renew``, every ``RENEW_EVERY_S``), so a
+stream that outlives its deadline keeps its reservation; a gateway that crashed stops renewing, and
+once its reservations expire any gateway's ``sweep`` gives them back. Settling and sweeping both
+start with ``DELETE ... WHERE id = ...``: the one whose DELETE removed the row subtracts the amount
+from ``reserved``, so a reservation is released exactly once however many gateways race.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
-from sqlalchemy.engine import Engine
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
 from tpmflow.access.costs import MICRO, to_micro
-from tpmflow.access.tables import AllocationCapRow, AllocationRow
+from tpmflow.access.tables import AllocationCapRow, AllocationRow, ReservationRow
 from tpmflow.errors import InvalidRequest, QuotaExceeded
+
+log = logging.getLogger("tpmflow.allocations")
+
+# How long a reservation outlives its request's deadline, and its gateway's last renewal: a live
+# gateway renews every RENEW_EVERY_S, so only one silent for the whole margin (crashed, or cut off
+# from the database) loses its reservations. Also absorbs clock skew between gateway hosts (expiries
+# are wall-clock times compared by whichever gateway sweeps).
+EXPIRY_MARGIN_S = 120.0
+RENEW_EVERY_S = 30.0
+# Expiry of reservations made outside a gateway (no deadline is known there).
+DEFAULT_TTL_S = 900.0
+_CHUNK = 500  # ids per renewing UPDATE (well under SQLite's bound-parameter limit)
 
 
 @dataclass(frozen=True)
@@ -35,6 +58,7 @@ class Reservation:
     principal: str
     capped: bool
     micro: int
+    id: int  # its row in ``reservations``
 
     @property
     def su(self) -> float:
@@ -60,8 +84,12 @@ class Allocations:
         never cached: every reservation is checked by the database."""
         self.engine = engine
         self.cache_s = cache_s
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"[:128]  # recorded on its reservations
         self._cache: dict[tuple[str, str], tuple[_Active, float]] = {}
         self._cache_lock = threading.Lock()
+        self._live: set[int] = set()  # reservations made here and not settled yet: renewed, never swept
+        self._live_lock = threading.Lock()
+        self._renew_lock = threading.Lock()  # one renewal at a time: no two UPDATEs locking rows in turn
 
     # -- administration ------------------------------------------------------------------------
 
@@ -187,10 +215,13 @@ class Allocations:
         hit = self._cache.get((project, ""))
         return hit is not None and hit[1] > time.monotonic() and not hit[0].limited
 
-    def reserve(self, project: str, principal: str, su: float, now: float | None = None) -> Reservation | None:
+    def reserve(
+        self, project: str, principal: str, su: float, now: float | None = None, ttl_s: float = DEFAULT_TTL_S
+    ) -> Reservation | None:
         """Set aside ``su`` (rounded up to a micro-SU) of the project's current allocation and of
         the principal's cap; ``None`` for an unlimited project. Raises ``QuotaExceeded`` with the
-        balance when either cannot cover it."""
+        balance when either cannot cover it. Unless settled or renewed, it expires ``ttl_s`` from
+        ``now`` (a gateway passes its request timeout plus ``EXPIRY_MARGIN_S``)."""
         micro = max(0, to_micro(su, up=True))
         for fresh in (False, True):
             now_ = time.time() if now is None else now
@@ -201,8 +232,11 @@ class Allocations:
                 if fresh:
                     raise QuotaExceeded(f"project {project!r} has no allocation covering now: balance 0 SU")
                 continue
-            if self._try_reserve(active, principal, micro, now_):
-                return Reservation(active.allocation_id, project, principal, active.capped, micro)
+            held = self._try_reserve(active, project, principal, micro, now_, now_ + ttl_s)
+            if held is not None:
+                with self._live_lock:
+                    self._live.add(held)
+                return Reservation(active.allocation_id, project, principal, active.capped, micro, held)
             if fresh:
                 raise QuotaExceeded(self._refusal(active, project, principal, micro))
             # What we cached may be stale (allocation ended, cap added): look again once.
@@ -210,33 +244,99 @@ class Allocations:
 
     def settle(self, reservation: Reservation, charge_su: float) -> float:
         """Release the reservation and spend the real charge (never more than was reserved);
-        returns the SUs spent. A failed request settles with what it used, often 0."""
+        returns the SUs spent. A failed request settles with what it used, often 0.
+
+        If a sweep released the reservation already (it expired: this gateway could not renew it
+        for the whole margin), only the charge is spent: the work was done and its ledger row bills
+        it, and subtracting the reservation again would hand the project SUs it never had. On
+        failure the reservation is no longer renewed, so it expires and a sweep releases it."""
         spent = min(max(0, to_micro(charge_su)), reservation.micro)
-        with self.engine.begin() as conn:
-            conn.execute(
-                update(AllocationRow)
-                .where(AllocationRow.id == reservation.allocation_id)
-                .values(reserved=AllocationRow.reserved - reservation.micro, spent=AllocationRow.spent + spent)
+        held = False
+        try:
+            with self.engine.begin() as conn:
+                held = self._drop(conn, reservation)
+                freed = reservation.micro if held else 0
+                self._adjust(conn, reservation, -freed, spent)
+        finally:
+            with self._live_lock:
+                self._live.discard(reservation.id)
+        if not held:
+            log.warning(
+                "reservation %d (%g SU, project %r) had expired and been swept before settling; spent %g SU without it",
+                reservation.id,
+                reservation.su,
+                reservation.project,
+                spent / MICRO,
             )
-            if reservation.capped:
-                conn.execute(
-                    update(AllocationCapRow)
-                    .where(
-                        AllocationCapRow.allocation_id == reservation.allocation_id,
-                        AllocationCapRow.principal == reservation.principal,
-                    )
-                    .values(
-                        reserved=AllocationCapRow.reserved - reservation.micro, spent=AllocationCapRow.spent + spent
-                    )
-                )
         return spent / MICRO
+
+    # -- expiry ----------------------------------------------------------------------------------
+
+    def renew(self, now: float | None = None, margin_s: float = EXPIRY_MARGIN_S) -> int:
+        """Push the expiry of every reservation this process holds to at least ``now + margin_s``
+        (never earlier than it was): what keeps a long stream's reservation from being swept.
+        Returns how many rows it touched."""
+        until = (time.time() if now is None else now) + margin_s
+        with self._live_lock:
+            ids = sorted(self._live)
+        r = ReservationRow
+        touched = 0
+        with self._renew_lock:
+            for i in range(0, len(ids), _CHUNK):
+                with self.engine.begin() as conn:
+                    touched += conn.execute(
+                        update(r).where(r.id.in_(ids[i : i + _CHUNK]), r.expires < until).values(expires=until)
+                    ).rowcount
+        return touched
+
+    def sweep(self, now: float | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        """Release reservations whose expiry is past (their gateway crashed, or could not renew
+        them for the whole margin), oldest first, at most ``limit``; returns what it released.
+
+        Each is one transaction: DELETE the row (still expired: a renewal may have just moved it),
+        and only if that removed it, subtract its amount from the allocation (and the cap). Another
+        gateway sweeping, or its owner settling, at the same moment finds the row gone and does
+        nothing. Reservations this process holds are skipped: it renews them itself."""
+        now_ = time.time() if now is None else now
+        r = ReservationRow
+        with self.engine.connect() as conn:
+            expired = conn.execute(select(r).where(r.expires <= now_).order_by(r.expires).limit(limit)).all()
+        with self._live_lock:
+            mine = set(self._live)
+        released = []
+        for row in expired:
+            if row.id in mine:
+                continue
+            with self.engine.begin() as conn:
+                held = Reservation(row.allocation_id, row.project, row.principal, row.capped, row.amount, row.id)
+                if not self._drop(conn, held, expired_by=now_):
+                    continue
+                self._adjust(conn, held, -row.amount, 0)
+            released.append(
+                {
+                    "id": row.id,
+                    "allocation_id": row.allocation_id,
+                    "project": row.project,
+                    "principal": row.principal,
+                    "su": row.amount / MICRO,
+                    "gateway": row.gateway,
+                    "created": row.created,
+                    "expires": row.expires,
+                }
+            )
+        if released:
+            log.warning("released %d expired reservation(s): %s", len(released), released[:5])
+        return released
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _try_reserve(self, active: _Active, principal: str, micro: int, now: float) -> bool:
-        """Both conditional UPDATEs in one transaction: the project's allocation, then the cap (one
-        order everywhere, so concurrent transactions cannot deadlock). The write comes first, so
-        SQLite takes its write lock at once instead of upgrading a stale read snapshot."""
+    def _try_reserve(
+        self, active: _Active, project: str, principal: str, micro: int, now: float, expires: float
+    ) -> int | None:
+        """Both conditional UPDATEs and the reservation's row in one transaction: the project's
+        allocation, then the cap (one order everywhere, so concurrent transactions cannot deadlock);
+        returns the row's id, ``None`` if refused. The write comes first, so SQLite takes its write
+        lock at once instead of upgrading a stale read snapshot."""
         a, c = AllocationRow, AllocationCapRow
         with self.engine.connect() as conn:
             with conn.begin() as tx:
@@ -252,7 +352,7 @@ class Allocations:
                 ).rowcount
                 if done != 1:
                     tx.rollback()
-                    return False
+                    return None
                 if active.capped:
                     done = conn.execute(
                         update(c)
@@ -265,8 +365,52 @@ class Allocations:
                     ).rowcount
                     if done != 1:
                         tx.rollback()
-                        return False
-        return True
+                        return None
+                row = {
+                    "allocation_id": active.allocation_id,
+                    "project": project,
+                    "principal": principal,
+                    "capped": active.capped,
+                    "amount": micro,
+                    "gateway": self.owner,
+                    "created": now,
+                    "expires": expires,
+                }
+                key = conn.execute(insert(ReservationRow).values(**row)).inserted_primary_key
+                assert key is not None  # a single-row INSERT always has one
+        return int(key[0])
+
+    @staticmethod
+    def _drop(conn: Connection, held: Reservation, expired_by: float | None = None) -> bool:
+        """Delete a reservation's row (only if expired by then, when given): True for whoever
+        removed it, which is then the one to give its amount back. Matched on all it holds, not
+        only the id, as a second guard against ever deleting another reservation's row."""
+        r = ReservationRow
+        query = delete(r).where(
+            r.id == held.id,
+            r.allocation_id == held.allocation_id,
+            r.principal == held.principal,
+            r.amount == held.micro,
+        )
+        if expired_by is not None:
+            query = query.where(r.expires <= expired_by)
+        return conn.execute(query).rowcount == 1
+
+    @staticmethod
+    def _adjust(conn: Connection, held: Reservation, reserved: int, spent: int) -> None:
+        """Add ``reserved`` and ``spent`` (micro-SU) to the allocation's balances, then the cap's."""
+        if reserved == 0 and spent == 0:
+            return
+        a, c = AllocationRow, AllocationCapRow
+        conn.execute(
+            update(a).where(a.id == held.allocation_id).values(reserved=a.reserved + reserved, spent=a.spent + spent)
+        )
+        if held.capped:
+            conn.execute(
+                update(c)
+                .where(c.allocation_id == held.allocation_id, c.principal == held.principal)
+                .values(reserved=c.reserved + reserved, spent=c.spent + spent)
+            )
 
     def _active(self, project: str, principal: str, now: float, fresh: bool) -> _Active:
         key = (project, principal)

@@ -69,9 +69,18 @@ class AccessDB:
         self.engine: Engine = create_engine(self.url, pool_pre_ping=True)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(self.engine)
+        self._create_tables()
         self._migrate()
         self.allocations = Allocations(self.engine, cache_s=auth_cache_s)
+
+    def _create_tables(self) -> None:
+        """Make the tables a database lacks: all of them on first start, and those added since an
+        older tpmflow made it (``reservations``). Gateways starting together on one PostgreSQL may
+        race to create the same table; the loser's retry then finds it there."""
+        try:
+            Base.metadata.create_all(self.engine)
+        except Exception:  # noqa: BLE001 - retried once; a real problem fails again, loudly
+            Base.metadata.create_all(self.engine)
 
     def _migrate(self) -> None:
         """Add the columns a database made by an older tpmflow lacks (idempotent; another process

@@ -1,9 +1,9 @@
 """The tables: principals, their tokens (hashed), signed payloads (for byte quotas), the ledger,
-and projects' allocations of service units with per-principal caps."""
+projects' allocations of service units with per-principal caps, and the reservations held on them."""
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Float, ForeignKey, Integer, String
+from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Integer, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -80,8 +80,12 @@ class LedgerEntry(Base):
 class AllocationRow(Base):
     """A project's grant of service units for a period [starts, ends), in integer micro-SU.
 
-    ``spent + reserved <= granted`` always holds: a reservation is one conditional UPDATE, and a
-    settlement replaces a reservation by a charge no larger than it.
+    ``spent + reserved <= granted`` holds: a reservation is one conditional UPDATE, and a settlement
+    replaces a reservation by a charge no larger than it. The one exception: a request whose
+    reservation expired under it (its gateway lost the database for longer than the expiry margin)
+    still spends what it used, so the allocation may go that far over.
+    ``reserved`` is the sum of ``amount`` over the allocation's rows in ``reservations`` (plus any
+    held by a gateway from before that table, which has none).
     """
 
     __tablename__ = "allocations"
@@ -106,3 +110,26 @@ class AllocationCapRow(Base):
     cap: Mapped[int] = mapped_column(BigInteger)
     spent: Mapped[int] = mapped_column(BigInteger, default=0)
     reserved: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class ReservationRow(Base):
+    """One request's reservation on an allocation, so a gateway that crashes before settling cannot
+    hold it forever: once ``expires`` is past, any gateway's sweep (or ``tpmflow allocations
+    sweep``) deletes the row and gives ``amount`` back. Written in the reservation's transaction,
+    deleted in the settlement's; whoever deletes the row is the one who subtracts ``amount``."""
+
+    __tablename__ = "reservations"
+    # Ids are never reused (SQLite would hand a deleted row's id to the next one without
+    # AUTOINCREMENT): a late settlement must not delete a newer reservation that got its id.
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    # BIGSERIAL on PostgreSQL (one id per request); SQLite's rowid alias must be plain INTEGER.
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    allocation_id: Mapped[int] = mapped_column(ForeignKey("allocations.id"), index=True)
+    project: Mapped[str] = mapped_column(String(64))
+    principal: Mapped[str] = mapped_column(String(64))
+    capped: Mapped[bool] = mapped_column(Boolean)  # also held on the principal's cap row
+    amount: Mapped[int] = mapped_column(BigInteger)  # micro-SU
+    gateway: Mapped[str] = mapped_column(String(128))  # host:pid of the gateway that holds it
+    created: Mapped[float] = mapped_column(Float)
+    expires: Mapped[float] = mapped_column(Float, index=True)  # wall clock; live gateways push it on

@@ -30,6 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from tpmflow.access import AccessDB, LedgerRow, LedgerWriter, Principal, Reservation
+from tpmflow.access.allocations import EXPIRY_MARGIN_S, RENEW_EVERY_S
 from tpmflow.access.costs import Limits, max_charge
 from tpmflow.config import PoolConfig
 from tpmflow.engine.routes import LORA_HEADER, PRINCIPAL_HEADER, PRIORITY_HEADER, REQUEST_ID_HEADER, SALT_HEADER
@@ -275,7 +276,11 @@ class Gateway:
         bound = max_charge(
             self.cfg.costs, call.principal.service_class, call.endpoint, body, call.body_bytes, self._limits()
         )
-        reserving = asyncio.ensure_future(asyncio.to_thread(allocations.reserve, project, call.principal.name, bound))
+        # Expires at the request's deadline plus a margin; _keep_reservations renews it meanwhile.
+        ttl_s = self.cfg.gateway.request_timeout_s + EXPIRY_MARGIN_S
+        reserving = asyncio.ensure_future(
+            asyncio.to_thread(allocations.reserve, project, call.principal.name, bound, ttl_s=ttl_s)
+        )
         try:
             call.reservation = await asyncio.shield(reserving)
         except QuotaExceeded:
@@ -300,8 +305,25 @@ class Gateway:
             return
         try:
             await asyncio.to_thread(self.access.allocations.settle, reservation, call.charged_su)
-        except Exception:  # noqa: BLE001 - the reservation stays held (never an overspend); say so
+        except Exception:  # noqa: BLE001 - held until it expires and a sweep frees it (never an overspend)
             log.exception("settling %s SU reserved for %s failed", reservation.su, call.request_id)
+
+    async def _keep_reservations(self) -> None:
+        """Every RENEW_EVERY_S: renew this gateway's reservations in flight (a stream may outlive its
+        deadline, and must not lose its reservation), then release any gateway's expired ones (it
+        crashed between reserving and settling)."""
+        while True:
+            await asyncio.sleep(RENEW_EVERY_S)
+            try:
+                await asyncio.to_thread(self.keep_reservations_now)
+            except Exception:  # noqa: BLE001 - the sweep must never take the gateway down
+                log.exception("renewing or sweeping reservations failed")
+
+    def keep_reservations_now(self, now: float | None = None) -> int:
+        """One renewal and sweep (``now``: a wall-clock time, for tests); returns how many expired
+        reservations it released."""
+        self.access.allocations.renew(now)
+        return len(self.access.allocations.sweep(now))
 
     def _charge(self, call: Call, row: LedgerRow) -> float:
         """This row's SUs from its own counters. A request never costs more than it reserved: only a
@@ -722,9 +744,11 @@ class Gateway:
         @asynccontextmanager
         async def lifespan(_: FastAPI) -> AsyncIterator[None]:
             sweeper = asyncio.get_running_loop().create_task(self._sweep_payloads())
+            keeper = asyncio.get_running_loop().create_task(self._keep_reservations())
             watcher = asyncio.get_running_loop().create_task(self.uptime.watch())
             yield
             sweeper.cancel()
+            keeper.cancel()
             watcher.cancel()
             if self._http is not None:
                 await self._http.close()
