@@ -126,7 +126,10 @@ def test_each_class_runs_on_its_own_group(grouped_pool: Any) -> None:
 
 def test_interactive_overtakes_queued_batch_work(grouped_pool: Any) -> None:
     """vLLM's priority scheduling: with one sequence at a time and 6 batch requests queued first,
-    an interactive request is served next, not after them."""
+    an interactive request is served next, not after them.
+
+    A long batch request holds the only sequence slot first (4 x 1000 tokens, seconds even on a
+    fast machine), so the 6 are surely waiting in the engine's queue when the interactive one comes."""
     batch = grouped_pool.add_principal("sweeper", "chem", {"generate"}, "batch")
     interactive = grouped_pool.add_principal("steerer", "chem", {"generate"}, "interactive")
     registry = grouped_pool.gateway.registry
@@ -139,14 +142,21 @@ def test_interactive_overtakes_queued_batch_work(grouped_pool: Any) -> None:
         with lock:
             done.append(name)
 
-    threads = [threading.Thread(target=run, args=(f"batch-{i}", batch, 120)) for i in range(6)]
+    def hold() -> None:
+        resp = _complete(grouped_pool, batch, 1000, n=4)
+        assert resp.status_code == 200, resp.text
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    _wait(lambda: registry.replicas["replica-0"].inflight == 1, 30, "the long request at the replica")
+    threads = [threading.Thread(target=run, args=(f"batch-{i}", batch, 60)) for i in range(6)]
     for t in threads:
         t.start()
-    _wait(lambda: registry.replicas["replica-0"].inflight == 6, 30, "6 batch requests at the replica")
-    time.sleep(0.3)  # they reach the engine's queue
+    _wait(lambda: registry.replicas["replica-0"].inflight == 7, 60, "6 batch requests queued behind it")
+    time.sleep(0.2)  # from the gateway into the engine's queue
     first = threading.Thread(target=run, args=("interactive", interactive, 8))
     first.start()
-    for t in [*threads, first]:
+    for t in [holder, *threads, first]:
         t.join(timeout=180)
     assert sorted(done) == sorted(["interactive", *(f"batch-{i}" for i in range(6))])
     overtaken = len(done) - 1 - done.index("interactive")
