@@ -221,6 +221,9 @@ def _predictions(data: dict[str, Any]) -> Predictions:
 # Raw array bytes one request carries inline at most (base64 adds a third; the gateway's body limit
 # is 8 MiB): past it, the rest of a batch's arrays go by reference.
 INLINE_BUDGET_BYTES = 4 << 20
+# Idle connections are dropped before the gateway's server drops them (uvicorn: after 5 s), so a
+# request never goes out on a connection the server is closing.
+KEEPALIVE_S = 2.0
 
 # Item values that travel as payloads: arrays inline or by reference, file bytes always by reference.
 _PAYLOAD_TYPES = (np.ndarray, bytes, bytearray, Reference)
@@ -437,7 +440,7 @@ class Client(_Base):
         version: str | None = None,
     ) -> None:
         super().__init__(url, token, timeout, retries, backoff_s, version)
-        self._http = httpx.Client(timeout=timeout)
+        self._http = httpx.Client(timeout=timeout, limits=httpx.Limits(keepalive_expiry=KEEPALIVE_S))
         self._pool: ThreadPoolExecutor | None = None
         self._max_workers = max_workers
 
@@ -681,7 +684,9 @@ class AsyncClient(_Base):
         version: str | None = None,
     ) -> None:
         super().__init__(url, token, timeout, retries, backoff_s, version)
-        self._http = httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=512))
+        self._http = httpx.AsyncClient(
+            timeout=timeout, limits=httpx.Limits(max_connections=512, keepalive_expiry=KEEPALIVE_S)
+        )
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -162,12 +162,14 @@ class Gateway:
         return principal
 
     async def _call(self, request: Request, endpoint: str, permission: str | None) -> Call:
-        """A request's bookkeeping, once its principal may use ``permission``."""
+        """A request's bookkeeping, once its principal may use ``permission``; its clock starts
+        before the token check, so latencies cover the whole time at the gateway."""
+        started = time.monotonic()
         principal = await self._authorise(request, permission, endpoint)
         version = request.headers.get("X-Tpmflow-Version", "")
         if len(version) > 80:
             raise InvalidRequest("X-Tpmflow-Version is a content hash (blake3:...) or a prefix of one")
-        return Call(endpoint, principal, self._request_id(request), version=version)
+        return Call(endpoint, principal, self._request_id(request), started=started, version=version)
 
     def _request_id(self, request: Request) -> str:
         rid = request.headers.get("X-Request-Id")

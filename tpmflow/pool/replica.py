@@ -105,6 +105,9 @@ def replica_env(
             "VLLM_API_KEY": secret,
             "VLLM_CPU_KVCACHE_SPACE": str(cfg.engine.kv_cache_space_gib),
             "VLLM_CPU_NUM_OF_RESERVED_CPU": env.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0"),
+            # Idle connections outlive the gateway's (3 s), so the gateway never reuses one the
+            # replica already closed (a spurious disconnect that marked a busy replica dead).
+            "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": env.get("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", "60"),
             "TPMFLOW_REPLICA_ID": replica_id,
             "TPMFLOW_REPLICA_GROUP": group,
             "TPMFLOW_REPLICA_URL": url,
