@@ -69,6 +69,42 @@ def test_admission_beyond_the_queue_is_503_with_retry_after(pool: Any, side_gate
     assert len(overloaded) >= 6, "every refused attempt has its ledger row"
 
 
+def test_the_admission_queue_serves_interactive_before_queued_batch(pool: Any, side_gateway: Any) -> None:
+    """With the gateway's only slot held, 4 batch requests queue, then 1 interactive: released one
+    at a time, the interactive request is admitted first (class priority, not arrival order)."""
+    cfg = pool.cfg.model_copy(deep=True)
+    cfg.gateway.max_inflight, cfg.gateway.queue_limit = 1, 16
+    batch = pool.add_principal("queued-batch", "chem", {"generate"}, "batch")
+    interactive = pool.add_principal("queued-interactive", "chem", {"generate"}, "interactive")
+    order: list[str] = []
+    with side_gateway(cfg) as (gw, base, loop):
+
+        def send(name: str, token: str) -> None:
+            body = {"model": "tiny-llama", "prompt": name, "max_tokens": 1}
+            resp = httpx.post(
+                f"{base}/v1/completions", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=60
+            )
+            assert resp.status_code == 200, resp.text
+            order.append(name)
+
+        def queued(n: int) -> None:
+            deadline = time.monotonic() + 30
+            while gw._waiting < n:
+                assert time.monotonic() < deadline, f"{n} requests never queued"
+                time.sleep(0.02)
+
+        asyncio.run_coroutine_threadsafe(gw._slots.acquire(), loop).result(timeout=10)  # hold the only slot
+        threads = []
+        for i, (name, token) in enumerate([*((f"batch-{i}", batch) for i in range(4)), ("interactive", interactive)]):
+            threads.append(threading.Thread(target=send, args=(name, token)))
+            threads[-1].start()
+            queued(i + 1)  # each one waits before the next is sent: arrival order is known
+        loop.call_soon_threadsafe(gw._slots.release)
+        for t in threads:
+            t.join(timeout=60)
+    assert order[0] == "interactive" and sorted(order[1:]) == [f"batch-{i}" for i in range(4)], order
+
+
 def test_50_mb_array_by_reference(pool: Any, client: Client) -> None:
     array = np.random.default_rng(0).random(50_000_000 // 4, dtype=np.float32)
     ref = client.put(array)

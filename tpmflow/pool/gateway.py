@@ -46,6 +46,7 @@ from tpmflow.errors import (
     Unauthorized,
 )
 from tpmflow.payload import PayloadStore, Reference, Signer
+from tpmflow.pool.admission import PrioritySlots
 from tpmflow.pool.metrics import GatewayMetrics
 from tpmflow.pool.ratelimit import RateLimiter
 from tpmflow.pool.registry import ReplicaRegistry, ReplicaState, lora_for
@@ -121,7 +122,7 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.uptime = Uptime(self.registry, self.metrics)
         self.model_name = cfg.model_name()
-        self._slots = asyncio.Semaphore(cfg.gateway.max_inflight)
+        self._slots = PrioritySlots(cfg.gateway.max_inflight)  # waiters served by class priority
         self._waiting = 0
         self.rate_limits = RateLimiter(cfg)  # per principal and per service class, in this gateway's memory
         self._http: aiohttp.ClientSession | None = None
@@ -228,7 +229,9 @@ class Gateway:
             self.metrics.queue_depth.set(self._waiting)
             remaining = call.started + self.cfg.gateway.request_timeout_s - time.monotonic()
             try:
-                await asyncio.wait_for(self._slots.acquire(), timeout=max(0.01, remaining))
+                await asyncio.wait_for(
+                    self._slots.acquire(self._priority(call.principal)), timeout=max(0.01, remaining)
+                )
             except TimeoutError:
                 self._record(call, 503, error_type="Overloaded")
                 raise Overloaded("waited in the pool queue for the whole request timeout", retry_after=5.0) from None
