@@ -251,12 +251,26 @@ def _pool_config(args: argparse.Namespace, root: Path) -> Any:
             # Limits no run reaches: the point is their cost on every admission, not refusals.
             "metered": ServiceClass(priority=0, requests_per_minute=1e6, tokens_per_minute=1e9),
         },
-        engine=EngineConfig(max_model_len=512, max_num_seqs=args.max_num_seqs),
+        engine=EngineConfig(max_model_len=512, max_num_seqs=args.max_num_seqs, process_cores=args.replica_cores),
         gateway=GatewayConfig(request_timeout_s=120, max_inflight=64, queue_limit=512),
         store=StoreConfig(path=str(root / "store")),
         database_url=f"sqlite:///{root / 'access.db'}",
         parts_path=str(root / "parts"),
     )
+
+
+def _split_cores(gateway_cores: int) -> list[str] | None:
+    """Pin this process (the gateway; the load generator it spawns inherits it) to the first
+    ``gateway_cores`` cores and return the rest for the replicas, or None when not pinning.
+
+    vLLM's CPU engine spin-waits between steps: a flooded replica sharing the gateway's cores
+    starves the gateway itself, and no scheduling priority can give that CPU back."""
+    cores = sorted(os.sched_getaffinity(0))
+    if gateway_cores <= 0 or len(cores) <= gateway_cores:
+        return None
+    os.sched_setaffinity(0, cores[:gateway_cores])
+    rest = cores[gateway_cores:]
+    return [",".join(str(c) for c in rest)]
 
 
 def _wait_for(executor: ProcessPoolExecutor, what: str, expect_s: float, hard_s: float, fn: Any, *fn_args: Any) -> Any:
@@ -428,7 +442,15 @@ def main() -> None:
     parser.add_argument("--probe-p95-ms", type=float, default=500.0)
     parser.add_argument("--bin-s", type=float, default=2.0, help="plot bins")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_load")
+    parser.add_argument(
+        "--gateway-cores",
+        type=int,
+        default=1,
+        help="cores kept for the gateway and the load generator; replicas' whole process trees get "
+        "the rest (engine.process_cores). 0: no pinning, everything shares every core",
+    )
     args = parser.parse_args()
+    args.replica_cores = _split_cores(args.gateway_cores)
 
     from rich.console import Console
 
@@ -530,6 +552,8 @@ def main() -> None:
         "rate": args.rate,
         "flood": args.flood,
         "max_num_seqs": args.max_num_seqs,
+        "gateway_cores": args.gateway_cores,
+        "replica_cores": args.replica_cores,
         "load_avg_before_after": [round(load_before, 2), round(load_after, 2)],
         "targets": {
             "interactive": {"ttft_p95_ms": args.ttft_p95_ms, "latency_p95_ms": args.latency_p95_ms},

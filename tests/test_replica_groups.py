@@ -65,6 +65,25 @@ def test_group_configs_are_checked() -> None:
     assert [s.replica_id for s in cfg.initial_slots()] == ["replica-0", "replica-1"]
 
 
+def test_replicas_whole_process_trees_can_be_confined_to_cores(tmp_path: Path) -> None:
+    """engine.process_cores: the replica and every child it starts run only on its cores (vLLM's
+    CPU engine spin-waits; confined, a flooded replica cannot starve the gateway's core)."""
+    import os
+    import sys
+
+    from tpmflow.pool.replica import ReplicaProcess, cpu_binds, process_cores
+
+    cfg = PoolConfig(model="m", replicas=2, engine={"process_cores": ["0", "0-1"]})
+    assert process_cores(cfg, 0) == {0} and process_cores(cfg, 1) == {0, 1}
+    assert cpu_binds(cfg) == ["0", "0-1"], "OMP threads bound within the same cores"
+    assert process_cores(PoolConfig(model="m"), 0) is None
+    child = "import os, subprocess, sys; print(sorted(os.sched_getaffinity(0)), flush=True); subprocess.run([sys.executable, '-c', 'import os; print(sorted(os.sched_getaffinity(0)))'])"
+    proc = ReplicaProcess("r", [sys.executable, "-c", child], dict(os.environ), tmp_path / "r.log", cores={0})
+    proc.start()
+    assert proc.proc is not None and proc.proc.wait(timeout=30) == 0
+    assert (tmp_path / "r.log").read_text().split() == ["[0]", "[0]"], "the server and its children"
+
+
 # -- a real pool: a default group that scales (1..2) and a probe group of its own ----------------------
 
 

@@ -45,6 +45,12 @@ class EngineConfig(BaseModel):
     cpu_threads_bind: list[str] | Literal["auto"] = Field(
         "auto", description="VLLM_CPU_OMP_THREADS_BIND per replica ('auto' splits this node's cores)"
     )
+    process_cores: list[str] | None = Field(
+        None,
+        description="cores each replica's whole process tree may run on, per replica slot, e.g. ['1-3', '4-7'] "
+        "(server, engine core and workers; vLLM's CPU build spin-waits, so this keeps replicas off the "
+        "gateway's cores). None: no restriction",
+    )
     extra_args: list[str] = Field(default_factory=list, description="more `vllm serve` flags, verbatim")
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 from tpmflow.config import PoolConfig, ReplicaSlot
-from tpmflow.pool.replica import ReplicaProcess, cpu_binds, replica_command, replica_env
+from tpmflow.pool.replica import ReplicaProcess, cpu_binds, process_cores, replica_command, replica_env
 
 log = logging.getLogger("tpmflow.launch")
 
@@ -80,6 +80,7 @@ class LocalLauncher:
                 self.cfg, slot.replica_id, url, self.gateway_url, self.secret, self._binds[slot.index], slot.group
             ),
             self.log_dir / f"{slot.replica_id}.log",
+            process_cores(self.cfg, slot.index),
         )
         proc.start()
         log.info("started %s (group %s, pid %s) on %s", slot.replica_id, slot.group, proc.pid, url)

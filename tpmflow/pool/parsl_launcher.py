@@ -35,7 +35,7 @@ def run_replica(
 
     from tpmflow.config import PoolConfig
     from tpmflow.pool.launch import free_port
-    from tpmflow.pool.replica import ReplicaProcess, cpu_binds, replica_command, replica_env
+    from tpmflow.pool.replica import ReplicaProcess, cpu_binds, process_cores, replica_command, replica_env
 
     cfg = PoolConfig.model_validate_json(cfg_json)
     slot = cfg.slots()[index]
@@ -47,6 +47,7 @@ def run_replica(
         replica_command(cfg, port, host, index),
         replica_env(cfg, replica_id, url, gateway_url, secret, cpu_binds(cfg)[index], slot.group),
         Path(log_dir) / f"{replica_id}.log",
+        process_cores(cfg, index),
     )
     proc.start()
     last_seen = time.monotonic()

@@ -85,6 +85,8 @@ def cpu_binds(cfg: PoolConfig) -> list[str | None]:
     """``VLLM_CPU_OMP_THREADS_BIND`` per replica slot (every group at its maximum), so replicas on
     one node don't fight over cores."""
     n = len(cfg.slots())
+    if cfg.engine.cpu_threads_bind == "auto" and cfg.engine.process_cores:
+        return [cfg.engine.process_cores[i % len(cfg.engine.process_cores)] for i in range(n)]  # within its cores
     if cfg.engine.cpu_threads_bind != "auto":
         binds = list(cfg.engine.cpu_threads_bind)
         return [binds[i % len(binds)] for i in range(n)]
@@ -124,20 +126,38 @@ def replica_env(
     return env
 
 
-class ReplicaProcess:
-    """One replica server in its own process group (so its engine children die with it)."""
+def process_cores(cfg: PoolConfig, index: int) -> set[int] | None:
+    """The cores replica slot ``index`` is confined to (``engine.process_cores``), or None."""
+    cores = cfg.engine.process_cores
+    if not cores:
+        return None
+    spec = cores[index % len(cores)]
+    out: set[int] = set()
+    for part in spec.split(","):
+        first, _, last = part.partition("-")
+        out.update(range(int(first), int(last or first) + 1))
+    return out
 
-    def __init__(self, replica_id: str, cmd: list[str], env: dict[str, str], log_path: Path) -> None:
+
+class ReplicaProcess:
+    """One replica server in its own process group (so its engine children die with it), confined
+    to ``cores`` if given (children inherit the affinity)."""
+
+    def __init__(
+        self, replica_id: str, cmd: list[str], env: dict[str, str], log_path: Path, cores: set[int] | None = None
+    ) -> None:
         self.replica_id = replica_id
         self.cmd = cmd
         self.env = env
         self.log_path = log_path
+        self.cores = cores
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
+            cores = self.cores
             self.proc = subprocess.Popen(
                 self.cmd,
                 env=self.env,
@@ -145,6 +165,7 @@ class ReplicaProcess:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None,  # noqa: PLW1509
             )
 
     def alive(self) -> bool:
