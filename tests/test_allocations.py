@@ -585,12 +585,17 @@ def _settled(pool: Any, project: str, who: str, timeout: float = 30) -> tuple[An
         time.sleep(0.1)
 
 
-def test_a_stream_holds_its_reservation_and_settles_to_its_charge(pool: Any, priced: CostModel) -> None:
-    project, who = _name("stream"), _name("reader")
+def _funded_streamer(pool: Any, role: str) -> tuple[str, str, dict[str, str]]:
+    """A fresh project with 10,000 SU and a principal of it: (project, principal, auth headers)."""
+    project, who = _name("stream"), _name(role)
     pool.access.allocations.create(project, 10_000)
     token = pool.add_principal(who, project, {"generate"})
+    return project, who, {"Authorization": f"Bearer {token}"}
+
+
+def test_a_stream_holds_its_reservation_and_settles_to_its_charge(pool: Any, priced: CostModel) -> None:
+    project, who, headers = _funded_streamer(pool, "reader")
     body = {"prompt": [f"stream {i}" for i in range(4)], **_LONG_STREAM}
-    headers = {"Authorization": f"Bearer {token}"}
     with httpx.stream("POST", f"{pool.url}/v1/completions", json=body, headers=headers, timeout=120) as resp:
         assert resp.status_code == 200
         lines = resp.iter_lines()
@@ -617,11 +622,8 @@ def test_a_stream_holds_its_reservation_and_settles_to_its_charge(pool: Any, pri
 
 
 def test_a_client_that_hangs_up_mid_stream_pays_for_what_it_got(pool: Any, priced: CostModel) -> None:
-    project, who = _name("stream"), _name("quitter")
-    pool.access.allocations.create(project, 10_000)
-    token = pool.add_principal(who, project, {"generate"})
+    project, who, headers = _funded_streamer(pool, "quitter")
     body = {"prompt": [f"hang up {i}" for i in range(16)], **_LONG_STREAM}
-    headers = {"Authorization": f"Bearer {token}"}
     with httpx.stream("POST", f"{pool.url}/v1/completions", json=body, headers=headers, timeout=120) as resp:
         assert resp.status_code == 200
         got = 0
