@@ -94,7 +94,7 @@ def _serving_side_gateway(pool: Any, cfg: Any) -> Iterator[tuple[Any, str, async
     import uvicorn
 
     from tpmflow.payload import PayloadStore
-    from tpmflow.pool.gateway import Gateway
+    from tpmflow.gateway import Gateway
     from tpmflow.pool.launch import free_port
 
     gw = Gateway(cfg, pool.access, pool.ledger, PayloadStore(cfg.store), pool.secret)

@@ -194,7 +194,7 @@ def test_client_disconnects_mid_stream(pool: Any, still_serving: None) -> None:
     while time.monotonic() < deadline and any(r.inflight for r in pool.gateway.registry.live()):
         time.sleep(0.1)
     assert all(r.inflight == 0 for r in pool.gateway.registry.live())
-    assert pool.gateway._waiting == 0 and not pool.gateway._slots.locked()
+    assert pool.gateway.admission.waiting == 0 and not pool.gateway.admission.slots.locked()
 
 
 @pytest.mark.parametrize("field", ["prompt_embeds", "kv_transfer_params", "vllm_xargs"])

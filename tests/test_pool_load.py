@@ -46,11 +46,11 @@ def test_admission_beyond_the_queue_is_503_with_retry_after(pool: Any, side_gate
     queued: list[httpx.Response] = []
     with side_gateway(cfg) as (gw, base, loop):
         url = f"{base}/v1/completions"
-        asyncio.run_coroutine_threadsafe(gw._slots.acquire(), loop).result(timeout=10)  # the pool is busy
+        asyncio.run_coroutine_threadsafe(gw.admission.slots.acquire(), loop).result(timeout=10)  # the pool is busy
         waiter = threading.Thread(target=lambda: queued.append(httpx.post(url, json=body, headers=headers, timeout=60)))
         waiter.start()
         deadline = time.monotonic() + 30
-        while gw._waiting < 1:
+        while gw.admission.waiting < 1:
             assert time.monotonic() < deadline, "the first request never reached the queue"
             time.sleep(0.02)
 
@@ -59,7 +59,7 @@ def test_admission_beyond_the_queue_is_503_with_retry_after(pool: Any, side_gate
                 return await asyncio.gather(*(http.post(url, json=body, headers=headers) for _ in range(6)))
 
         refused = asyncio.run(burst())
-        loop.call_soon_threadsafe(gw._slots.release)  # the queued request goes through
+        loop.call_soon_threadsafe(gw.admission.slots.release)  # the queued request goes through
         waiter.join(timeout=60)
     assert [r.status_code for r in queued] == [200], "the request that waited in the queue is served"
     assert [r.status_code for r in refused] == [503] * 6, [r.text for r in refused]
@@ -89,17 +89,17 @@ def test_the_admission_queue_serves_interactive_before_queued_batch(pool: Any, s
 
         def queued(n: int) -> None:
             deadline = time.monotonic() + 30
-            while gw._waiting < n:
+            while gw.admission.waiting < n:
                 assert time.monotonic() < deadline, f"{n} requests never queued"
                 time.sleep(0.02)
 
-        asyncio.run_coroutine_threadsafe(gw._slots.acquire(), loop).result(timeout=10)  # hold the only slot
+        asyncio.run_coroutine_threadsafe(gw.admission.slots.acquire(), loop).result(timeout=10)  # hold the only slot
         threads = []
         for i, (name, token) in enumerate([*((f"batch-{i}", batch) for i in range(4)), ("interactive", interactive)]):
             threads.append(threading.Thread(target=send, args=(name, token)))
             threads[-1].start()
             queued(i + 1)  # each one waits before the next is sent: arrival order is known
-        loop.call_soon_threadsafe(gw._slots.release)
+        loop.call_soon_threadsafe(gw.admission.slots.release)
         for t in threads:
             t.join(timeout=60)
     assert order[0] == "interactive" and sorted(order[1:]) == [f"batch-{i}" for i in range(4)], order

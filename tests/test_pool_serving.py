@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from tpmflow.client import AsyncClient, Client
+from tpmflow.gateway.openai import validate_openai
 from tpmflow.models.card import read_card
 
 LONG_PROMPT = "In a steering campaign the thinker asks the shared model many questions. " * 6
@@ -150,7 +151,7 @@ def test_openai_package_completions_chat_and_stream(pool: Any) -> None:
 
 def test_gateway_injects_salt_and_strips_client_values(pool: Any) -> None:
     body = {"model": "tiny-llama", "prompt": "salt", "max_tokens": 2, "cache_salt": "stolen", "priority": -100}
-    validated = pool.gateway._validate_openai(dict(body), chat=False)
+    validated = validate_openai(dict(body), False, pool.gateway.model_name, pool.cfg.gateway)
     assert "cache_salt" not in validated and "priority" not in validated
     resp = httpx.post(pool.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {pool.token}"})
     assert resp.status_code == 200, resp.text

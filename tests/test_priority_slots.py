@@ -1,4 +1,4 @@
-"""The gateway's admission slots (tpmflow.pool.admission): waiters served by priority, then arrival;
+"""The gateway's admission slots (tpmflow.gateway.admission): waiters served by priority, then arrival;
 cancelled waiters (timeouts, clients gone) never leak or swallow a slot. Fast: no engine."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from tpmflow.pool.admission import PrioritySlots
+from tpmflow.gateway.admission import PrioritySlots
 
 
 def test_a_released_slot_goes_to_the_most_urgent_waiter_then_the_earliest() -> None:

@@ -14,7 +14,7 @@ import pytest
 from tpmflow.access import Principal
 from tpmflow.config import GatewayConfig, PoolConfig, ServiceClass
 from tpmflow.errors import QuotaExceeded
-from tpmflow.pool.ratelimit import Bucket, RateLimiter
+from tpmflow.gateway.ratelimit import Bucket, RateLimiter
 
 
 class Clock:

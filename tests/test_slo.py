@@ -23,9 +23,9 @@ from tpmflow.access.slo import slo_report
 from tpmflow.access.tables import LedgerEntry
 from tpmflow.cli import app
 from tpmflow.config import ServiceClass
-from tpmflow.pool.metrics import GatewayMetrics
+from tpmflow.gateway.metrics import GatewayMetrics
+from tpmflow.gateway.uptime import Uptime
 from tpmflow.pool.registry import ReplicaRegistry
-from tpmflow.pool.uptime import Uptime
 from tpmflow.schema import ReplicaInfo
 
 T0 = 1_000_000.0

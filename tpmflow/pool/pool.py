@@ -60,7 +60,7 @@ class Pool:
 
         from tpmflow.access import AccessDB, LedgerWriter
         from tpmflow.payload import PayloadStore
-        from tpmflow.pool.gateway import Gateway
+        from tpmflow.gateway import Gateway
         from tpmflow.pool.launch import LocalLauncher, free_port
 
         cfg = self.cfg

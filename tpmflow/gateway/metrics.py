@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Seconds, from a tiny model on a CPU (milliseconds) to a TPM's long generations (minutes).
@@ -35,6 +37,9 @@ class GatewayMetrics:
         self.queue_depth = Gauge("tpmflow_queue_depth", "Requests waiting for admission", registry=r)
         self.inflight = Gauge("tpmflow_inflight", "Requests forwarded to replicas now", registry=r)
         self.tokens = Counter("tpmflow_tokens_total", "Tokens processed (rate() gives tokens/s)", ["kind"], registry=r)
+        self._prompt_tokens = self.tokens.labels("prompt")
+        self._output_tokens = self.tokens.labels("output")
+        self._attempt_children: dict[tuple[str, str, int, str | None], tuple[Any, Any, Any]] = {}
         self.replica_inflight = Gauge(
             "tpmflow_replica_inflight", "In-flight requests per replica", ["replica"], registry=r
         )
@@ -96,6 +101,36 @@ class GatewayMetrics:
             "Seconds the pool had no live replica, counted from the first replica's joining",
             registry=r,
         )
+
+    def observe_attempt(
+        self,
+        endpoint: str,
+        service_class: str,
+        status: int,
+        error_type: str | None,
+        latency_ms: float,
+        prompt_tokens: int,
+        output_tokens: int,
+    ) -> None:
+        """The counters of one attempt. Label children are looked up once per label set and kept:
+        ``labels()`` takes a lock and builds a tuple on every call, on the request path."""
+        key = (endpoint, service_class, status, error_type)
+        children = self._attempt_children.get(key)
+        if children is None:
+            children = self._attempt_children[key] = (
+                self.requests.labels(endpoint, service_class, str(status)),
+                self.latency.labels(endpoint),
+                self.errors.labels(endpoint, service_class, error_type) if error_type else None,
+            )
+        requests, latency, errors = children
+        requests.inc()
+        latency.observe(latency_ms / 1000)
+        if errors is not None:
+            errors.inc()
+        if prompt_tokens:
+            self._prompt_tokens.inc(prompt_tokens)
+        if output_tokens:
+            self._output_tokens.inc(output_tokens)
 
     def observe_answer(
         self, service_class: str, latency_ms: float, ttft_ms: float | None, output_tokens: int, engine_ms: float

@@ -7,8 +7,10 @@ bucket admit while they are not exhausted (a request needs >= 1 left, tokens > 0
 the answer the gateway debits the real prompt + output tokens from the token buckets (which may go
 negative: a long answer is paid for by waiting longer).
 
-The buckets live in one gateway's memory: several gateways in front of one pool each enforce the
-full limit on the share of traffic they see, and nothing is atomic across them. These limits smooth
+The buckets live in one gateway process's memory: several gateways in front of one pool each
+enforce the full limit on the share of traffic they see, and nothing is atomic across them. The N
+worker processes of one gateway (``gateway.workers``) each hold 1/N of every limit, so together they
+never admit more than the limit (a client whose requests all land on one worker meets 1/N of it). These limits smooth
 the pace; allocations (atomic in the shared database) remain the hard cap on what is spent.
 """
 
@@ -58,20 +60,21 @@ class RateLimiter:
     """The buckets of one gateway, keyed by (kind, principal or class, name); limits are read from
     ``cfg`` at every check, so a bucket follows a changed limit. ``clock`` is injectable for tests."""
 
-    def __init__(self, cfg: PoolConfig, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, cfg: PoolConfig, clock: Callable[[], float] = time.monotonic, *, share: float = 1.0) -> None:
         self.cfg = cfg
         self.clock = clock
+        self.share = share  # this process's share of every limit (1/N with N gateway workers)
         self.buckets: dict[tuple[str, str, str], Bucket] = {}
 
     def _limits(self, principal: Principal, kind: str) -> list[_Limit]:
         out = []
         per_principal = getattr(self.cfg.gateway, f"principal_{kind}_per_minute")
         if per_principal is not None:
-            out.append(_Limit((kind, "principal", principal.name), per_principal))
+            out.append(_Limit((kind, "principal", principal.name), per_principal * self.share))
         cls = self.cfg.service_classes.get(principal.service_class)
         per_class = getattr(cls, f"{kind}_per_minute") if cls is not None else None
         if per_class is not None:
-            out.append(_Limit((kind, "class", principal.service_class), per_class))
+            out.append(_Limit((kind, "class", principal.service_class), per_class * self.share))
         return out
 
     def _bucket(self, limit: _Limit, now: float) -> Bucket:

@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from tpmflow.pool.metrics import GatewayMetrics
+from tpmflow.gateway.metrics import GatewayMetrics
 from tpmflow.pool.registry import ReplicaRegistry
 from tpmflow.schema import ReplicaInfo
 

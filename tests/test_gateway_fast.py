@@ -1,0 +1,256 @@
+"""The gateway's own logic against fake replicas (tpmflow.pool.fake_replica): routing, what it
+sends a replica, failover, admission, rate limits, billing and streams, in seconds.
+
+Real HTTP on 127.0.0.1 throughout (uvicorn gateway, uvicorn fake replicas, httpx client); only the
+engine is a stand-in. The same behaviours are tested against real vLLM replicas in
+test_pool_serving.py, test_pool_load.py, test_allocations.py and test_rate_limits.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tpmflow.access import AccessDB, LedgerWriter
+from tpmflow.config import GatewayConfig, PoolConfig, ServiceClass
+from tpmflow.gateway import Gateway
+from tpmflow.payload import PayloadStore, StoreConfig
+from tpmflow.pool.fake_replica import FakeReplica, Fault
+from tpmflow.pool.launch import free_port
+from tpmflow.protocol import Headers, Routes
+
+SECRET = "s3cret-pool"
+
+
+@dataclass
+class Rig:
+    gateway: Gateway
+    url: str
+    token: str
+    access: AccessDB
+    ledger: LedgerWriter
+    replicas: list[FakeReplica]
+
+    def post(self, path: str, body: Any, **headers: str) -> httpx.Response:
+        return httpx.post(self.url + path, json=body, headers={"Authorization": f"Bearer {self.token}", **headers})
+
+    def rows(self, **where: Any) -> list[Any]:
+        self.ledger.flush()
+        return self.access.ledger_rows(**where)
+
+
+@contextmanager
+def rig(tmp_path: Path, n_replicas: int = 2, **gateway: Any) -> Iterator[Rig]:
+    import uvicorn
+
+    cfg = PoolConfig(
+        model="fake-model",
+        gateway=GatewayConfig(request_timeout_s=gateway.pop("request_timeout_s", 10), **gateway),
+        store=StoreConfig(path=str(tmp_path / "store")),
+        database_url=f"sqlite:///{tmp_path / 'access.db'}",
+        service_classes={"batch": ServiceClass(priority=10, requests_per_minute=2)},
+    )
+    access = AccessDB(cfg.database_url)
+    ledger = LedgerWriter(access.engine)
+    gw = Gateway(cfg, access, ledger, PayloadStore(cfg.store), SECRET)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(gw.app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    url = f"http://127.0.0.1:{port}"
+    fakes = [
+        FakeReplica(gateway_url=url, secret=SECRET, replica_id=f"replica-{i}", heartbeat_s=0.2).start()
+        for i in range(n_replicas)
+    ]
+    deadline = time.monotonic() + 10
+    while len(gw.registry.live()) < n_replicas:
+        assert time.monotonic() < deadline, "fake replicas did not register by heartbeat"
+        time.sleep(0.02)
+    access.ensure_principal("alice", "chem", {"generate", "embed"})
+    try:
+        yield Rig(gw, url, access.create_token("alice"), access, ledger, fakes)
+    finally:
+        for fake in fakes:
+            fake.stop()
+        server.should_exit = True
+        thread.join(timeout=10)
+        ledger.close()
+
+
+@pytest.fixture()
+def two(tmp_path: Path) -> Iterator[Rig]:
+    with rig(tmp_path) as r:
+        yield r
+
+
+def test_completion_reaches_a_replica_with_the_gateways_fields_and_is_recorded(two: Rig) -> None:
+    body = {"prompt": "CCO", "max_tokens": 3, "cache_salt": "stolen", "priority": -100, "request_id": "forged"}
+    resp = two.post(Routes.COMPLETIONS, body, **{Headers.REQUEST_ID: "corr-1"})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["usage"]["completion_tokens"] == 3
+    assert resp.headers[Headers.REQUEST_ID] == "corr-1"
+    assert resp.headers[Headers.REPLICA] in ("replica-0", "replica-1")
+    assert resp.headers[Headers.CONTENT_HASH].startswith("blake3:")
+    seen = next(s for f in two.replicas for s in f.seen if s.path == Routes.COMPLETIONS)
+    alice = two.access.authenticate(two.token)
+    assert seen.body["cache_salt"] == alice.cache_salt and seen.body["priority"] == 0
+    assert seen.body["request_id"] == "corr-1" and seen.body["model"] == "fake-model"
+    assert seen.headers[Headers.PRINCIPAL.lower()] == "alice"
+    assert seen.headers["authorization"] == f"Bearer {SECRET}"
+    rows = two.rows(endpoint="completions")
+    assert len(rows) == 1 and rows[0].status == 200 and rows[0].output_tokens == 3
+
+
+def test_tpmflow_routes_forward_the_body_untouched(two: Rig) -> None:
+    raw = b'{"items": ["CCO"],   "pooling": "mean"}'
+    resp = httpx.post(
+        two.url + Routes.EMBED, content=raw, headers={"Authorization": f"Bearer {two.token}", "Content-Type": "application/json"}
+    )
+    assert resp.status_code == 200, resp.text
+    seen = next(s for f in two.replicas for s in f.seen if s.path == Routes.EMBED)
+    assert seen.body == {"items": ["CCO"], "pooling": "mean"}
+
+
+def test_requests_spread_over_replicas(two: Rig) -> None:
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {two.token}"}) as http:
+            return await asyncio.gather(
+                *(http.post(two.url + Routes.COMPLETIONS, json={"prompt": "x", "max_tokens": 1}) for _ in range(40))
+            )
+
+    for fake in two.replicas:
+        fake.delay_s = 0.05
+    responses = asyncio.run(burst())
+    assert all(r.status_code == 200 for r in responses)
+    served = [f.served for f in two.replicas]
+    assert sum(served) == 40 and min(served) >= 10, served
+
+
+def test_dropped_connections_are_retried_elsewhere_with_one_row_per_attempt(two: Rig) -> None:
+    for fake in two.replicas:
+        fake.script.append(Fault(drop=True))  # each drops once: two failed attempts, then an answer
+    resp = two.post(Routes.COMPLETIONS, {"prompt": "x", "max_tokens": 2}, **{Headers.REQUEST_ID: "retry-me"})
+    assert resp.status_code == 200, resp.text
+    rows = {r.request_id: r for r in two.rows(endpoint="completions")}
+    assert sorted(rows) == ["retry-me", "retry-me.r1", "retry-me.r2"]
+    first, second, answered = rows["retry-me"], rows["retry-me.r1"], rows["retry-me.r2"]
+    assert (first.status, second.status, answered.status) == (502, 502, 200)
+    assert first.replica_id != second.replica_id  # the retry went to the other replica
+    assert second.retry_of == "retry-me" and answered.retry_of == "retry-me.r1"
+    assert first.error_type == second.error_type == "ReplicaFailed"
+    # Both left the rotation when they dropped; the answer came once a heartbeat brought one back.
+    assert answered.output_tokens == 2
+
+
+def test_a_replica_error_is_typed_and_not_retried(two: Rig) -> None:
+    for fake in two.replicas:
+        fake.script.append(Fault(status=400, message="prompt too long"))
+    resp = two.post(Routes.COMPLETIONS, {"prompt": "x", "max_tokens": 2})
+    assert resp.status_code == 400
+    error = resp.json()["error"]
+    assert error["type"] == "InvalidRequest" and error["message"] == "prompt too long"
+    rows = two.rows(endpoint="completions")
+    assert len(rows) == 1 and rows[0].error_type == "InvalidRequest"
+
+
+def test_bad_bodies_and_tokens_are_refused_at_the_gateway(two: Rig) -> None:
+    cases = [
+        (b"{not json", 400, "InvalidRequest"),
+        (b"[1, 2]", 400, "InvalidRequest"),
+        (b'{"prompt": "x", "max_tokens": 0}', 400, "InvalidRequest"),
+        (b'{"prompt": ""}', 400, "InvalidRequest"),
+        (b'{"prompt": "x", "model": "other"}', 404, "ModelNotFound"),
+        (b'{"prompt": "x", "prompt_embeds": "AAAA"}', 400, "InvalidRequest"),
+        (b"[" * 10_000 + b"]" * 10_000, 400, "InvalidRequest"),  # nested past any parser's depth
+    ]
+    for raw, status, kind in cases:
+        resp = httpx.post(
+            two.url + Routes.COMPLETIONS, content=raw,
+            headers={"Authorization": f"Bearer {two.token}", "Content-Type": "application/json"},
+        )
+        assert (resp.status_code, resp.json()["error"]["type"]) == (status, kind), raw[:40]
+    assert not any(f.seen for f in two.replicas), "nothing bad reached a replica"
+    assert httpx.post(two.url + Routes.COMPLETIONS, json={"prompt": "x"}).status_code == 401
+    no_probe = two.post(Routes.PROBE, {"prompt": "x"})
+    assert no_probe.status_code == 403 and no_probe.json()["error"]["type"] == "Forbidden"
+    assert len(two.rows()) == len(cases) + 1  # every refused request with a principal has its row
+
+
+def test_a_full_queue_answers_503_with_retry_after(tmp_path: Path) -> None:
+    with rig(tmp_path, n_replicas=1, max_inflight=1, queue_limit=1) as r:
+        assert r.post(Routes.COMPLETIONS, {"prompt": "x", "max_tokens": 1}).status_code == 200  # token cached
+        r.replicas[0].delay_s = 1.0
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(headers={"Authorization": f"Bearer {r.token}"}, timeout=10) as http:
+                return await asyncio.gather(
+                    *(http.post(r.url + Routes.COMPLETIONS, json={"prompt": "x", "max_tokens": 1}) for _ in range(5))
+                )
+
+        statuses = sorted(resp.status_code for resp in asyncio.run(burst()))
+        assert statuses == [200, 200, 503, 503, 503]
+        refused = [resp for resp in asyncio.run(burst()) if resp.status_code == 503]
+        assert refused and all(resp.headers[Headers.RETRY_AFTER] == "1" for resp in refused)
+        assert all(resp.json()["error"]["type"] == "Overloaded" for resp in refused)
+        assert r.gateway.admission.waiting == 0 and not r.gateway.admission.slots.locked()
+
+
+def test_a_class_rate_limit_answers_429_with_retry_after(two: Rig) -> None:
+    two.access.ensure_principal("bob", "chem", {"generate"}, "batch")  # 2 requests per minute
+    token = two.access.create_token("bob")
+    statuses = []
+    for _ in range(3):
+        resp = httpx.post(
+            two.url + Routes.COMPLETIONS, json={"prompt": "x", "max_tokens": 1}, headers={"Authorization": f"Bearer {token}"}
+        )
+        statuses.append(resp.status_code)
+    assert statuses == [200, 200, 429]
+    assert int(resp.headers[Headers.RETRY_AFTER]) >= 1
+    assert resp.json()["error"]["type"] == "QuotaExceeded"
+    assert [r.error_type for r in two.rows(principal="bob") if r.status == 429] == ["RateLimited"]
+
+
+def test_a_stream_is_relayed_and_billed_from_its_last_usage(two: Rig) -> None:
+    with httpx.stream(
+        "POST", two.url + Routes.COMPLETIONS, json={"prompt": "x", "max_tokens": 4, "stream": True},
+        headers={"Authorization": f"Bearer {two.token}"},
+    ) as resp:
+        assert resp.status_code == 200
+        lines = [line for line in resp.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]" and len(lines) == 5
+    seen = next(s for f in two.replicas for s in f.seen if s.path == Routes.COMPLETIONS)
+    assert seen.body["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+    deadline = time.monotonic() + 5
+    while not (rows := two.rows(endpoint="completions")):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert rows[0].status == 200 and rows[0].output_tokens == 4
+    assert two.gateway.admission.waiting == 0 and not two.gateway.admission.slots.locked()
+
+
+def test_no_live_replica_is_a_typed_failure_after_the_timeout(tmp_path: Path) -> None:
+    with rig(tmp_path, n_replicas=1, request_timeout_s=1.0, heartbeat_timeout_s=0.5) as r:
+        r.replicas[0].stop()
+        time.sleep(0.7)  # its heartbeats stop: it leaves the rotation
+        resp = r.post(Routes.COMPLETIONS, {"prompt": "x", "max_tokens": 1})
+        assert resp.status_code >= 500 and resp.json()["error"]["type"] == "ReplicaFailed"
+
+
+def test_health_and_metrics_need_no_token(two: Rig) -> None:
+    health = httpx.get(two.url + Routes.HEALTH).json()
+    assert health["status"] == "ok" and len(health["replicas"]) == 2
+    two.post(Routes.COMPLETIONS, {"prompt": "x", "max_tokens": 2})
+    metrics = httpx.get(two.url + Routes.METRICS).text
+    assert 'tpmflow_requests_total{endpoint="completions",service_class="interactive",status="200"} 1.0' in metrics
+    assert 'tpmflow_tokens_total{kind="output"} 2.0' in metrics

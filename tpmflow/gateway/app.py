@@ -1,0 +1,285 @@
+"""The gateway: a thin authenticating, metering, routing proxy in front of the replicas.
+
+intake (token → principal, permission, body) → admission (rate limits, allocation reserve,
+priority queue) → forwarding (least-loaded live replica, retries, streams) → billing (one ledger
+row per attempt, charged in service units; the reservation settled). It injects the principal's
+``cache_salt`` and its service class's priority and strips client-supplied ones; it forces usage
+reporting on streams so the ledger always has token counts. OpenAI-compatible routes pass through
+to vLLM's own handlers; the routes are one table, :data:`ROUTES`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+
+from tpmflow.access import AccessDB, LedgerWriter
+from tpmflow.config import PoolConfig
+from tpmflow.errors import InvalidRequest, Overloaded, QuotaExceeded, TpmflowError, Unauthorized
+from tpmflow.gateway.admission import Admission
+from tpmflow.gateway.billing import Billing
+from tpmflow.gateway.forwarding import Forwarder
+from tpmflow.gateway.intake import Intake
+from tpmflow.gateway.metrics import GatewayMetrics
+from tpmflow.gateway.openai import validate_openai
+from tpmflow.gateway.payloads import Payloads
+from tpmflow.gateway.ratelimit import RateLimiter
+from tpmflow.gateway.uptime import Uptime
+from tpmflow.payload import PayloadStore, Signer
+from tpmflow.pool.registry import ReplicaRegistry
+from tpmflow.protocol import Headers, Routes
+from tpmflow.schema import ReplicaInfo
+
+Handler = Callable[["Gateway", Request, "Route"], Awaitable[Response]]
+
+
+@dataclass(frozen=True)
+class Route:
+    """One route of the gateway: its path and method, the permission it needs (None: any valid
+    token; "" : no token at all), its ledger name, and how it is served."""
+
+    path: str
+    method: str
+    permission: str | None
+    handler: Handler
+    endpoint: str = ""
+
+
+class Gateway:
+    """Holds one gateway's parts (registry, admission, billing, forwarding, payloads, metrics) and
+    its ASGI app, built from :data:`ROUTES`."""
+
+    def __init__(
+        self,
+        cfg: PoolConfig,
+        access: AccessDB,
+        ledger: LedgerWriter,
+        store: PayloadStore,
+        secret: str,
+        registry: ReplicaRegistry | None = None,
+        workers: int = 1,
+    ) -> None:
+        self.cfg = cfg
+        self.access = access
+        self.ledger = ledger
+        self.store = store
+        self.secret = secret
+        self.model_name = cfg.model_name()
+        self.registry = registry or ReplicaRegistry(cfg.gateway.heartbeat_timeout_s)
+        self.metrics = GatewayMetrics()
+        self.uptime = Uptime(self.registry, self.metrics)
+        # Per principal and per service class, in this process's memory; with several workers each
+        # holds an equal share of every limit, so together they never admit more than the limit.
+        self.rate_limits = RateLimiter(cfg, share=1.0 / max(1, workers))
+        self.billing = Billing(cfg, access, ledger, self.metrics, self.rate_limits, self.registry)
+        self.admission = Admission(cfg, self.metrics, self.rate_limits, self.billing)
+        self.intake = Intake(cfg.gateway, access, self.billing.refused)
+        self.forwarder = Forwarder(cfg, self.registry, self.metrics, self.billing, self.admission, access, secret)
+        self.payloads = Payloads(store, access, Signer(secret), cfg.gateway.payload_sweep_s)
+        self._background: set[asyncio.Task[Any]] = set()  # kept referenced until done
+        self.app = create_app(self)
+
+    def note_restart(self, replica_id: str) -> None:
+        """The launcher restarted a replica: its old address is gone until it heartbeats again."""
+        self.registry.mark_dead(replica_id)
+        self.metrics.replica_restarts.labels(replica_id).inc()
+
+    def keep_reservations_now(self, now: float | None = None) -> int:
+        return self.billing.keep_reservations_now(now)
+
+    def sweep_payloads_now(self, now: float | None = None) -> int:
+        return self.payloads.sweep_now(now)
+
+    def in_background(self, coro: Awaitable[Any]) -> None:
+        """Run ``coro`` to completion on the loop, holding a reference (a bare ``ensure_future``
+        may be garbage-collected mid-run)."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+# -- route handlers ----------------------------------------------------------------------------
+
+
+async def _health(gw: Gateway, request: Request, route: Route) -> Response:
+    live = gw.registry.live()
+    body = {
+        "status": "ok" if live else "unavailable",
+        "model": gw.model_name,
+        "replicas": [
+            {
+                "id": r.info.replica_id,
+                "group": r.info.group,
+                "inflight": r.inflight,
+                "served": r.served,
+                "running": r.info.running,
+                "waiting": r.info.waiting,
+            }
+            for r in live
+        ],
+    }
+    return JSONResponse(body, status_code=200 if live else 503)
+
+
+async def _metrics(gw: Gateway, request: Request, route: Route) -> Response:
+    gw.metrics.replicas_live.set(len(gw.registry.live()))
+    gw.uptime.export()
+    return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _heartbeat(gw: Gateway, request: Request, route: Route) -> Response:
+    if request.headers.get(Headers.AUTHORIZATION) != f"Bearer {gw.secret}":
+        raise Unauthorized("replicas authenticate with the pool secret")
+    try:
+        info = ReplicaInfo.model_validate_json(await request.body())
+    except (ValidationError, ValueError) as exc:
+        raise InvalidRequest(f"bad heartbeat: {exc}") from exc
+    gw.uptime.heartbeat(info)  # into the registry, noting a (re)join
+    gw.metrics.replica_running.labels(info.replica_id).set(info.running)
+    gw.metrics.replica_waiting.labels(info.replica_id).set(info.waiting)
+    return Response(b'{"ok":true}', media_type="application/json")
+
+
+async def _models(gw: Gateway, request: Request, route: Route) -> Response:
+    call = await gw.intake.call(request, route.endpoint, route.permission)
+    async with gw.admission.admitted(call):
+        return await gw.forwarder.forward(call, "GET", route.path, None)
+
+
+async def _openai(gw: Gateway, request: Request, route: Route) -> Response:
+    """vLLM's own completions and chat routes, with the body checked and the gateway's fields set."""
+    call = await gw.intake.call(request, route.endpoint, route.permission)
+    try:
+        _, body = await gw.intake.body(request, call)
+        body = validate_openai(body, route.path == Routes.CHAT, gw.model_name, gw.cfg.gateway)
+    except TpmflowError as exc:
+        gw.billing.refused(call, exc.status_code, type(exc).__name__)
+        raise
+    body["request_id"] = call.request_id
+    body["cache_salt"] = call.principal.cache_salt
+    body["priority"] = gw.admission.priority(call.principal)
+    data = orjson.dumps(body)
+    if body.get("stream"):
+        admitted = gw.admission.admitted(call, body)
+        await admitted.__aenter__()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                gw.in_background(admitted.__aexit__(None, None, None))
+
+        try:
+            return await gw.forwarder.forward_stream(call, route.path, data, body, release)
+        except BaseException:
+            release()
+            raise
+    async with gw.admission.admitted(call, body):
+        return await gw.forwarder.forward(call, "POST", route.path, data, body)
+
+
+async def _tpmflow(gw: Gateway, request: Request, route: Route) -> Response:
+    """tpmflow's own replica routes: the body is parsed for admission and billing, and forwarded
+    as it came (the replica validates it against its wire model)."""
+    call = await gw.intake.call(request, route.endpoint, route.permission)
+    try:
+        raw, body = await gw.intake.body(request, call)
+    except TpmflowError as exc:
+        gw.billing.refused(call, exc.status_code, type(exc).__name__)
+        raise
+    async with gw.admission.admitted(call, body):
+        return await gw.forwarder.forward(call, "POST", route.path, raw, body)
+
+
+async def _store(gw: Gateway, request: Request, route: Route) -> Response:
+    principal = await gw.intake.authorise(request, None)
+    return JSONResponse(gw.payloads.describe(principal))
+
+
+async def _sign(gw: Gateway, request: Request, route: Route) -> Response:
+    principal = await gw.intake.authorise(request, None)
+    _, body = await gw.intake.body(request)
+    return JSONResponse(await gw.payloads.sign(principal, body))
+
+
+async def _usage(gw: Gateway, request: Request, route: Route) -> Response:
+    principal = await gw.intake.authorise(request, None)
+    by = request.query_params.get("by", "principal")
+    if by not in ("principal", "project"):
+        raise InvalidRequest("by must be 'principal' or 'project'")
+    await asyncio.to_thread(gw.ledger.flush)
+    mine = None if principal.can("admin") else principal.name
+    rows = await asyncio.to_thread(gw.access.usage, by, mine, charges=True)
+    return JSONResponse({"usage": rows})
+
+
+def _proxied(path: str, permission: str, handler: Handler = _tpmflow) -> Route:
+    return Route(path, "POST", permission, handler, Routes.endpoint(path))
+
+
+ROUTES: tuple[Route, ...] = (
+    Route(Routes.HEALTH, "GET", "", _health),
+    Route(Routes.METRICS, "GET", "", _metrics),
+    Route(Routes.HEARTBEAT, "POST", "", _heartbeat),  # the pool secret, checked by the handler
+    Route(Routes.MODELS, "GET", None, _models, "models"),
+    Route(Routes.COMPLETIONS, "POST", "generate", _openai, "completions"),
+    Route(Routes.CHAT, "POST", "generate", _openai, "chat"),
+    _proxied(Routes.EMBED, "embed"),
+    _proxied(Routes.ADAPTER_EMBED, "embed"),
+    _proxied(Routes.ADAPTER_PREDICT, "embed"),
+    _proxied(Routes.ADAPTER_GENERATE, "generate"),
+    _proxied(Routes.GENERATE_EMBEDS, "generate"),
+    _proxied(Routes.PROBE, "probe"),
+    _proxied(Routes.DIGEST, "embed"),
+    Route(Routes.STORE, "GET", None, _store),
+    Route(Routes.SIGN, "POST", None, _sign),
+    Route(Routes.USAGE, "GET", None, _usage),
+)
+
+
+def create_app(gw: Gateway) -> FastAPI:
+    """The ASGI app of ``gw``: one endpoint per entry of :data:`ROUTES`, typed errors as JSON."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        tasks = [
+            loop.create_task(gw.payloads.sweep()),
+            loop.create_task(gw.billing.keep_reservations()),
+            loop.create_task(gw.uptime.watch()),
+        ]
+        yield
+        for task in tasks:
+            task.cancel()
+        await gw.forwarder.close()
+
+    app = FastAPI(title="tpmflow gateway", docs_url="/docs", lifespan=lifespan)
+
+    @app.exception_handler(TpmflowError)
+    async def _typed(_: Request, exc: TpmflowError) -> JSONResponse:
+        # Overloaded always, QuotaExceeded when a rate limit refused it (whole seconds, rounded up).
+        retry_after = getattr(exc, "retry_after", None) if isinstance(exc, (Overloaded, QuotaExceeded)) else None
+        headers = {Headers.RETRY_AFTER: str(math.ceil(max(1.0, retry_after)))} if retry_after is not None else None
+        return JSONResponse(exc.to_body(), status_code=exc.status_code, headers=headers)
+
+    for route in ROUTES:
+        app.add_api_route(route.path, _bind(gw, route), methods=[route.method], name=route.endpoint or route.path)
+    return app
+
+
+def _bind(gw: Gateway, route: Route) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        return await route.handler(gw, request, route)
+
+    return endpoint

@@ -1,0 +1,190 @@
+"""Billing: reserve a request's largest possible charge before admission, charge each attempt's
+ledger row in service units, settle the reservation after; the ledger row and metrics of every
+attempt are written here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any
+
+from tpmflow.access import AccessDB, LedgerRow, LedgerWriter, Reservation
+from tpmflow.access.allocations import EXPIRY_MARGIN_S, RENEW_EVERY_S
+from tpmflow.access.costs import Limits, max_charge
+from tpmflow.config import PoolConfig
+from tpmflow.errors import QuotaExceeded
+from tpmflow.gateway.call import Call
+from tpmflow.gateway.metrics import GatewayMetrics
+from tpmflow.gateway.ratelimit import RateLimiter
+from tpmflow.pool.registry import ReplicaRegistry, ReplicaState, lora_for
+
+log = logging.getLogger("tpmflow.gateway")
+
+
+def served_version(call: Call, replica: ReplicaState) -> str:
+    """The version answering ``call`` on ``replica``: a pinned LoRA adapter's, else its weights'."""
+    return lora_for(replica, call.version) or replica.info.content_hash
+
+
+class Billing:
+    """Reservations, charges and the ledger of one gateway."""
+
+    def __init__(
+        self,
+        cfg: PoolConfig,
+        access: AccessDB,
+        ledger: LedgerWriter,
+        metrics: GatewayMetrics,
+        rate_limits: RateLimiter,
+        registry: ReplicaRegistry,
+    ) -> None:
+        self.cfg = cfg
+        self.access = access
+        self.ledger = ledger
+        self.metrics = metrics
+        self.rate_limits = rate_limits
+        self.registry = registry
+        self.model_name = cfg.model_name()
+
+    # -- allocations: reserve before admission, settle after -----------------------------------
+
+    def limits(self) -> Limits:
+        """The pool limits that bound one request's use (replicas report their engine's own)."""
+        live = self.registry.live()
+        return Limits(
+            max_model_len=max([r.info.max_model_len for r in live] + [self.cfg.engine.max_model_len]),
+            hidden_size=max((r.info.hidden_size for r in live), default=0),
+            max_activation_bytes=self.cfg.max_activation_bytes,
+            request_timeout_s=self.cfg.gateway.request_timeout_s,
+        )
+
+    async def reserve(self, call: Call, body: dict[str, Any] | None) -> None:
+        """Reserve the most this request can cost from its project's allocation (atomic in the
+        database, so gateways sharing it cannot overspend together). Unlimited projects — no
+        allocation at all — pass on a cached answer without touching the database."""
+        allocations = self.access.allocations
+        project = call.principal.project
+        if allocations.unlimited(project):
+            return
+        bound = max_charge(
+            self.cfg.costs, call.principal.service_class, call.endpoint, body, call.body_bytes, self.limits()
+        )
+        # Expires at the request's deadline plus a margin; keep_reservations renews it meanwhile.
+        ttl_s = self.cfg.gateway.request_timeout_s + EXPIRY_MARGIN_S
+        reserving = asyncio.ensure_future(
+            asyncio.to_thread(allocations.reserve, project, call.principal.name, bound, ttl_s=ttl_s)
+        )
+        try:
+            call.reservation = await asyncio.shield(reserving)
+        except QuotaExceeded:
+            self.record(call, 429, error_type="QuotaExceeded")
+            raise
+        except asyncio.CancelledError:
+            # The client left while the database reserved: the thread finishes anyway, so give the
+            # SUs back once it has, or they would stay held with no request to settle them.
+            reserving.add_done_callback(self._release_abandoned)
+            raise
+
+    def _release_abandoned(self, reserving: asyncio.Future[Reservation | None]) -> None:
+        if reserving.cancelled() or reserving.exception() is not None or reserving.result() is None:
+            return
+        threading.Thread(target=self.access.allocations.settle, args=(reserving.result(), 0.0), daemon=True).start()
+
+    async def settle(self, call: Call) -> None:
+        """Swap the reservation for the real charge (at most the reservation). Runs in a thread that
+        completes even if the request task is cancelled meanwhile."""
+        reservation, call.reservation = call.reservation, None
+        if reservation is None:
+            return
+        try:
+            await asyncio.to_thread(self.access.allocations.settle, reservation, call.charged_su)
+        except Exception:  # noqa: BLE001 - held until it expires and a sweep frees it (never an overspend)
+            log.exception("settling %s SU reserved for %s failed", reservation.su, call.request_id)
+
+    async def keep_reservations(self) -> None:
+        """Every RENEW_EVERY_S: renew this gateway's reservations in flight (a stream may outlive its
+        deadline, and must not lose its reservation), then release any gateway's expired ones (it
+        crashed between reserving and settling)."""
+        while True:
+            await asyncio.sleep(RENEW_EVERY_S)
+            try:
+                await asyncio.to_thread(self.keep_reservations_now)
+            except Exception:  # noqa: BLE001 - the sweep must never take the gateway down
+                log.exception("renewing or sweeping reservations failed")
+
+    def keep_reservations_now(self, now: float | None = None) -> int:
+        """One renewal and sweep (``now``: a wall-clock time, for tests); returns how many expired
+        reservations it released."""
+        self.access.allocations.renew(now)
+        return len(self.access.allocations.sweep(now))
+
+    # -- the ledger -----------------------------------------------------------------------------
+
+    def _charge(self, call: Call, row: LedgerRow) -> float:
+        """This row's SUs from its own counters. A request never costs more than it reserved: only a
+        stream outliving the request timeout could, and its excess engine time goes unbilled."""
+        charge = self.cfg.costs.charge_of(row)
+        if call.reservation is not None:
+            charge = max(0.0, min(charge, call.reservation.su - call.charged_su))
+        call.charged_su += charge
+        return charge
+
+    def refused(self, call: Call, status: int, error_type: str) -> None:
+        """A request turned away before it reached a replica."""
+        self.record(call, status, error_type=error_type)
+
+    def record(
+        self,
+        call: Call,
+        status: int,
+        *,
+        attempt_id: str | None = None,
+        retry_of: str | None = None,
+        replica: ReplicaState | None = None,
+        usage: dict[str, Any] | None = None,
+        engine_ms: float = 0.0,
+        error_type: str | None = None,
+        first_output: float | None = None,
+    ) -> None:
+        """One ledger row and the metrics of one attempt. ``first_output``: when a stream relayed its
+        first chunk (time.monotonic); any other answer reaches its client whole, at the end."""
+        usage = usage or {}
+        latency_ms = (time.monotonic() - call.started) * 1000
+        if first_output is not None:
+            ttft_ms: float | None = (first_output - call.started) * 1000
+        else:
+            ttft_ms = latency_ms if status == 200 else None
+        p = call.principal
+        prompt = int(usage.get("prompt_tokens") or 0)
+        output = int(usage.get("completion_tokens") or 0)
+        row = LedgerRow(
+            request_id=attempt_id or call.request_id,
+            retry_of=retry_of,
+            principal=p.name,
+            project=p.project,
+            service_class=p.service_class,
+            endpoint=call.endpoint,
+            model=self.model_name,
+            content_hash=served_version(call, replica) if replica else call.content_hash,
+            replica_id=replica.info.replica_id if replica else None,
+            prompt_tokens=prompt,
+            output_tokens=output,
+            payload_bytes_in=int(usage.get("payload_bytes_in") or 0),
+            payload_bytes_out=int(usage.get("payload_bytes_out") or 0),
+            activation_bytes=int(usage.get("activation_bytes") or 0),
+            queue_ms=call.queue_ms,
+            engine_ms=engine_ms,
+            status=status,
+            error_type=error_type,
+            latency_ms=latency_ms,
+            ttft_ms=ttft_ms,
+        )
+        row.charge_su = self._charge(call, row)
+        self.ledger.record(row)
+        # Token rate limits are debited with the same counts the ledger row gets, once known.
+        self.rate_limits.debit_tokens(p, prompt + output)
+        self.metrics.observe_attempt(call.endpoint, p.service_class, status, error_type, latency_ms, prompt, output)
+        if status == 200:
+            self.metrics.observe_answer(p.service_class, latency_ms, ttft_ms, output, engine_ms)
