@@ -14,9 +14,8 @@ from academy.exchange import LocalExchangeFactory
 from academy.handle import Handle
 from academy.manager import Manager
 
+import tpmflow
 from tpmflow.academy import TPMAgent
-from tpmflow.errors import InvalidRequest
-from tpmflow.pool import Pool
 
 
 class Chemist(Agent):
@@ -57,7 +56,7 @@ async def campaign(url: str, token: str) -> None:
         # A typed tpmflow error reaches the caller; the agent stays up for the next call.
         try:
             await tpm.embed(["CCO"], adapter="no-such-adapter")
-        except InvalidRequest as exc:
+        except tpmflow.InvalidRequest as exc:
             print("typed error:", type(exc).__name__, exc)
         print("another agent:", await chemist.propose("c1ccccc1", 4))
     # Leaving the manager shuts both agents down; TPMAgent closes its pool client.
@@ -65,7 +64,7 @@ async def campaign(url: str, token: str) -> None:
 
 def main() -> None:
     overrides = {"model": sys.argv[1]} if len(sys.argv) > 1 else {}
-    with Pool.from_config("configs/local.yaml", **overrides) as pool:
+    with tpmflow.Pool.from_config("configs/local.yaml", **overrides) as pool:
         assert pool.token is not None
         asyncio.run(campaign(pool.url, pool.token))
 

@@ -24,8 +24,8 @@ from parsl.providers import LocalProvider
 from proxystore.connectors.file import FileConnector
 from proxystore.store import Store, register_store
 
+import tpmflow
 from tpmflow.colmena import SafePipeQueues, tpm_methods
-from tpmflow.pool import Pool
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def main() -> None:
 
     overrides = {"model": sys.argv[1]} if len(sys.argv) > 1 else {}
     with (
-        Pool.from_config(REPO / "configs" / "local.yaml", **overrides) as pool,
+        tpmflow.Pool.from_config(REPO / "configs" / "local.yaml", **overrides) as pool,
         tempfile.TemporaryDirectory() as scratch,
     ):
         store = Store("colmena-tasks", FileConnector(scratch))

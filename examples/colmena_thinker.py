@@ -26,8 +26,8 @@ from parsl.config import Config
 from parsl.executors import HighThroughputExecutor
 from parsl.providers import LocalProvider
 
+import tpmflow
 from tpmflow.colmena import SafePipeQueues, TPMThinker
-from tpmflow.pool import Pool
 
 REPO = Path(__file__).resolve().parents[1]
 MOLECULES = [
@@ -86,7 +86,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO))  # the simulation lives in the campaign app
     from apps.molecular_design.simulate import simulate
 
-    with Pool.from_config(
+    with tpmflow.Pool.from_config(
         REPO / "configs" / "local.yaml", **({"model": sys.argv[1]} if len(sys.argv) > 1 else {})
     ) as pool:
         queues = SafePipeQueues(topics=["simulate", "tpm"])

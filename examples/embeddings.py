@@ -8,13 +8,13 @@ import numpy as np
 from safetensors.numpy import load_file
 from transformers import AutoTokenizer
 
-from tpmflow.pool import Pool
+import tpmflow
 
 MOLECULES = ["CCO", "c1ccccc1O", "CC(=O)Oc1ccccc1C(=O)O", "CCN(CC)CC"]
 
 
 def main() -> None:
-    with Pool.from_config("configs/local.yaml") as pool, pool.client() as client:
+    with tpmflow.Pool.from_config("configs/local.yaml") as pool, pool.client() as client:
         emb = client.embed(MOLECULES, pooling="mean")
         vectors = emb.numpy()  # [4, hidden]
         unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)

@@ -8,8 +8,7 @@ import sys
 
 import numpy as np
 
-from tpmflow.pool import Pool
-from tpmflow.schema import LogitLens
+import tpmflow
 
 
 def main(prompt: str = "CC(=O)Oc1ccccc1C(=O)O") -> None:
@@ -18,8 +17,8 @@ def main(prompt: str = "CC(=O)Oc1ccccc1C(=O)O") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with Pool.from_config("configs/local.yaml") as pool, pool.client() as client:
-        trace = client.probe(prompt, lens=LogitLens(top_k=1))
+    with tpmflow.Pool.from_config("configs/local.yaml") as pool, pool.client() as client:
+        trace = client.probe(prompt, lens=tpmflow.LogitLens(top_k=1))
     tokens = trace.prompt_tokens
     top = trace.top_tokens()  # [layer][position]
     probs = np.array([[row[0] for row in layer["probs"]] for layer in trace.lens])

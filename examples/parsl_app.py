@@ -12,8 +12,8 @@ from parsl.config import Config
 from parsl.executors import HighThroughputExecutor
 from parsl.providers import LocalProvider
 
+import tpmflow
 from tpmflow.parsl import tpm_app
-from tpmflow.pool import Pool
 
 
 @tpm_app(executors=["work"])
@@ -37,7 +37,7 @@ def main() -> None:
         ],
         run_dir="runinfo",
     )
-    with Pool.from_config("configs/local.yaml") as pool:
+    with tpmflow.Pool.from_config("configs/local.yaml") as pool:
         os.environ["TPMFLOW_URL"], os.environ["TPMFLOW_TOKEN"] = pool.url, pool.token
         dfk = parsl.load(config)
         try:

@@ -11,24 +11,27 @@ Run: .venv/bin/python examples/patching.py
 
 import numpy as np
 
-from tpmflow.pool import Pool
-from tpmflow.schema import Capture, LogitLens, Replace
+import tpmflow
 
 CLEAN, CORRUPT = "c1ccccc1", "C1CCCCC1"  # the same length: positions line up
 
 
 def main() -> None:
-    with Pool.from_config("configs/local.yaml") as pool, pool.client() as client:
+    with tpmflow.Pool.from_config("configs/local.yaml") as pool, pool.client() as client:
         n_layers = 4
         resid = [f"blocks.{i}.hook_resid_pre" for i in range(n_layers)]
-        clean = client.probe(CLEAN, capture=[Capture(site=s) for s in resid], lens=LogitLens(layers=[n_layers - 1]))
+        clean = client.probe(
+            CLEAN, capture=[tpmflow.Capture(site=s) for s in resid], lens=tpmflow.LogitLens(layers=[n_layers - 1])
+        )
         target = clean.lens[-1]["token_ids"][-1][0]  # the clean run's next token after the prompt
         n = len(clean.prompt_tokens)
         effect = np.zeros((n_layers, n))
         for layer in range(n_layers):
             for pos in range(n):
-                patch = Replace(site=resid[layer], values=clean[resid[layer]][pos : pos + 1], positions=[pos])
-                run = client.probe(CORRUPT, interventions=[patch], lens=LogitLens(layers=[n_layers - 1], top_k=50))
+                patch = tpmflow.Replace(site=resid[layer], values=clean[resid[layer]][pos : pos + 1], positions=[pos])
+                run = client.probe(
+                    CORRUPT, interventions=[patch], lens=tpmflow.LogitLens(layers=[n_layers - 1], top_k=50)
+                )
                 last = run.lens[-1]
                 ids, probs = last["token_ids"][-1], last["probs"][-1]
                 effect[layer, pos] = probs[ids.index(target)] if target in ids else 0.0

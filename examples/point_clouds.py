@@ -16,7 +16,7 @@ from tempfile import TemporaryDirectory
 
 from tpmflow_pointcloud.synthetic import make_shapes, to_pcd_bytes, to_ply_bytes, to_xyz_bytes
 
-from tpmflow.pool import Pool
+import tpmflow
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
         broken = Path(tmp) / "broken.ply"
         broken.write_bytes(files[0].read_bytes()[:300])  # a truncated upload
 
-        with Pool.from_config("configs/local.yaml") as pool, pool.client() as client:
+        with tpmflow.Pool.from_config("configs/local.yaml") as pool, pool.client() as client:
             items = [p.read_bytes() for p in [*files, broken]]
             out = client.predict(items, adapter="pointcloud", head="shape")
             for path, value, probs in zip([*files, broken], out.values, out.probabilities, strict=True):

@@ -3,11 +3,11 @@
 Run: .venv/bin/python examples/query_only.py   (starts a local pool of the demo SMILES model)
 """
 
-from tpmflow.pool import Pool
+import tpmflow
 
 
 def main() -> None:
-    with Pool.from_config("configs/local.yaml") as pool, pool.client() as client:
+    with tpmflow.Pool.from_config("configs/local.yaml") as pool, pool.client() as client:
         # tpmflow's client: one prompt -> one Generation (a list -> a list); seeds make it reproducible.
         out = client.generate("c1ccccc1", max_tokens=40, temperature=1.0, seed=7)
         print("completion:", "c1ccccc1" + out.text, out.usage)

@@ -9,8 +9,7 @@ Run: .venv/bin/python examples/steering.py
 
 import numpy as np
 
-from tpmflow.pool import Pool
-from tpmflow.schema import Add, Capture
+import tpmflow
 
 AROMATIC = ["c1ccccc1", "Cc1ccccc1", "Oc1ccccc1", "c1ccc2ccccc2c1", "Nc1ccccc1", "c1ccncc1"]
 ALIPHATIC = ["CCCCCC", "CCCCCCC", "CCCCO", "C1CCCCC1", "CCCCN", "CC(C)CCC"]
@@ -19,7 +18,9 @@ LAYER, SCALE, SAMPLES = 1, 0.75, 32
 
 def mean_state(client, molecules):  # type: ignore[no-untyped-def]
     site = f"blocks.{LAYER}.hook_resid_post"
-    return np.mean([client.probe(m, capture=[Capture(site=site)])[site].mean(axis=0) for m in molecules], axis=0)
+    return np.mean(
+        [client.probe(m, capture=[tpmflow.Capture(site=site)])[site].mean(axis=0) for m in molecules], axis=0
+    )
 
 
 def aromatic_share(texts: list[str]) -> float:
@@ -33,9 +34,9 @@ def valid_share(texts: list[str]) -> float:
 
 
 def main() -> None:
-    with Pool.from_config("configs/local.yaml") as pool, pool.client() as client:
+    with tpmflow.Pool.from_config("configs/local.yaml") as pool, pool.client() as client:
         vector = (mean_state(client, AROMATIC) - mean_state(client, ALIPHATIC)).astype(np.float32)
-        steer = [Add(site="hook_resid_post", layer=LAYER, vector=vector, scale=SCALE)]
+        steer = [tpmflow.Add(site="hook_resid_post", layer=LAYER, vector=vector, scale=SCALE)]
         plain, steered = [], []
         for seed in range(SAMPLES):
             plain.append("C" + client.probe("C", max_tokens=30, temperature=1.0, seed=seed).text.split("\n")[0])
