@@ -133,3 +133,17 @@ class ReservationRow(Base):
     gateway: Mapped[str] = mapped_column(String(128))  # host:pid of the gateway that holds it
     created: Mapped[float] = mapped_column(Float)
     expires: Mapped[float] = mapped_column(Float, index=True)  # wall clock; live gateways push it on
+
+
+class ReplicaRow(Base):
+    """A replica as the gateways of its pool last heard of it: the registry that several gateway
+    processes (``gateway.workers``) share. Times are wall-clock seconds."""
+
+    __tablename__ = "replicas"
+
+    pool: Mapped[str] = mapped_column(String(32), primary_key=True)  # a digest of the pool secret
+    replica_id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    info: Mapped[str] = mapped_column(String(4096))  # ReplicaInfo as JSON
+    seen_at: Mapped[float] = mapped_column(Float)  # its last heartbeat
+    dead_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # a gateway saw it fail
+    draining: Mapped[bool] = mapped_column(Boolean, default=False)

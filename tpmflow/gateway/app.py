@@ -20,8 +20,9 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
+from starlette.routing import Route as StarletteRoute
 
 from tpmflow.access import AccessDB, LedgerWriter
 from tpmflow.config import PoolConfig
@@ -34,6 +35,7 @@ from tpmflow.gateway.metrics import GatewayMetrics
 from tpmflow.gateway.openai import validate_openai
 from tpmflow.gateway.payloads import Payloads
 from tpmflow.gateway.ratelimit import RateLimiter
+from tpmflow.gateway.shared_registry import SharedReplicaRegistry
 from tpmflow.gateway.uptime import Uptime
 from tpmflow.payload import PayloadStore, Signer
 from tpmflow.pool.registry import ReplicaRegistry
@@ -87,6 +89,7 @@ class Gateway:
         self.forwarder = Forwarder(cfg, self.registry, self.metrics, self.billing, self.admission, access, secret)
         self.payloads = Payloads(store, access, Signer(secret), cfg.gateway.payload_sweep_s)
         self._background: set[asyncio.Task[Any]] = set()  # kept referenced until done
+        self.on_stop: list[Callable[[], None]] = []  # called once the app has stopped serving
         self.app = create_app(self)
 
     def note_restart(self, replica_id: str) -> None:
@@ -134,7 +137,7 @@ async def _health(gw: Gateway, request: Request, route: Route) -> Response:
 async def _metrics(gw: Gateway, request: Request, route: Route) -> Response:
     gw.metrics.replicas_live.set(len(gw.registry.live()))
     gw.uptime.export()
-    return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(gw.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 async def _heartbeat(gw: Gateway, request: Request, route: Route) -> Response:
@@ -259,10 +262,15 @@ def create_app(gw: Gateway) -> FastAPI:
             loop.create_task(gw.billing.keep_reservations()),
             loop.create_task(gw.uptime.watch()),
         ]
+        if isinstance(gw.registry, SharedReplicaRegistry):
+            tasks.append(loop.create_task(gw.registry.sync_forever()))
         yield
         for task in tasks:
             task.cancel()
+        await asyncio.gather(*gw._background, return_exceptions=True)  # settles still running
         await gw.forwarder.close()
+        for stop in gw.on_stop:
+            await asyncio.to_thread(stop)
 
     app = FastAPI(title="tpmflow gateway", docs_url="/docs", lifespan=lifespan)
 
@@ -273,8 +281,12 @@ def create_app(gw: Gateway) -> FastAPI:
         headers = {Headers.RETRY_AFTER: str(math.ceil(max(1.0, retry_after)))} if retry_after is not None else None
         return JSONResponse(exc.to_body(), status_code=exc.status_code, headers=headers)
 
+    # Plain Starlette routes: FastAPI's per-request dependency solving (it parses the query string
+    # of every request, among others) cost as much as the rest of the gateway's own work.
     for route in ROUTES:
-        app.add_api_route(route.path, _bind(gw, route), methods=[route.method], name=route.endpoint or route.path)
+        app.router.routes.append(
+            StarletteRoute(route.path, _bind(gw, route), methods=[route.method], name=route.endpoint or route.path)
+        )
     return app
 
 

@@ -1,14 +1,23 @@
-"""Prometheus metrics of one gateway (its own registry, so several gateways can live in one process)."""
+"""Prometheus metrics of one gateway (its own registry, so several gateways can live in one process;
+with several worker processes, Prometheus' multiprocess mode adds them up)."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 # Seconds, from a tiny model on a CPU (milliseconds) to a TPM's long generations (minutes).
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TOKENS_PER_S = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+
+
+def multiprocess() -> bool:
+    """Whether metrics are kept in files shared by several gateway worker processes (Prometheus'
+    multiprocess mode, set up by ``tpmflow.gateway.serve`` before the workers start)."""
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 
 class GatewayMetrics:
@@ -34,28 +43,36 @@ class GatewayMetrics:
             registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
         )
-        self.queue_depth = Gauge("tpmflow_queue_depth", "Requests waiting for admission", registry=r)
-        self.inflight = Gauge("tpmflow_inflight", "Requests forwarded to replicas now", registry=r)
+        self.queue_depth = Gauge(
+            "tpmflow_queue_depth", "Requests waiting for admission", registry=r, multiprocess_mode="livesum"
+        )
+        self.inflight = Gauge(
+            "tpmflow_inflight", "Requests forwarded to replicas now", registry=r, multiprocess_mode="livesum"
+        )
         self.tokens = Counter("tpmflow_tokens_total", "Tokens processed (rate() gives tokens/s)", ["kind"], registry=r)
         self._prompt_tokens = self.tokens.labels("prompt")
         self._output_tokens = self.tokens.labels("output")
         self._attempt_children: dict[tuple[str, str, int, str | None], tuple[Any, Any, Any]] = {}
         self.replica_inflight = Gauge(
-            "tpmflow_replica_inflight", "In-flight requests per replica", ["replica"], registry=r
+            "tpmflow_replica_inflight", "In-flight requests per replica", ["replica"], registry=r, multiprocess_mode="livesum"
         )
         self.replica_running = Gauge(
             "tpmflow_replica_running",
             "Requests running in each replica's engine (its heartbeat)",
             ["replica"],
             registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.replica_waiting = Gauge(
             "tpmflow_replica_waiting",
             "Requests waiting in each replica's engine (its heartbeat)",
             ["replica"],
             registry=r,
+            multiprocess_mode="mostrecent",
         )
-        self.replicas_live = Gauge("tpmflow_replicas_live", "Replicas in the rotation", registry=r)
+        self.replicas_live = Gauge(
+            "tpmflow_replicas_live", "Replicas in the rotation", registry=r, multiprocess_mode="mostrecent"
+        )
         self.replica_failures = Counter(
             "tpmflow_replica_failures_total", "Forwarding failures per replica", ["replica"], registry=r
         )
@@ -63,7 +80,8 @@ class GatewayMetrics:
             "tpmflow_replica_restarts_total", "Replica restarts by the launcher", ["replica"], registry=r
         )
         self.group_replicas = Gauge(
-            "tpmflow_group_replicas", "Replicas a scaling group runs (not draining)", ["group"], registry=r
+            "tpmflow_group_replicas", "Replicas a scaling group runs (not draining)", ["group"], registry=r,
+            multiprocess_mode="mostrecent",
         )
         # SLO measurements of answered requests (status 200), per service class: the targets
         # live in the pool config's service classes (tpmflow.access.slo reads the same from the ledger).
@@ -89,18 +107,29 @@ class GatewayMetrics:
             buckets=_TOKENS_PER_S,
         )
         # Uptime (tpmflow.pool.uptime sets these).
-        self.pool_uptime = Gauge("tpmflow_pool_uptime_seconds", "Seconds since the gateway started", registry=r)
+        self.pool_uptime = Gauge(
+            "tpmflow_pool_uptime_seconds", "Seconds since the gateway started", registry=r, multiprocess_mode="max"
+        )
         self.replica_uptime = Gauge(
             "tpmflow_replica_uptime_seconds",
             "Seconds since each replica (re)joined the rotation; 0 while it is out of it",
             ["replica"],
             registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.pool_unavailable = Counter(
             "tpmflow_pool_unavailable_seconds_total",
             "Seconds the pool had no live replica, counted from the first replica's joining",
             registry=r,
         )
+
+    def exposition(self) -> bytes:
+        """The text /metrics answers: this process's registry, or every worker's together."""
+        if not multiprocess():
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged)
+        return generate_latest(merged)
 
     def observe_attempt(
         self,

@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from tpmflow.gateway.metrics import GatewayMetrics
+from tpmflow.gateway.metrics import GatewayMetrics, multiprocess
 from tpmflow.pool.registry import ReplicaRegistry
 from tpmflow.schema import ReplicaInfo
 
@@ -65,6 +65,8 @@ class Uptime:
         (scaled down) loses its gauge."""
         now = self.clock()
         self.check(now)
+        if multiprocess():  # a gauge's function is not seen across processes: store its value
+            self.metrics.pool_uptime.set(now - self.started)
         known = set(self.registry.replicas)
         for replica_id in self._exported - known:
             self.metrics.replica_uptime.remove(replica_id)

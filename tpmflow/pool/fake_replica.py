@@ -242,5 +242,5 @@ if __name__ == "__main__":  # a fake replica for a gateway started elsewhere: en
 
     settings = ReplicaSettings.from_env()
     FakeReplica(gateway_url=settings.gateway_url, secret=settings.pool_secret, replica_id=settings.replica_id,
-                port=int(os.environ.get("PORT", "0"))).start()
+                port=int(os.environ.get("PORT", "0")), record=False).start()
     threading.Event().wait()
