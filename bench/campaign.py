@@ -140,6 +140,7 @@ def main() -> None:
     from tpmflow.config import PoolConfig
     from tpmflow.pool import Pool
     from tpmflow.pool.launch import free_port
+    from tpmflow.versioning.checkout import replica_model_dir
 
     library = load_library()
     batches = [library[i * args.batch : (i + 1) * args.batch] for i in range(args.calls)]
@@ -151,7 +152,7 @@ def main() -> None:
 
         args.model = str(build_model(Path(tempfile.mkdtemp(prefix="tpmflow-bench-campaign-")))[0])
     cfg.model, cfg.gateway.port = args.model, free_port()
-    model_dir = str(cfg.model_dir())
+    model_dir = str(replica_model_dir(cfg))
     rates: dict[str, tuple[float, int]] = {}
     with Pool(cfg) as pool:
         queues = SafePipeQueues(topics=["bench"])

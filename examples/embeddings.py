@@ -9,6 +9,7 @@ from safetensors.numpy import load_file
 from transformers import AutoTokenizer
 
 import tpmflow
+from tpmflow.versioning.checkout import replica_model_dir
 
 MOLECULES = ["CCO", "c1ccccc1O", "CC(=O)Oc1ccccc1C(=O)O", "CCN(CC)CC"]
 
@@ -26,7 +27,7 @@ def main() -> None:
         print("per-token states:", per_token.shape)
 
         # Your own vectors in: here simply the model's own token embeddings, so the result matches text.
-        model_dir = pool.cfg.model_dir()
+        model_dir = replica_model_dir(pool.cfg)  # the folder the replicas load
         table = load_file(str(model_dir / "model.safetensors"))["model.embed_tokens.weight"]
         ids = AutoTokenizer.from_pretrained(str(model_dir))("c1ccccc1")["input_ids"]
         ref = client.put(table[ids])  # into the pool's ProxyStore store; the gateway signs the reference

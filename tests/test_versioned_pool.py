@@ -76,10 +76,10 @@ def versions(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     b = store.commit(changed, "final norm x1.5", "tests", parent=a, tag="b")
     base = load_file(str(tiny_model_dir / "model.safetensors"))
     lora = store.commit(None, "rank-8 LoRA", "tests", lora=_lora_folder(root / "lora", base), parent=a, tag="lora")
-    from tpmflow.versioning.cache import versions_cache_dir
+    from tpmflow.paths import checkouts_dir
 
     # an earlier run's reference checkout, so the test can see that the pool makes none of its own
-    shutil.rmtree(versions_cache_dir() / lora.removeprefix("blake3:"), ignore_errors=True)
+    shutil.rmtree(checkouts_dir() / lora.removeprefix("blake3:"), ignore_errors=True)
     return {"store": store, "root": root, "a": a, "b": b, "lora": lora}
 
 
@@ -133,11 +133,11 @@ def test_replicas_pinned_to_a_and_b_give_those_weights_outputs(ab_pool: Any, ver
 def test_a_lora_version_is_served_as_a_vllm_adapter_on_its_parent(ab_pool: Any, versions: dict[str, Any]) -> None:
     import httpx
 
-    from tpmflow.versioning.cache import versions_cache_dir
+    from tpmflow.paths import checkouts_dir
 
     a, lora = versions["a"], versions["lora"]
     # No merged checkout of the LoRA version was made: the replica loads A and the factors only.
-    assert not (versions_cache_dir() / lora.removeprefix("blake3:")).exists()
+    assert not (checkouts_dir() / lora.removeprefix("blake3:")).exists()
     served = {r.info.replica_id: (r.info.content_hash, r.info.lora_versions) for r in ab_pool.gateway.registry.live()}
     assert served["replica-0"] == (a, [lora]) and served["replica-1"] == (versions["b"], [])
     text = "versioned weights"
@@ -172,11 +172,12 @@ def test_a_pool_config_checks_its_versions(tmp_path: Path) -> None:
     from pydantic import ValidationError
 
     from tpmflow.config import PoolConfig
+    from tpmflow.versioning.checkout import replica_model_dir
 
     with pytest.raises(ValidationError, match="2 versions for 3 replicas"):
         PoolConfig(model="m", replicas=3, replica_versions=["a", "b"])
     with pytest.raises(VersionNotFound):
-        PoolConfig(model="m", version="no-such-tag", model_store=str(tmp_path / "empty")).model_dir()
+        replica_model_dir(PoolConfig(model="m", version="no-such-tag", model_store=str(tmp_path / "empty")))
 
 
 def test_a_checkout_that_no_longer_holds_its_version_is_checked_out_again(versions: dict[str, Any]) -> None:

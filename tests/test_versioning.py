@@ -220,6 +220,7 @@ def test_lora_versions_export_as_the_adapter_vllm_serves(
     from tpmflow.config import PoolConfig
     from tpmflow.pool.replica import replica_command
     from tpmflow.versioning import materialise_lora
+    from tpmflow.versioning.checkout import check_loras
     from tpmflow.versioning.lora import StoredFactors, write_peft
 
     monkeypatch.setenv("TPMFLOW_HOME", str(tmp_path / "home"))
@@ -243,7 +244,7 @@ def test_lora_versions_export_as_the_adapter_vllm_serves(
     assert replica_command(cfg.model_copy(update={"lora_versions": None}), 8000).count("--enable-lora") == 0
     # refusals: a LoRA whose parent no replica runs; a dense version; an embedding (transposed) update
     with pytest.raises(InvalidRequest, match="which no replica runs"):
-        cfg.model_copy(update={"version": "l"}).check_loras()
+        check_loras(cfg.model_copy(update={"version": "l"}))
     with pytest.raises(InvalidRequest, match="not committed as LoRA factors"):
         materialise_lora("base", store.root)
     with_embedding = store.commit(None, "e", "t", parent=parent, lora=_peft_folder(tmp_path / "e", base, 4, 8.0, rng))

@@ -501,9 +501,10 @@ def build_demo(
 
 
 def _build_or_skip(name: str, force: bool, build: object) -> None:
-    from tpmflow.config import models_dir
+    from tpmflow.models.card import CARD_FILE
+    from tpmflow.paths import models_dir
 
-    if (models_dir() / name / "tpmflow-card.json").is_file() and not force:
+    if (models_dir() / name / CARD_FILE).is_file() and not force:
         console.print(f"{name} already built in {models_dir() / name} (use --force to rebuild)")
         return
     build()  # type: ignore[operator]
@@ -512,8 +513,8 @@ def _build_or_skip(name: str, force: bool, build: object) -> None:
 @models_app.command("list")
 def list_models() -> None:
     """List the models in the cache with their identity and quality."""
-    from tpmflow.config import models_dir
     from tpmflow.models.catalog import list_models as find
+    from tpmflow.paths import models_dir
 
     found = find()
     if not found:
@@ -626,6 +627,7 @@ def _fit_soft(name: str, quality_check: Any, config: str, version: str, steps: i
     from rich.progress import Progress
 
     from tpmflow.pool import Pool
+    from tpmflow.versioning.checkout import replica_model_dir
 
     with console.status("starting the pool…"):
         pool = Pool.from_config(config)
@@ -639,7 +641,7 @@ def _fit_soft(name: str, quality_check: Any, config: str, version: str, steps: i
             def tick(step: int, loss: float) -> None:
                 progress.update(task, completed=step + 1, description=f"training {name} (loss {loss:.3f})")
 
-            report = quality_check(client, pool.cfg.model_dir(), version=version, steps=steps, progress=tick)
+            report = quality_check(client, replica_model_dir(pool.cfg), version=version, steps=steps, progress=tick)
     finally:
         pool.stop()
     higher = report.metric == "accuracy"

@@ -1,31 +1,21 @@
-"""Where tpmflow keeps its files, and the pydantic pool configuration loaded from YAML."""
+"""The pool configuration loaded from YAML: pydantic models only.
+
+Where files live is ``tpmflow.paths``; checking a configured model version out of the store is
+``tpmflow.versioning.checkout``.
+"""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, Field, model_validator
 
 from tpmflow.access.costs import CostModel
+from tpmflow.paths import home as tpmflow_home  # noqa: F401  (re-exported: code written before tpmflow.paths)
+from tpmflow.paths import models_dir  # noqa: F401  (re-exported, as above)
 from tpmflow.payload import StoreConfig
-
-if TYPE_CHECKING:
-    from tpmflow.versioning import LoraCheckout
-
-
-def tpmflow_home() -> Path:
-    """The root of tpmflow's cache: ``$TPMFLOW_HOME`` or ``~/.cache/tpmflow``."""
-    env = os.environ.get("TPMFLOW_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "tpmflow"
-
-
-def models_dir() -> Path:
-    """Directory holding locally built models, one sub-directory each."""
-    return tpmflow_home() / "models"
-
 
 # -- pool configuration (YAML) ---------------------------------------------------------------------
 
@@ -65,6 +55,12 @@ class GatewayConfig(BaseModel):
     max_body_bytes: int = Field(8 << 20, description="largest inline request body; bigger data goes by reference")
     heartbeat_timeout_s: float = 5.0
     payload_sweep_s: float = Field(60.0, description="how often expired payloads are evicted from the store")
+    workers: int = Field(
+        1, ge=1, le=64, description="gateway processes on one port (several: they share registry, database, metrics)"
+    )
+    replica_wait_s: float = Field(
+        30.0, gt=0, description="how long a request waits while its replica group has no live replica, then 503"
+    )
     # Rate limits every principal gets, enforced by each gateway in memory (tpmflow.pool.ratelimit).
     principal_requests_per_minute: float | None = Field(
         default=None, gt=0, description="requests one principal may send per minute (None: unlimited)"
@@ -224,6 +220,11 @@ class PoolConfig(BaseModel):
                 )
             if group.scales and self.launcher.kind != "local":
                 raise ValueError(f"replica group {name!r} scales: that needs `launcher.kind: local` for now")
+            if group.scales and self.gateway.workers > 1:
+                raise ValueError(
+                    f"replica group {name!r} scales: that needs `gateway.workers: 1` for now (the scaler reads "
+                    "one gateway's queue)"
+                )
             if name != "default" and self.replica_versions:
                 raise ValueError("replica_versions (A/B) and extra replica groups cannot be combined")
         if "default" in self.replica_groups and self.replica_groups["default"].replicas not in (None, self.replicas):
@@ -255,55 +256,5 @@ class PoolConfig(BaseModel):
         starts = {name: g.replicas or 0 for name, g in self.groups().items()}
         return [s for s in self.slots() if int(s.replica_id.rsplit("-", 1)[1]) < starts[s.group]]
 
-    def model_dir(self, replica: int = 0) -> Path:
-        """The folder replica (slot index) ``replica`` loads: a model-store version's checkout, or ``model``."""
-        per_replica = self.replica_versions or []
-        version = per_replica[replica] if replica < len(per_replica) else self.version
-        if version is not None:
-            from tpmflow.versioning import materialise
-
-            return materialise(version, self.model_store)
-        path = Path(self.model).expanduser()
-        if path.is_dir():
-            return path
-        from tpmflow.models.catalog import model_path
-
-        return model_path(self.model)
-
-    def replica_loras(self, replica: int = 0) -> list[LoraCheckout]:
-        """The ``lora_versions`` replica ``replica`` serves as adapters: those whose parent it runs."""
-        if not self.lora_versions:
-            return []
-        from tpmflow.versioning import materialise_lora
-
-        runs = _version_of(self.model_dir(replica))
-        return [
-            lora for name in self.lora_versions if (lora := materialise_lora(name, self.model_store)).parent == runs
-        ]
-
-    def check_loras(self) -> None:
-        """Every LoRA version must have a replica running its parent (fail at start, not per request)."""
-        from tpmflow.errors import InvalidRequest
-        from tpmflow.versioning import materialise_lora
-
-        runs = {_version_of(self.model_dir(s.index)) for s in self.slots()}
-        for name in self.lora_versions or []:
-            lora = materialise_lora(name, self.model_store)
-            if lora.parent not in runs:
-                raise InvalidRequest(
-                    f"LoRA version {name} ({lora.version}) applies to {lora.parent}, which no replica runs "
-                    f"(they run {sorted(runs)}); set `version:` to its parent, or serve it merged with `version: {name}`"
-                )
-
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model).name
-
-
-def _version_of(model_dir: Path) -> str:
-    """The version id (content hash) of a model folder: its card's, else computed."""
-    from tpmflow.models.card import content_hash, read_card
-
-    try:
-        return read_card(model_dir).content_hash
-    except FileNotFoundError:
-        return content_hash(model_dir)

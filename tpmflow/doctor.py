@@ -15,8 +15,8 @@ from importlib import metadata
 from types import ModuleType
 
 from tpmflow import __version__
-from tpmflow.config import models_dir
 from tpmflow.models.catalog import DEMO_MODEL, TINY_MODEL, list_models
+from tpmflow.paths import models_dir
 
 Importer = Callable[[str], ModuleType]
 

@@ -27,6 +27,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from tpmflow.errors import Forbidden, InvalidRequest, PayloadTooLarge
+from tpmflow.paths import payload_store_dir
 
 PayloadKind = Literal["ndarray", "bytes"]
 # Keys come from requests: only names a connector itself would make are accepted (no "../").
@@ -51,9 +52,7 @@ class StoreConfig(BaseModel):
     ttl_s: float = Field(3600.0, description="lifetime of a signed reference")
 
     def root(self) -> Path:
-        from tpmflow.config import tpmflow_home
-
-        return Path(self.path).expanduser() if self.path else tpmflow_home() / "store"
+        return Path(self.path).expanduser() if self.path else payload_store_dir()
 
 
 class Reference(BaseModel):

@@ -101,6 +101,7 @@ def run_campaign(
 
     from apps.molecular_design.simulate import simulate
     from tpmflow.colmena import SafePipeQueues, tpm_methods
+    from tpmflow.versioning.checkout import replica_model_dir
 
     console = console or Console()
     out.mkdir(parents=True, exist_ok=True)
@@ -114,7 +115,7 @@ def run_campaign(
 
     with console.status(f"starting the pool ({replicas} vLLM replica(s) of the demo model)…"):
         pool = start_pool(out, replicas, model)
-    model_dir = pool.cfg.model_dir()
+    model_dir = replica_model_dir(pool.cfg)
     queues = SafePipeQueues(topics=["simulate", "tpm", "tpm_tasks"], keep_inputs=False)
     server: ParslTaskServer | None = None
     rows: list[dict[str, Any]] = []

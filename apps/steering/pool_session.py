@@ -133,6 +133,8 @@ def embed_through_pool(
     """Start a private pool, make sure ``adapter`` has a trained part, embed ``items`` (mean-pooled
     final states of the core), stop the pool. The pool is stopped before the campaign so its
     engine does not compete with the simulations for the cores."""
+    from tpmflow.versioning.checkout import replica_model_dir
+
     timings: dict[str, float] = {}
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="tpmflow-app-") as tmp:
@@ -143,7 +145,7 @@ def embed_through_pool(
             timings["pool_start_s"] = time.monotonic() - started
             with pool.client() as client:
                 model = served_model(client)
-                part = ensure_part(client, adapter, part_name, model, pool.cfg.model_dir(), fit, fit_options, console)
+                part = ensure_part(client, adapter, part_name, model, replica_model_dir(pool.cfg), fit, fit_options, console)
                 timings["part_s"] = part.seconds
                 t0 = time.monotonic()
                 rows = []

@@ -36,11 +36,11 @@ _ADDED_COLUMNS = (
 
 
 def default_database_url() -> str:
-    from tpmflow.config import tpmflow_home
+    from tpmflow.paths import access_db_path
 
-    home = tpmflow_home()
-    home.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{home / 'access.db'}"
+    path = access_db_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
 
 
 def hash_token(token: str) -> str:

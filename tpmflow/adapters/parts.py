@@ -9,15 +9,14 @@ where the parts dir is ``$TPMFLOW_PARTS`` (a pool's ``parts_path``) or ``$TPMFLO
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from tpmflow.config import tpmflow_home
 from tpmflow.errors import InvalidRequest
+from tpmflow.paths import parts_dir
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _VERSION = re.compile(r"^[0-9A-Za-z._-]{1,32}$")
@@ -41,11 +40,6 @@ class PartCard(BaseModel):
     settings: dict[str, Any] = Field(default_factory=dict, description="adapter settings the part was trained with")
     training_data: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict, description="held-out metrics, the part and baselines")
-
-
-def parts_dir() -> Path:
-    env = os.environ.get("TPMFLOW_PARTS")
-    return Path(env) if env else tpmflow_home() / "parts"
 
 
 def check_part_name(adapter: str, spec: str) -> tuple[str, str]:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tpmflow.config import models_dir
+from tpmflow.paths import models_dir
 
 # vLLM's CPU attention rejects head_dim 16; 64 is supported on every backend.
 HEAD_DIM = 64

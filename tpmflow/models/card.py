@@ -1,4 +1,5 @@
-"""Model cards: the JSON that travels with every locally built model, and its content hash."""
+"""Model cards: the JSON that travels with every locally built model, its content hash, and
+``version_of``, the one definition of "which version is this model folder"."""
 
 from __future__ import annotations
 
@@ -58,3 +59,23 @@ def content_hash(model_dir: Path) -> str:
             while chunk := fh.read(1 << 22):
                 hasher.update(chunk)
     return "blake3:" + hasher.hexdigest()
+
+
+def card_version(model_dir: Path) -> str | None:
+    """The version id the folder's card names, if it has a readable one (no hashing: cheap)."""
+    try:
+        value = json.loads((model_dir / CARD_FILE).read_text())["content_hash"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def version_of(model_dir: Path) -> str:
+    """The version id (content hash) of a model folder: the one its card names, else computed.
+
+    The model store writes a card that names the checkout's own hash (a stale one is restamped at
+    commit), and a built model's card is written from its weights, so the card is trusted and a
+    multi-GB folder is not re-hashed at every start. Raises ``FileNotFoundError`` when the folder
+    has neither a card nor weight files.
+    """
+    return card_version(model_dir) or content_hash(model_dir)

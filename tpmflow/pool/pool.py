@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tpmflow.config import PoolConfig, tpmflow_home
+from tpmflow.config import PoolConfig
 from tpmflow.errors import ReplicaFailed
+from tpmflow.paths import pool_logs_dir
 
 log = logging.getLogger("tpmflow.pool")
 
@@ -62,11 +63,10 @@ class Pool:
         from tpmflow.payload import PayloadStore
         from tpmflow.gateway import Gateway
         from tpmflow.pool.launch import LocalLauncher, free_port
+        from tpmflow.versioning.checkout import check_out
 
         cfg = self.cfg
-        for slot in cfg.slots():  # fail fast (ModelNotFound names the build command),
-            cfg.model_dir(slot.index)  # and check stored versions out once, before replicas start
-        cfg.check_loras()
+        check_out(cfg)  # fail fast (ModelNotFound names the build command); versions checked out once
         self.access = AccessDB(cfg.database_url)
         self.ledger = LedgerWriter(self.access.engine)
         self.gateway = Gateway(cfg, self.access, self.ledger, PayloadStore(cfg.store), self.secret)
@@ -84,7 +84,7 @@ class Pool:
             if time.monotonic() > deadline or not self._thread.is_alive():
                 raise RuntimeError(f"gateway did not start on {self.url}")
             time.sleep(0.05)
-        log_dir = tpmflow_home() / "logs" / f"pool-{port}"
+        log_dir = pool_logs_dir(port)
         if cfg.launcher.kind == "parsl":
             from tpmflow.pool.parsl_launcher import ParslLauncher
 

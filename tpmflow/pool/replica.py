@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tpmflow.config import EngineConfig, PoolConfig
 from tpmflow.versioning import LoraCheckout
+from tpmflow.versioning.checkout import replica_loras, replica_model_dir
 
 WORKER_EXTENSION = "tpmflow.engine.hooks.TpmflowWorkerExtension"
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's --max-lora-rank accepts
@@ -31,7 +32,7 @@ def replica_command(cfg: PoolConfig, port: int, host: str = "127.0.0.1", index: 
         "-m",
         "vllm.entrypoints.openai.api_server",
         "--model",
-        str(cfg.model_dir(index)),
+        str(replica_model_dir(cfg, index)),
         "--served-model-name",
         cfg.model_name(),
         "--host",
@@ -62,7 +63,7 @@ def replica_command(cfg: PoolConfig, port: int, host: str = "127.0.0.1", index: 
         cmd += ["--gpu-memory-utilization", str(e.gpu_memory_utilization)]
     if e.max_num_seqs is not None:
         cmd += ["--max-num-seqs", str(e.max_num_seqs)]
-    return cmd + lora_args(cfg.replica_loras(index)) + list(e.extra_args)
+    return cmd + lora_args(replica_loras(cfg, index)) + list(e.extra_args)
 
 
 def lora_args(loras: list[LoraCheckout]) -> list[str]:

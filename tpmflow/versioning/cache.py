@@ -1,24 +1,22 @@
-"""Stored versions as folders vLLM loads: checked out once per version, then reused."""
+"""Stored versions as folders vLLM loads: checked out once per version under
+``tpmflow.paths.checkouts_dir()``, then reused."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tpmflow.models.card import card_version
+from tpmflow.paths import checkouts_dir, legacy_checkouts_dir
 from tpmflow.versioning.refs import check_version_id
 from tpmflow.versioning.store import ModelStore
 
 #: Written last into a checkout: the version it holds (a folder without it is not trusted).
 MARKER = ".tpmflow-version"
-
-
-def versions_cache_dir() -> Path:
-    from tpmflow.config import tpmflow_home
-
-    return tpmflow_home() / "models" / "versions"
 
 
 def materialise(name_or_id: str, store_root: str | Path | None = None) -> Path:
@@ -30,9 +28,10 @@ def materialise(name_or_id: str, store_root: str | Path | None = None) -> Path:
     """
     store = ModelStore(store_root)
     version = check_version_id(store.resolve(name_or_id), f"the store's answer for {name_or_id!r}")
-    dest = versions_cache_dir() / version.removeprefix("blake3:")
+    dest = checkouts_dir() / version.removeprefix("blake3:")
+    _adopt_legacy(dest)
     if dest.is_dir():
-        if _marker(dest) == version and _card_hash(dest) in (None, version):
+        if _marker(dest) == version and card_version(dest) in (None, version):
             return dest
         shutil.rmtree(dest)  # not what the store holds (edited by hand, or an older tpmflow's checkout)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -70,7 +69,8 @@ def materialise_lora(name_or_id: str, store_root: str | Path | None = None) -> L
     except InvalidRequest as exc:
         raise InvalidRequest(f"version {version} cannot be served as a LoRA adapter: {exc}") from exc
     base_dir = materialise(parent, store_root)
-    dest = versions_cache_dir() / f"lora-{version.removeprefix('blake3:')}"
+    dest = checkouts_dir() / f"lora-{version.removeprefix('blake3:')}"
+    _adopt_legacy(dest)
     if dest.is_dir() and _marker(dest) == version:
         return LoraCheckout(version, parent, base_dir, dest)
     shutil.rmtree(dest, ignore_errors=True)
@@ -92,11 +92,20 @@ def _marker(folder: Path) -> str | None:
         return None
 
 
-def _card_hash(folder: Path) -> str | None:
-    """The content hash the folder's card names (the one its replica will report), if any."""
-    import json
+def _adopt_legacy(dest: Path) -> None:
+    """Move a checkout an earlier tpmflow made under ``models/versions`` to ``dest``.
 
+    A rename, so a large version is not checked out again; the caller then checks the folder like
+    any other. When the move fails (another process moved it first, or ``models/`` is on another
+    file system) the version is simply checked out anew.
+    """
+    old = legacy_checkouts_dir() / dest.name
+    if dest.exists() or not old.is_dir():
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
     try:
-        return str(json.loads((folder / "tpmflow-card.json").read_text())["content_hash"])
-    except (OSError, ValueError, KeyError):
-        return None
+        os.rename(old, dest)
+    except OSError:
+        return
+    with contextlib.suppress(OSError):  # once empty, models/ holds models only
+        legacy_checkouts_dir().rmdir()

@@ -13,8 +13,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from tpmflow.adapters.parts import check_part_name, parts_dir, resolved_spec
+from tpmflow.adapters.parts import check_part_name, resolved_spec
 from tpmflow.errors import InvalidRequest
+from tpmflow.paths import parts_dir
 from tpmflow.versioning.store import ModelStore
 
 

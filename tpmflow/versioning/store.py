@@ -29,6 +29,7 @@ from pydantic import BaseModel
 from tpmflow.errors import InvalidRequest, StoreCorrupted, VersionNotFound
 from tpmflow.models.build_common import utc_now
 from tpmflow.models.card import CARD_FILE, content_hash
+from tpmflow.paths import model_store_dir
 from tpmflow.versioning.atomic import exclusive, write_atomic
 from tpmflow.versioning.blobs import BlobStore, blob_id
 from tpmflow.versioning.codecs import CHUNK_SIZE, Encoded, decode, encode_chunks, encode_sparse, encode_xor
@@ -44,14 +45,6 @@ Progress = Callable[[int, int], None]
 # Other serialisations of the same weights: versioning them too would store every model twice.
 SKIPPED_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx"}
 _HEX = re.compile(r"^[0-9a-f]{6,64}$")
-
-
-def default_store_dir() -> Path:
-    """``$TPMFLOW_MODEL_STORE``, else ``$TPMFLOW_HOME/store/models``."""
-    from tpmflow.config import tpmflow_home
-
-    env = os.environ.get("TPMFLOW_MODEL_STORE")
-    return Path(env).expanduser() if env else tpmflow_home() / "store" / "models"
 
 
 class GcReport(BaseModel):
@@ -81,7 +74,7 @@ class ModelStore:
     """A content-addressed, versioned store of model folders (safetensors + config + tokenizer).
 
     Args:
-        root: the store directory (default ``default_store_dir()``).
+        root: the store directory (default ``tpmflow.paths.model_store_dir()``).
         chunk_size: bytes per tensor chunk; unchanged chunks are shared between versions.
         deltas: encode a tensor against its parent's when that is smaller (off: chunk dedup only).
         compress: byte-shuffle + zstd blobs when it saves space.
@@ -101,7 +94,7 @@ class ModelStore:
     ) -> None:
         if chunk_size < 8 or chunk_size & (chunk_size - 1):
             raise InvalidRequest("chunk_size must be a power of two >= 8 (chunks must hold whole elements)")
-        self.root = Path(root).expanduser() if root is not None else default_store_dir()
+        self.root = Path(root).expanduser() if root is not None else model_store_dir()
         self.chunk_size, self.deltas, self.compress = chunk_size, deltas, compress
         self.max_depth, self.durable = max_depth, durable
         self.tmp_dir = self.root / "tmp"
