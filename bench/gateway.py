@@ -30,7 +30,7 @@ from typing import Any
 import aiohttp
 import psutil
 
-PROXY_SOURCE = '''
+PROXY_SOURCE = """
 import os, aiohttp, uvicorn
 UPSTREAM = os.environ["UPSTREAM"]
 session = None
@@ -54,7 +54,7 @@ async def app(scope, receive, send):
     await send({"type": "http.response.start", "status": r.status, "headers": [(b"content-type", b"application/json")]})
     await send({"type": "http.response.body", "body": raw})
 uvicorn.run(app, host="127.0.0.1", port=int(os.environ["PORT"]), log_level="warning", access_log=False)
-'''
+"""
 
 
 def _free_port() -> int:
@@ -101,7 +101,9 @@ async def _wait_ready(url: str, headers: dict[str, str], timeout_s: float = 60) 
     async with aiohttp.ClientSession() as http:
         while True:
             try:
-                async with http.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers=headers) as r:
+                async with http.post(
+                    url + "/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers=headers
+                ) as r:
                     if r.status == 200:
                         return
             except aiohttp.ClientError:
@@ -145,7 +147,9 @@ def _pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else values[0]
 
 
-async def _measure(url: str, headers: dict[str, str], server: subprocess.Popen[bytes] | None, args: Any) -> dict[str, Any]:
+async def _measure(
+    url: str, headers: dict[str, str], server: subprocess.Popen[bytes] | None, args: Any
+) -> dict[str, Any]:
     await _wait_ready(url, headers)
     await _burst(url, headers, 64)  # warm connections and caches
     out: dict[str, Any] = {}
@@ -191,7 +195,9 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="tpmflow-bench-gateway-"))
     cfg = PoolConfig(
         model="fake-model",
-        gateway=GatewayConfig(max_inflight=256, queue_limit=8192, request_timeout_s=120),  # 512 connections, as the proxy
+        gateway=GatewayConfig(
+            max_inflight=256, queue_limit=8192, request_timeout_s=120
+        ),  # 512 connections, as the proxy
         store=StoreConfig(path=str(root / "store")),
         database_url=f"sqlite:///{root / 'access.db'}",
     )
@@ -244,12 +250,15 @@ def main() -> None:
     for name in ("gateway_1w", f"gateway_{args.workers}w"):
         g = results[name]
         summary[name] = {
-            "cpu_vs_bare_proxy": round(g["burst2048"]["server_cpu_us_per_req"] / floor["burst2048"]["server_cpu_us_per_req"], 2),
+            "cpu_vs_bare_proxy": round(
+                g["burst2048"]["server_cpu_us_per_req"] / floor["burst2048"]["server_cpu_us_per_req"], 2
+            ),
             "added_p50_ms_burst256": round(g["burst256"]["p50_ms"] - results["direct"]["burst256"]["p50_ms"], 1),
             "req_per_s_burst2048": g["burst2048"]["req_per_s"],
         }
     summary["workers_speedup_burst2048"] = round(
-        results[f"gateway_{args.workers}w"]["burst2048"]["req_per_s"] / results["gateway_1w"]["burst2048"]["req_per_s"], 2
+        results[f"gateway_{args.workers}w"]["burst2048"]["req_per_s"] / results["gateway_1w"]["burst2048"]["req_per_s"],
+        2,
     )
     summary["detail"] = results
     print(json.dumps(summary))

@@ -188,6 +188,22 @@ def test_settle_releases_the_reservation_and_charges_the_real_amount(access: Acc
     assert row["granted_su"] == 15 and row["balance_su"] == 11.5
 
 
+def test_an_allocation_of_n_times_a_price_admits_n_requests(access: AccessDB) -> None:
+    """Issue 13: 10 x 0.656000075 SU admitted 9 (grant rounded to nearest, reservations up)."""
+    for price, n in ((0.656000075, 10), (0.6559996, 10), (0.3, 10), (1 / 3, 3), (2.5e-7, 4)):
+        project, who = _name("exact"), _name("eve")
+        access.allocations.create(project, n * price)
+        held = [access.allocations.reserve(project, who, price) for _ in range(n)]
+        assert all(h is not None for h in held), (price, n)
+        if to_micro(price, down=True) > 0:
+            with pytest.raises(QuotaExceeded):
+                access.allocations.reserve(project, who, price)
+        for h in held:
+            assert h is not None and access.allocations.settle(h, price) <= price
+        (row,) = access.allocations.show(project)
+        assert row["balance_su"] >= 0 and row["reserved_su"] == 0
+
+
 def test_projects_without_allocations_are_unlimited_and_periods_matter(access: AccessDB) -> None:
     assert access.allocations.reserve(_name("free"), "anyone", 1e12) is None
     old, now = _name("old"), time.time()

@@ -115,7 +115,9 @@ def test_completion_reaches_a_replica_with_the_gateways_fields_and_is_recorded(t
 def test_tpmflow_routes_forward_the_body_untouched(two: Rig) -> None:
     raw = b'{"items": ["CCO"],   "pooling": "mean"}'
     resp = httpx.post(
-        two.url + Routes.EMBED, content=raw, headers={"Authorization": f"Bearer {two.token}", "Content-Type": "application/json"}
+        two.url + Routes.EMBED,
+        content=raw,
+        headers={"Authorization": f"Bearer {two.token}", "Content-Type": "application/json"},
     )
     assert resp.status_code == 200, resp.text
     seen = next(s for f in two.replicas for s in f.seen if s.path == Routes.EMBED)
@@ -176,7 +178,8 @@ def test_bad_bodies_and_tokens_are_refused_at_the_gateway(two: Rig) -> None:
     ]
     for raw, status, kind in cases:
         resp = httpx.post(
-            two.url + Routes.COMPLETIONS, content=raw,
+            two.url + Routes.COMPLETIONS,
+            content=raw,
             headers={"Authorization": f"Bearer {two.token}", "Content-Type": "application/json"},
         )
         assert (resp.status_code, resp.json()["error"]["type"]) == (status, kind), raw[:40]
@@ -212,7 +215,9 @@ def test_a_class_rate_limit_answers_429_with_retry_after(two: Rig) -> None:
     statuses = []
     for _ in range(3):
         resp = httpx.post(
-            two.url + Routes.COMPLETIONS, json={"prompt": "x", "max_tokens": 1}, headers={"Authorization": f"Bearer {token}"}
+            two.url + Routes.COMPLETIONS,
+            json={"prompt": "x", "max_tokens": 1},
+            headers={"Authorization": f"Bearer {token}"},
         )
         statuses.append(resp.status_code)
     assert statuses == [200, 200, 429]
@@ -223,7 +228,9 @@ def test_a_class_rate_limit_answers_429_with_retry_after(two: Rig) -> None:
 
 def test_a_stream_is_relayed_and_billed_from_its_last_usage(two: Rig) -> None:
     with httpx.stream(
-        "POST", two.url + Routes.COMPLETIONS, json={"prompt": "x", "max_tokens": 4, "stream": True},
+        "POST",
+        two.url + Routes.COMPLETIONS,
+        json={"prompt": "x", "max_tokens": 4, "stream": True},
         headers={"Authorization": f"Bearer {two.token}"},
     ) as resp:
         assert resp.status_code == 200
@@ -239,12 +246,28 @@ def test_a_stream_is_relayed_and_billed_from_its_last_usage(two: Rig) -> None:
     assert two.gateway.admission.waiting == 0 and not two.gateway.admission.slots.locked()
 
 
-def test_no_live_replica_is_a_typed_failure_after_the_timeout(tmp_path: Path) -> None:
-    with rig(tmp_path, n_replicas=1, request_timeout_s=1.0, heartbeat_timeout_s=0.5) as r:
+def test_no_live_replica_waits_a_bounded_time_then_503_with_retry_after(tmp_path: Path) -> None:
+    with rig(tmp_path, n_replicas=1, request_timeout_s=5.0, heartbeat_timeout_s=0.5, replica_wait_s=1.0) as r:
         r.replicas[0].stop()
         time.sleep(0.7)  # its heartbeats stop: it leaves the rotation
+        t0 = time.monotonic()
         resp = r.post(Routes.COMPLETIONS, {"prompt": "x", "max_tokens": 1})
-        assert resp.status_code >= 500 and resp.json()["error"]["type"] == "ReplicaFailed"
+        waited = time.monotonic() - t0
+        assert resp.status_code == 503 and resp.json()["error"]["type"] == "Overloaded", resp.text
+        assert int(resp.headers[Headers.RETRY_AFTER]) >= 1 and 0.9 < waited < 4.0
+        assert [(row.status, row.error_type) for row in r.rows(endpoint="completions")] == [(503, "Overloaded")]
+        r.replicas[0].start()  # it comes back (same address): a request waiting meanwhile is served
+        resp = r.post(Routes.COMPLETIONS, {"prompt": "x", "max_tokens": 1})
+        assert resp.status_code == 200
+
+
+def test_no_live_replica_within_the_request_timeout_is_a_typed_failure(tmp_path: Path) -> None:
+    with rig(tmp_path, n_replicas=1, request_timeout_s=1.0, heartbeat_timeout_s=0.5) as r:
+        r.replicas[0].stop()
+        time.sleep(0.7)
+        resp = r.post(Routes.COMPLETIONS, {"prompt": "x", "max_tokens": 1})
+        assert resp.status_code == 502 and resp.json()["error"]["type"] == "ReplicaFailed"
+        assert [row.status for row in r.rows(endpoint="completions")] == [502]
 
 
 def test_health_and_metrics_need_no_token(two: Rig) -> None:
@@ -254,3 +277,39 @@ def test_health_and_metrics_need_no_token(two: Rig) -> None:
     metrics = httpx.get(two.url + Routes.METRICS).text
     assert 'tpmflow_requests_total{endpoint="completions",service_class="interactive",status="200"} 1.0' in metrics
     assert 'tpmflow_tokens_total{kind="output"} 2.0' in metrics
+
+
+def test_a_client_closing_right_after_done_is_answered_not_a_hang_up(two: Rig) -> None:
+    for fake in two.replicas:
+        fake.linger_s = 1.0  # the replica closes its side late; the client leaves as soon as it has [DONE]
+    with httpx.stream(
+        "POST",
+        two.url + Routes.COMPLETIONS,
+        json={"prompt": "x", "max_tokens": 4, "stream": True},
+        headers={"Authorization": f"Bearer {two.token}"},
+    ) as resp:
+        for line in resp.iter_lines():
+            if line == "data: [DONE]":
+                break
+    deadline = time.monotonic() + 5
+    while not (rows := two.rows(endpoint="completions")):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert (rows[0].status, rows[0].error_type, rows[0].output_tokens) == (200, None, 4)
+
+
+def test_a_client_hanging_up_mid_stream_is_a_499_billed_for_what_it_got(two: Rig) -> None:
+    for fake in two.replicas:
+        fake.delay_s = 2.0  # 0.5 s between chunks
+    with httpx.stream(
+        "POST",
+        two.url + Routes.COMPLETIONS,
+        json={"prompt": "x", "max_tokens": 4, "stream": True},
+        headers={"Authorization": f"Bearer {two.token}"},
+    ) as resp:
+        next(line for line in resp.iter_lines() if line.startswith("data: {"))
+    deadline = time.monotonic() + 5
+    while not (rows := two.rows(endpoint="completions")):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert (rows[0].status, rows[0].error_type) == (499, "ClientDisconnected") and rows[0].output_tokens >= 1

@@ -218,11 +218,14 @@ class Allocations:
     def reserve(
         self, project: str, principal: str, su: float, now: float | None = None, ttl_s: float = DEFAULT_TTL_S
     ) -> Reservation | None:
-        """Set aside ``su`` (rounded up to a micro-SU) of the project's current allocation and of
+        """Set aside ``su`` (rounded down to a micro-SU) of the project's current allocation and of
         the principal's cap; ``None`` for an unlimited project. Raises ``QuotaExceeded`` with the
         balance when either cannot cover it. Unless settled or renewed, it expires ``ttl_s`` from
         ``now`` (a gateway passes its request timeout plus ``EXPIRY_MARGIN_S``)."""
-        micro = max(0, to_micro(su, up=True))
+        # Rounded down: N reservations of x fit a grant of N·x (rounded up, a grant of exactly 10 x
+        # 0.656000075 SU admitted 9). The charge is capped by the reservation, so a request may be
+        # charged up to 1 micro-SU less than its exact price; never more, and nothing overspends.
+        micro = max(0, to_micro(su, down=True))
         for fresh in (False, True):
             now_ = time.time() if now is None else now
             active = self._active(project, principal, now_, fresh)

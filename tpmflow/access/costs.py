@@ -85,10 +85,15 @@ class CostModel(BaseModel):
         )
 
 
-def to_micro(su: float, *, up: bool = False) -> int:
-    """Integer micro-SU; ``up`` rounds a bound upwards (ignoring float noise below 10^-12 SU)."""
+def to_micro(su: float, *, up: bool = False, down: bool = False) -> int:
+    """Integer micro-SU, to the nearest; ``up`` / ``down`` round upwards / downwards (ignoring
+    float noise below 10^-12 SU)."""
     value = su * MICRO
-    return math.ceil(value - 1e-6) if up else round(value)
+    if up:
+        return math.ceil(value - 1e-6)
+    if down:
+        return math.floor(value + 1e-6)
+    return round(value)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from tpmflow.access import AccessDB, Principal
 from tpmflow.config import PoolConfig
-from tpmflow.errors import ERROR_CLASSES, ReplicaFailed, type_for_status
+from tpmflow.errors import ERROR_CLASSES, ReplicaFailed, TpmflowError, type_for_status
 from tpmflow.gateway.admission import Admission
 from tpmflow.gateway.billing import Billing, served_version
 from tpmflow.gateway.call import Attempts, Call
@@ -131,7 +131,11 @@ class Forwarder:
 
     def _timed_out(self, call: Call, sent: Sent, exc: Exception) -> ReplicaFailed:
         self.billing.record(
-            call, 504, attempt_id=sent.attempt_id, retry_of=sent.previous, replica=sent.replica,
+            call,
+            504,
+            attempt_id=sent.attempt_id,
+            retry_of=sent.previous,
+            replica=sent.replica,
             error_type="ReplicaFailed",
         )
         failed = ReplicaFailed(f"replica {sent.replica.info.replica_id} did not answer within the timeout")
@@ -164,7 +168,19 @@ class Forwarder:
         # the timeout ends it.
         stream_timeout = aiohttp.ClientTimeout(sock_connect=10, sock_read=self.cfg.gateway.request_timeout_s)
         while True:
-            replica = await self.registry.wait_pick(deadline, attempts.tried, call.version, group)
+            try:
+                replica = await self.registry.wait_pick(
+                    deadline, attempts.tried, call.version, group, self.cfg.gateway.replica_wait_s
+                )
+            except TpmflowError as exc:  # no replica (Overloaded, ReplicaFailed) or no such version
+                self.billing.record(
+                    call,
+                    exc.status_code,
+                    attempt_id=attempts.next_id(call.request_id),
+                    retry_of=attempts.previous,
+                    error_type=type(exc).__name__,
+                )
+                raise
             payload, lora = data, lora_for(replica, call.version)
             if lora is not None:  # a LoRA version: vLLM's OpenAI routes pick adapters by model name
                 headers[Headers.LORA] = lora
@@ -245,14 +261,18 @@ class Forwarder:
             engine_ms=engine_ms,
             error_type=error_type,
         )
-        return Response(raw, status_code=status, media_type="application/json", headers=self.provenance(call, sent.replica))
+        return Response(
+            raw, status_code=status, media_type="application/json", headers=self.provenance(call, sent.replica)
+        )
 
     def _track_outputs(self, principal: Principal, payload: dict[str, Any]) -> None:
         """Payloads a replica wrote for this principal expire like the ones it sent."""
         for item in payload.get("data") or []:
             emb = item.get("embedding") if isinstance(item, dict) else None
             if isinstance(emb, dict) and emb.get("sig"):
-                self.access.register_payload(emb["key"], principal.name, int(emb["nbytes"]), float(emb["expires"]), None)
+                self.access.register_payload(
+                    emb["key"], principal.name, int(emb["nbytes"]), float(emb["expires"]), None
+                )
 
     async def forward_stream(
         self, call: Call, path: str, data: bytes, body: dict[str, Any], release: Callable[[], None]
@@ -298,6 +318,12 @@ class _Relay:
         self.usage_line: bytes | None = None
         self.done = False
         self.first_output: float | None = None  # when the first chunk went out: its time to first token
+        self.answered = False  # the replica's closing "[DONE]" went to the client
+
+    def hung_up(self) -> None:
+        """The client went away: a hang-up (499) unless it already had the whole answer."""
+        if not self.answered:
+            self.status, self.error_type = 499, "ClientDisconnected"
 
     async def chunks(self) -> AsyncIterator[bytes]:
         buffer = b""
@@ -308,11 +334,13 @@ class _Relay:
                 for line in lines:
                     if line.startswith(b"data: {") and b'"usage":{' in line.replace(b" ", b""):
                         self.usage_line = line
+                    elif line.rstrip() == b"data: [DONE]":
+                        self.answered = True  # a client closing after this has its whole answer
                 if self.first_output is None:
                     self.first_output = time.monotonic()
                 yield chunk
         except (asyncio.CancelledError, GeneratorExit):
-            self.status, self.error_type = 499, "ClientDisconnected"  # closing upstream aborts in vLLM
+            self.hung_up()  # closing upstream aborts the request in vLLM
             raise
         except TimeoutError:
             self.status, self.error_type = 504, "ReplicaFailed"
@@ -365,5 +393,5 @@ class _RelayResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             if not self.relay.done:
-                self.relay.status, self.relay.error_type = 499, "ClientDisconnected"
+                self.relay.hung_up()
             self.relay.finish()

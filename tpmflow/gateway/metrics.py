@@ -54,7 +54,11 @@ class GatewayMetrics:
         self._output_tokens = self.tokens.labels("output")
         self._attempt_children: dict[tuple[str, str, int, str | None], tuple[Any, Any, Any]] = {}
         self.replica_inflight = Gauge(
-            "tpmflow_replica_inflight", "In-flight requests per replica", ["replica"], registry=r, multiprocess_mode="livesum"
+            "tpmflow_replica_inflight",
+            "In-flight requests per replica",
+            ["replica"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.replica_running = Gauge(
             "tpmflow_replica_running",
@@ -80,7 +84,10 @@ class GatewayMetrics:
             "tpmflow_replica_restarts_total", "Replica restarts by the launcher", ["replica"], registry=r
         )
         self.group_replicas = Gauge(
-            "tpmflow_group_replicas", "Replicas a scaling group runs (not draining)", ["group"], registry=r,
+            "tpmflow_group_replicas",
+            "Replicas a scaling group runs (not draining)",
+            ["group"],
+            registry=r,
             multiprocess_mode="mostrecent",
         )
         # SLO measurements of answered requests (status 200), per service class: the targets

@@ -9,6 +9,7 @@ from tpmflow.errors import InvalidRequest, ModelNotFound
 
 # vLLM would torch.load prompt_embeds (pickle) unchecked, and extra args reach the workers' hooks.
 REFUSED_FIELDS = ("prompt_embeds", "kv_transfer_params", "vllm_xargs")
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what a 64-bit engine seed holds
 # Fields only the gateway may set on a forwarded OpenAI request.
 GATEWAY_OWNED = ("cache_salt", "priority", "request_id")
 
@@ -48,6 +49,10 @@ def validate_openai(body: dict[str, Any], chat: bool, model_name: str, cfg: Gate
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value > limit:
             raise InvalidRequest(f"{key} must be an integer in [1, {limit}], got {value!r}")
+    seed = body.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not SEED_MIN <= seed <= SEED_MAX):
+        # orjson reads integers past 64 bits as floats: refuse them rather than pass on a changed seed.
+        raise InvalidRequest(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}]")
     n = body.get("n", 1)
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= cfg.max_n:
         raise InvalidRequest(f"n must be an integer in [1, {cfg.max_n}], got {n!r}")

@@ -28,7 +28,11 @@ class Payloads:
     def describe(self, principal: Principal) -> dict[str, Any]:
         """Where the principal's payloads go and the limits on them (GET /v1/tpmflow/store)."""
         c = self.store.config
-        where = {"path": str(c.root())} if c.connector == "file" else {"redis_host": c.redis_host, "redis_port": c.redis_port}
+        where = (
+            {"path": str(c.root())}
+            if c.connector == "file"
+            else {"redis_host": c.redis_host, "redis_port": c.redis_port}
+        )
         return {
             "principal": principal.name,
             "project": principal.project,
@@ -81,8 +85,13 @@ class Payloads:
         expired = self.access.pop_expired_payloads(now)
         for key, principal in expired:
             ref = Reference(
-                connector=self.store.config.connector, key=key, principal=principal, kind="bytes", nbytes=0,
-                digest="", expires=0,
+                connector=self.store.config.connector,
+                key=key,
+                principal=principal,
+                kind="bytes",
+                nbytes=0,
+                digest="",
+                expires=0,
             )
             try:
                 self.store.evict(ref)

@@ -66,6 +66,7 @@ class FakeReplica:
     port: int = 0
     delay_s: float = 0.0  # every answer waits this long (a stand-in for engine time)
     stream_chunks: int = 4  # SSE chunks per streamed completion
+    linger_s: float = 0.0  # how long a stream stays open after its "[DONE]"
     heartbeat_s: float = 0.5
     record: bool = True  # keep what each request carried in ``seen`` (off for benchmarks)
     script: deque[Fault] = field(default_factory=deque)  # consumed one per request, in order
@@ -103,7 +104,12 @@ class FakeReplica:
                 s.bind((self.host, 0))
                 self.port = s.getsockname()[1]
         config = uvicorn.Config(
-            self, host=self.host, port=self.port, log_level="warning", access_log=False, lifespan="on",
+            self,
+            host=self.host,
+            port=self.port,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
             timeout_keep_alive=60,
         )
         self._server = uvicorn.Server(config)
@@ -161,11 +167,18 @@ class FakeReplica:
         if fault is not None and fault.drop:
             # Headers promising a body, then an error: uvicorn aborts the connection mid-answer, as
             # a replica whose process died would leave it.
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")],
+                }
+            )
             raise ConnectionAbortedError("scripted drop")
         if fault is not None and fault.status is not None:
-            error = {"error": {"message": fault.message, "type": "BadRequestError", "param": None, "code": fault.status}}
+            error = {
+                "error": {"message": fault.message, "type": "BadRequestError", "param": None, "code": fault.status}
+            }
             await _respond(send, fault.status, orjson.dumps(error))
             return
         self.served += 1
@@ -182,25 +195,38 @@ class FakeReplica:
         usage = {"prompt_tokens": 4, "completion_tokens": tokens, "total_tokens": 4 + tokens}
         if path == Routes.COMPLETIONS:
             choice = {"index": 0, "text": " x" * tokens, "finish_reason": "length", "token_ids": None}
-            return {"id": "cmpl-fake", "object": "text_completion", "model": self.model, "choices": [choice],
-                    "usage": usage}
+            return {
+                "id": "cmpl-fake",
+                "object": "text_completion",
+                "model": self.model,
+                "choices": [choice],
+                "usage": usage,
+            }
         if path == Routes.CHAT:
             message = {"role": "assistant", "content": " x" * tokens}
-            return {"id": "chat-fake", "object": "chat.completion", "model": self.model,
-                    "choices": [{"index": 0, "message": message, "finish_reason": "length"}], "usage": usage}
+            return {
+                "id": "chat-fake",
+                "object": "chat.completion",
+                "model": self.model,
+                "choices": [{"index": 0, "message": message, "finish_reason": "length"}],
+                "usage": usage,
+            }
         return {"data": [], "usage": {"prompt_tokens": 4, "completion_tokens": 0}, "provenance": {}}
 
     async def _stream(self, send: Send, body: dict[str, Any]) -> None:
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/event-stream")]})
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
         for i in range(self.stream_chunks):
             usage = {"prompt_tokens": 4, "completion_tokens": i + 1, "total_tokens": 5 + i}
             chunk = {"id": "cmpl-fake", "choices": [{"index": 0, "text": " x", "finish_reason": None}], "usage": usage}
-            await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(chunk) + b"\n\n",
-                        "more_body": True})
+            await send(
+                {"type": "http.response.body", "body": b"data: " + orjson.dumps(chunk) + b"\n\n", "more_body": True}
+            )
             if self.delay_s:
                 await asyncio.sleep(self.delay_s / self.stream_chunks)
-        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": bool(self.linger_s)})
+        if self.linger_s:  # the stream's end arrives late: a client may close first, answer in hand
+            await asyncio.sleep(self.linger_s)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -232,8 +258,13 @@ class FakeReplica:
 
 
 async def _respond(send: Send, status: int, body: bytes) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -241,6 +272,11 @@ if __name__ == "__main__":  # a fake replica for a gateway started elsewhere: en
     from tpmflow.protocol import ReplicaSettings
 
     settings = ReplicaSettings.from_env()
-    FakeReplica(gateway_url=settings.gateway_url, secret=settings.pool_secret, replica_id=settings.replica_id,
-                port=int(os.environ.get("PORT", "0")), record=False).start()
+    FakeReplica(
+        gateway_url=settings.gateway_url,
+        secret=settings.pool_secret,
+        replica_id=settings.replica_id,
+        port=int(os.environ.get("PORT", "0")),
+        record=False,
+    ).start()
     threading.Event().wait()

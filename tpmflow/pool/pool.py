@@ -60,8 +60,8 @@ class Pool:
         import uvicorn
 
         from tpmflow.access import AccessDB, LedgerWriter
-        from tpmflow.payload import PayloadStore
         from tpmflow.gateway import Gateway
+        from tpmflow.payload import PayloadStore
         from tpmflow.pool.launch import LocalLauncher, free_port
         from tpmflow.versioning.checkout import check_out
 
@@ -69,22 +69,29 @@ class Pool:
         check_out(cfg)  # fail fast (ModelNotFound names the build command); versions checked out once
         self.access = AccessDB(cfg.database_url)
         self.ledger = LedgerWriter(self.access.engine)
-        self.gateway = Gateway(cfg, self.access, self.ledger, PayloadStore(cfg.store), self.secret)
         host = cfg.gateway.host
         port = cfg.gateway.port or free_port(host)
         self.url = f"http://{host}:{port}"
-        config = uvicorn.Config(
-            self.gateway.app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=2
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name="tpmflow-gateway", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError(f"gateway did not start on {self.url}")
-            time.sleep(0.05)
         log_dir = pool_logs_dir(port)
+        if cfg.gateway.workers > 1:  # N processes on one port, sharing registry, database and metrics
+            from tpmflow.gateway.workers import GatewayWorkers
+
+            self.gateway = GatewayWorkers(cfg, self.secret, host, port, self.access.engine, log_dir / "gateway.log")
+            self.gateway.start()
+        else:
+            self.gateway = Gateway(cfg, self.access, self.ledger, PayloadStore(cfg.store), self.secret)
+            config = uvicorn.Config(
+                self.gateway.app, host=host, port=port, log_level="warning", access_log=False,
+                timeout_graceful_shutdown=2,
+            )
+            self._server = uvicorn.Server(config)
+            self._thread = threading.Thread(target=self._server.run, name="tpmflow-gateway", daemon=True)
+            self._thread.start()
+            deadline = time.monotonic() + 30
+            while not self._server.started:
+                if time.monotonic() > deadline or not self._thread.is_alive():
+                    raise RuntimeError(f"gateway did not start on {self.url}")
+                time.sleep(0.05)
         if cfg.launcher.kind == "parsl":
             from tpmflow.pool.parsl_launcher import ParslLauncher
 
@@ -109,7 +116,7 @@ class Pool:
         atexit.register(self.stop)
         self.launcher.start()
         self.wait_ready(timeout_s or cfg.launcher.start_timeout_s)
-        if cfg.launcher.kind == "local":  # groups with min < max scale by queue depth
+        if cfg.launcher.kind == "local" and cfg.gateway.workers == 1:  # groups with min < max scale by queue depth
             from tpmflow.pool.autoscale import Autoscaler
 
             gauge = self.gateway.metrics.group_replicas
@@ -155,6 +162,8 @@ class Pool:
         launcher, self.launcher = self.launcher, None
         if launcher is not None:
             launcher.stop()
+        if self.gateway is not None and hasattr(self.gateway, "stop"):  # worker processes
+            self.gateway.stop()
         if self._server is not None:  # Parsl-launched replicas stop themselves once this is gone
             self._server.should_exit = True
             if self._thread is not None:

@@ -8,7 +8,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from tpmflow.errors import ReplicaFailed, VersionNotFound
+from tpmflow.errors import Overloaded, ReplicaFailed, VersionNotFound
 from tpmflow.schema import ReplicaInfo
 
 
@@ -77,9 +77,16 @@ class ReplicaRegistry:
         return min(candidates, key=lambda r: (r.inflight, r.served))
 
     async def wait_pick(
-        self, deadline: float, exclude: set[str], version: str = "", group: str | None = None
+        self,
+        deadline: float,
+        exclude: set[str],
+        version: str = "",
+        group: str | None = None,
+        max_wait_s: float = float("inf"),
     ) -> ReplicaState:
-        """A live replica (of ``group``) not yet tried, waiting for one to (re)appear until ``deadline``.
+        """A live replica (of ``group``) not yet tried, waiting for one to (re)appear until ``deadline``,
+        or for at most ``max_wait_s`` (then ``Overloaded`` with a Retry-After: the replicas are
+        restarting, and a client that retries later will be served).
 
         A ``version`` (content hash, or a unique prefix of one) that none of the group's known
         replicas serves is refused at once, not waited for."""
@@ -88,13 +95,19 @@ class ReplicaRegistry:
             served = sorted({v for r in known for v in [r.info.content_hash, *r.info.lora_versions]})
             raise VersionNotFound(f"no replica serves version {version!r}; this pool serves {served}")
         waiting = False
+        given_up = time.monotonic() + max_wait_s
         try:
             while True:
                 state = self.pick(exclude, version, group) or (self.pick(set(), version, group) if exclude else None)
                 if state is not None:
                     return state
-                if time.monotonic() >= deadline:
-                    where = f" of replica group {group!r}" if group else ""
+                now = time.monotonic()
+                where = f" of replica group {group!r}" if group else ""
+                if now >= given_up and given_up < deadline:
+                    raise Overloaded(
+                        f"no live replica{where} for {max_wait_s:g} s (restarting?); retry later", retry_after=5.0
+                    )
+                if now >= deadline:
                     raise ReplicaFailed(f"no live replica{where} could take the request before its timeout")
                 if not waiting:
                     waiting = True
