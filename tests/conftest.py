@@ -93,8 +93,8 @@ def client(pool: Any) -> Iterator[Any]:
 def _serving_side_gateway(pool: Any, cfg: Any) -> Iterator[tuple[Any, str, asyncio.AbstractEventLoop]]:
     import uvicorn
 
-    from tpmflow.payload import PayloadStore
     from tpmflow.gateway import Gateway
+    from tpmflow.payload import PayloadStore
     from tpmflow.pool.launch import free_port
 
     gw = Gateway(cfg, pool.access, pool.ledger, PayloadStore(cfg.store), pool.secret)

@@ -105,11 +105,14 @@ def test_completion_reaches_a_replica_with_the_gateways_fields_and_is_recorded(t
     seen = next(s for f in two.replicas for s in f.seen if s.path == Routes.COMPLETIONS)
     alice = two.access.authenticate(two.token)
     assert seen.body["cache_salt"] == alice.cache_salt and seen.body["priority"] == 0
-    assert seen.body["request_id"] == "corr-1" and seen.body["model"] == "fake-model"
+    attempt = resp.headers[Headers.ATTEMPT_ID]
+    assert seen.body["request_id"] == attempt != "corr-1" and seen.body["model"] == "fake-model"
+    assert seen.headers[Headers.ATTEMPT_ID.lower()] == attempt
     assert seen.headers[Headers.PRINCIPAL.lower()] == "alice"
     assert seen.headers["authorization"] == f"Bearer {SECRET}"
     rows = two.rows(endpoint="completions")
     assert len(rows) == 1 and rows[0].status == 200 and rows[0].output_tokens == 3
+    assert (rows[0].request_id, rows[0].correlation_id) == (attempt, "corr-1")
 
 
 def test_tpmflow_routes_forward_the_body_untouched(two: Rig) -> None:
@@ -144,15 +147,69 @@ def test_dropped_connections_are_retried_elsewhere_with_one_row_per_attempt(two:
         fake.script.append(Fault(drop=True))  # each drops once: two failed attempts, then an answer
     resp = two.post(Routes.COMPLETIONS, {"prompt": "x", "max_tokens": 2}, **{Headers.REQUEST_ID: "retry-me"})
     assert resp.status_code == 200, resp.text
-    rows = {r.request_id: r for r in two.rows(endpoint="completions")}
-    assert sorted(rows) == ["retry-me", "retry-me.r1", "retry-me.r2"]
-    first, second, answered = rows["retry-me"], rows["retry-me.r1"], rows["retry-me.r2"]
-    assert (first.status, second.status, answered.status) == (502, 502, 200)
+    rows = two.rows(correlation_id="retry-me")
+    by_id = {r.request_id: r for r in rows}
+    assert len(by_id) == 3 and all(r.status != 0 for r in rows)
+    answered = by_id[resp.headers[Headers.ATTEMPT_ID]]  # the answer names its attempt's row
+    second = by_id[answered.retry_of]
+    first = by_id[second.retry_of]
+    assert (first.status, second.status, answered.status) == (502, 502, 200) and first.retry_of is None
     assert first.replica_id != second.replica_id  # the retry went to the other replica
-    assert second.retry_of == "retry-me" and answered.retry_of == "retry-me.r1"
     assert first.error_type == second.error_type == "ReplicaFailed"
     # Both left the rotation when they dropped; the answer came once a heartbeat brought one back.
     assert answered.output_tokens == 2
+    sent_ids = [s.body["request_id"] for f in two.replicas for s in f.seen if s.path == Routes.COMPLETIONS]
+    assert sorted(sent_ids) == sorted(by_id), "each attempt reached vLLM under its own request id"
+
+
+def test_requests_reusing_a_client_id_are_separate_rows(two: Rig) -> None:
+    """Issue 13: three requests with one X-Request-Id left one ledger row (usage under-reported)."""
+
+    async def same_id() -> list[httpx.Response]:
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {two.token}", Headers.REQUEST_ID: "dup"}) as h:
+            first = await h.post(two.url + Routes.COMPLETIONS, json={"prompt": "x", "max_tokens": 1})
+            together = await asyncio.gather(
+                *(h.post(two.url + Routes.COMPLETIONS, json={"prompt": "x", "max_tokens": 2}) for _ in range(2))
+            )
+            return [first, *together]
+
+    responses = asyncio.run(same_id())
+    assert all(r.status_code == 200 and r.headers[Headers.REQUEST_ID] == "dup" for r in responses)
+    rows = two.rows(correlation_id="dup")
+    assert len(rows) == 3 and len({r.request_id for r in rows}) == 3
+    assert sorted(r.output_tokens for r in rows) == [1, 2, 2]
+    assert {r.request_id for r in rows} == {r.headers[Headers.ATTEMPT_ID] for r in responses}
+
+
+def test_a_row_is_open_while_its_attempt_runs_and_interrupted_rows_are_closed(two: Rig) -> None:
+    for fake in two.replicas:
+        fake.delay_s = 1.0
+
+    async def slow() -> httpx.Response:
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {two.token}", Headers.REQUEST_ID: "slow"}) as h:
+            return await h.post(two.url + Routes.COMPLETIONS, json={"prompt": "x", "max_tokens": 1})
+
+    async def watch() -> list[Any]:
+        task = asyncio.ensure_future(slow())
+        await asyncio.sleep(0.6)
+        during = await asyncio.to_thread(two.rows, correlation_id="slow")
+        await task
+        return during
+
+    during = asyncio.run(watch())
+    assert [(r.status, r.error_type) for r in during] == [(0, "Unfinished")]
+    assert [(r.status, r.error_type) for r in two.rows(correlation_id="slow")] == [(200, None)]
+    # A row a crashed gateway left open is closed by the next sweep once no request can still run.
+    from tpmflow.access import LedgerRow
+
+    two.ledger.record(
+        LedgerRow(request_id="lost", correlation_id="lost", principal="alice", project="chem", service_class="x",
+                  endpoint="completions", model="m", content_hash="h", status=0, error_type="Unfinished",
+                  created=time.time() - 3600)
+    )
+    two.ledger.flush()
+    assert two.gateway.keep_reservations_now() == 0
+    assert [(r.status, r.error_type) for r in two.rows(correlation_id="lost")] == [(502, "Interrupted")]
 
 
 def test_a_replica_error_is_typed_and_not_retried(two: Rig) -> None:

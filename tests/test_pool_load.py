@@ -28,7 +28,7 @@ def test_200_concurrent_requests_get_200_answers_and_200_ledger_rows(pool: Any) 
     answers = asyncio.run(run())
     assert len(answers) == 200 and all(a.usage["completion_tokens"] == 4 for a in answers)
     pool.ledger.flush()
-    rows = {r.request_id: r for r in pool.access.ledger_rows() if r.request_id.startswith("load-")}
+    rows = {r.correlation_id: r for r in pool.access.ledger_rows() if (r.correlation_id or "").startswith("load-")}
     assert sorted(rows) == ids
     assert all(r.status == 200 and r.output_tokens == 4 and r.principal == "pool-admin" for r in rows.values())
 
@@ -172,8 +172,10 @@ def test_replica_killed_under_load(pool: Any) -> None:
     assert restarted.info.url != url_before and restarted.served > 0, "the restarted replica serves again"
     pool.ledger.flush()
     # Checked after the restart, so a failure here does not leave the next tests a pool of one.
-    hit = [r for r in pool.access.ledger_rows() if r.request_id.startswith("kill-") and r.status == 502]
+    killed = [r for r in pool.access.ledger_rows() if (r.correlation_id or "").startswith("kill-")]
+    hit = [r for r in killed if r.status == 502]
     assert hit, "no request was in flight on the killed replica; the test did not exercise failover"
-    retried = [r for r in pool.access.ledger_rows() if r.retry_of is not None and r.request_id.startswith("kill-")]
+    retried = [r for r in killed if r.retry_of is not None]
     assert any(r.status == 200 for r in retried), "a request cut off by the kill was retried and answered"
-    assert all(r.request_id.startswith(r.retry_of.split(".r")[0]) for r in retried)
+    by_attempt = {r.request_id: r for r in killed}
+    assert all(by_attempt[r.retry_of].correlation_id == r.correlation_id for r in retried), "retries link to their request"

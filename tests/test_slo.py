@@ -239,7 +239,7 @@ def test_ledger_timings_metrics_and_report_through_the_gateway(pool: Any, side_g
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
 
     pool.ledger.flush()
-    rows = {r.request_id: r for r in pool.access.ledger_rows(principal=who)}
+    rows = {r.correlation_id: r for r in pool.access.ledger_rows(principal=who)}
     assert sorted(rows) == sorted([f"{who}-0", f"{who}-1", f"{who}-2", f"{who}-stream"])
     for i in range(3):
         row = rows[f"{who}-{i}"]

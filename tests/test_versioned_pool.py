@@ -158,7 +158,7 @@ def test_a_lora_version_is_served_as_a_vllm_adapter_on_its_parent(ab_pool: Any, 
     assert resp.headers["X-Tpmflow-Content-Hash"] == lora
     assert resp.json()["choices"][0]["token_ids"] == _transformers_greedy(merged, text, 8)
     ab_pool.ledger.flush()
-    assert ab_pool.access.ledger_rows(request_id=resp.headers["X-Request-Id"])[0].content_hash == lora
+    assert ab_pool.access.ledger_rows(request_id=resp.headers["X-Tpmflow-Request-Id"])[0].content_hash == lora
 
 
 def test_a_version_the_pool_does_not_serve_is_a_typed_404(ab_pool: Any) -> None:

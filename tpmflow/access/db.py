@@ -32,6 +32,7 @@ _ADDED_COLUMNS = (
     ("request_ledger", "charge_su", "FLOAT DEFAULT 0 NOT NULL"),
     ("request_ledger", "latency_ms", "FLOAT"),
     ("request_ledger", "ttft_ms", "FLOAT"),
+    ("request_ledger", "correlation_id", "VARCHAR(96)"),
 )
 
 

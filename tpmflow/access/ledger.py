@@ -9,9 +9,26 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from sqlalchemy import update
+from sqlalchemy.engine import Engine
+
 from tpmflow.access.tables import LedgerEntry
 
 log = logging.getLogger("tpmflow.ledger")
+UNFINISHED = 0  # the status of an attempt sent and not yet ended
+INTERRUPTED = 502  # the status an unfinished row is closed with: its gateway died before the end
+
+
+def close_unfinished(engine: Engine, older_than: float) -> int:
+    """Close rows still unfinished that were opened before ``older_than`` (wall clock) as 502
+    "Interrupted": their gateway died mid-request. Returns how many it closed."""
+    with engine.begin() as conn:
+        done = conn.execute(
+            update(LedgerEntry)
+            .where(LedgerEntry.status == UNFINISHED, LedgerEntry.created < older_than)
+            .values(status=INTERRUPTED, error_type="Interrupted")
+        )
+    return int(done.rowcount or 0)
 
 
 @dataclass
@@ -38,6 +55,7 @@ class LedgerRow:
     charge_su: float = 0.0  # service units charged for this attempt (tpmflow.access.costs)
     latency_ms: float | None = None  # gateway end to end: request in to answer out / end of stream
     ttft_ms: float | None = None  # request in to first output relayed; None when none was
+    correlation_id: str | None = None  # the client's X-Request-Id (its retries share it)
 
 
 class LedgerWriter:

@@ -43,9 +43,12 @@ class PayloadRow(Base):
 
 
 class LedgerEntry(Base):
-    """One row per request attempt, keyed by (principal, request id): a client retrying with the same
-    id is idempotent, and no principal can overwrite another's rows by reusing their id. A retry the
-    gateway makes on another replica gets ``<id>.rN`` and ``retry_of``."""
+    """One row per request attempt. ``request_id`` is the attempt's own id, made by the gateway and
+    unique; ``correlation_id`` is the id the client sent (``X-Request-Id``), shared by its retries
+    and by any other request that reuses it, so nothing a client sends can merge or hide rows. A
+    retry the gateway makes on another replica names the failed attempt in ``retry_of``. A row is
+    written when the attempt is sent (``status`` 0, "Unfinished") and completed when it ends; one a
+    crashed gateway left unfinished is closed as 502 "Interrupted" by the next sweep."""
 
     __tablename__ = "request_ledger"
 
@@ -75,6 +78,7 @@ class LedgerEntry(Base):
     # them, and ``ttft_ms`` NULL on attempts that relayed no output (refusals, failures).
     latency_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     ttft_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    correlation_id: Mapped[str | None] = mapped_column(String(96), nullable=True, index=True)
 
 
 class AllocationRow(Base):

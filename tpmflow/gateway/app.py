@@ -17,7 +17,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -168,10 +167,9 @@ async def _openai(gw: Gateway, request: Request, route: Route) -> Response:
     except TpmflowError as exc:
         gw.billing.refused(call, exc.status_code, type(exc).__name__)
         raise
-    body["request_id"] = call.request_id
     body["cache_salt"] = call.principal.cache_salt
     body["priority"] = gw.admission.priority(call.principal)
-    data = orjson.dumps(body)
+    data = None  # serialised per attempt: each has its own request id
     if body.get("stream"):
         admitted = gw.admission.admitted(call, body)
         await admitted.__aenter__()
@@ -257,6 +255,7 @@ def create_app(gw: Gateway) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
+        await asyncio.to_thread(gw.billing.close_interrupted)  # rows a crashed gateway left open
         tasks = [
             loop.create_task(gw.payloads.sweep()),
             loop.create_task(gw.billing.keep_reservations()),

@@ -13,9 +13,10 @@ from typing import Any
 from tpmflow.access import AccessDB, LedgerRow, LedgerWriter, Reservation
 from tpmflow.access.allocations import EXPIRY_MARGIN_S, RENEW_EVERY_S
 from tpmflow.access.costs import Limits, max_charge
+from tpmflow.access.ledger import UNFINISHED, close_unfinished
 from tpmflow.config import PoolConfig
 from tpmflow.errors import QuotaExceeded
-from tpmflow.gateway.call import Call
+from tpmflow.gateway.call import Attempts, Call
 from tpmflow.gateway.metrics import GatewayMetrics
 from tpmflow.gateway.ratelimit import RateLimiter
 from tpmflow.pool.registry import ReplicaRegistry, ReplicaState, lora_for
@@ -116,9 +117,18 @@ class Billing:
 
     def keep_reservations_now(self, now: float | None = None) -> int:
         """One renewal and sweep (``now``: a wall-clock time, for tests); returns how many expired
-        reservations it released."""
+        reservations it released. Ledger rows left unfinished as long (their gateway died) are
+        closed as "Interrupted" on the way."""
         self.access.allocations.renew(now)
-        return len(self.access.allocations.sweep(now))
+        released = len(self.access.allocations.sweep(now))
+        self.close_interrupted(now)
+        return released
+
+    def close_interrupted(self, now: float | None = None) -> int:
+        """Close the rows of attempts no live gateway can still be serving: unfinished for longer
+        than a request may take (its timeout) plus the reservations' expiry margin."""
+        now = time.time() if now is None else now
+        return close_unfinished(self.access.engine, now - self.cfg.gateway.request_timeout_s - EXPIRY_MARGIN_S)
 
     # -- the ledger -----------------------------------------------------------------------------
 
@@ -130,6 +140,28 @@ class Billing:
             charge = max(0.0, min(charge, call.reservation.su - call.charged_su))
         call.charged_su += charge
         return charge
+
+    def opened(self, call: Call, attempt_id: str, retry_of: str | None, replica: ReplicaState) -> None:
+        """The row of an attempt as it is sent: "Unfinished" until :meth:`record` completes it, so a
+        gateway killed mid-request leaves a row behind (closed as "Interrupted" by a later sweep)."""
+        p = call.principal
+        self.ledger.record(
+            LedgerRow(
+                request_id=attempt_id,
+                correlation_id=call.request_id,
+                retry_of=retry_of,
+                principal=p.name,
+                project=p.project,
+                service_class=p.service_class,
+                endpoint=call.endpoint,
+                model=self.model_name,
+                content_hash=served_version(call, replica),
+                replica_id=replica.info.replica_id,
+                status=UNFINISHED,
+                error_type="Unfinished",
+                queue_ms=call.queue_ms,
+            )
+        )
 
     def refused(self, call: Call, status: int, error_type: str) -> None:
         """A request turned away before it reached a replica."""
@@ -160,7 +192,8 @@ class Billing:
         prompt = int(usage.get("prompt_tokens") or 0)
         output = int(usage.get("completion_tokens") or 0)
         row = LedgerRow(
-            request_id=attempt_id or call.request_id,
+            request_id=attempt_id or Attempts.new_id(),
+            correlation_id=call.request_id,
             retry_of=retry_of,
             principal=p.name,
             project=p.project,

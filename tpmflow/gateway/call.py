@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from tpmflow.access import Principal, Reservation
@@ -14,7 +15,7 @@ class Call:
 
     endpoint: str
     principal: Principal
-    request_id: str
+    request_id: str  # the client's correlation id (X-Request-Id), or one made up for it
     started: float = field(default_factory=time.monotonic)
     queue_ms: float = 0.0
     content_hash: str = ""
@@ -32,8 +33,10 @@ class Attempts:
     count: int = 0
     previous: str | None = None
 
-    def next_id(self, request_id: str) -> str:
-        return request_id if self.count == 0 else f"{request_id}.r{self.count}"
+    @staticmethod
+    def new_id() -> str:
+        """A fresh attempt id: the ledger's key and vLLM's request id, unique whatever the client sends."""
+        return uuid.uuid4().hex
 
     def failed(self, attempt_id: str) -> None:
         self.previous, self.count = attempt_id, self.count + 1

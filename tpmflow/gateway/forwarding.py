@@ -92,17 +92,18 @@ class Forwarder:
         return {
             Headers.AUTHORIZATION: f"Bearer {self.secret}",
             Headers.PRINCIPAL: call.principal.name,
-            Headers.ATTEMPT_ID: call.request_id,
             Headers.PRIORITY: str(self.admission.priority(call.principal)),
             Headers.SALT: call.principal.cache_salt,
             Headers.REQUEST_ID: call.request_id,
             "Content-Type": "application/json",
         }
 
-    def provenance(self, call: Call, replica: ReplicaState) -> dict[str, str]:
+    def provenance(self, call: Call, sent: Sent) -> dict[str, str]:
         """Provenance of every answer, in headers, so vLLM's own OpenAI bodies stay untouched."""
+        replica = sent.replica
         return {
             Headers.REQUEST_ID: call.request_id,
+            Headers.ATTEMPT_ID: sent.attempt_id,  # the answering attempt's ledger row
             Headers.MODEL: self.model_name,
             Headers.CONTENT_HASH: served_version(call, replica),
             Headers.REPLICA: replica.info.replica_id,
@@ -168,28 +169,28 @@ class Forwarder:
         # the timeout ends it.
         stream_timeout = aiohttp.ClientTimeout(sock_connect=10, sock_read=self.cfg.gateway.request_timeout_s)
         while True:
+            attempt_id = Attempts.new_id()
             try:
                 replica = await self.registry.wait_pick(
                     deadline, attempts.tried, call.version, group, self.cfg.gateway.replica_wait_s
                 )
             except TpmflowError as exc:  # no replica (Overloaded, ReplicaFailed) or no such version
                 self.billing.record(
-                    call,
-                    exc.status_code,
-                    attempt_id=attempts.next_id(call.request_id),
-                    retry_of=attempts.previous,
+                    call, exc.status_code, attempt_id=attempt_id, retry_of=attempts.previous,
                     error_type=type(exc).__name__,
                 )
                 raise
+            headers[Headers.ATTEMPT_ID] = attempt_id
             payload, lora = data, lora_for(replica, call.version)
             if lora is not None:  # a LoRA version: vLLM's OpenAI routes pick adapters by model name
                 headers[Headers.LORA] = lora
-                if body is not None and "model" in body:
-                    payload = orjson.dumps({**body, "model": lora})
             else:
                 headers.pop(Headers.LORA, None)
-            sent = Sent(None, replica, attempts.next_id(call.request_id), attempts.previous, 0.0)  # type: ignore[arg-type]
+            if payload is None and body is not None:  # an OpenAI body: vLLM's request id is the attempt's
+                payload = orjson.dumps({**body, "request_id": attempt_id, **({"model": lora} if lora else {})})
+            sent = Sent(None, replica, attempt_id, attempts.previous, 0.0)  # type: ignore[arg-type]
             attempts.tried.add(replica.info.replica_id)
+            self.billing.opened(call, attempt_id, attempts.previous, replica)
             sent.t0 = time.monotonic()
             self._busy(replica, +1)
             try:
@@ -262,7 +263,7 @@ class Forwarder:
             error_type=error_type,
         )
         return Response(
-            raw, status_code=status, media_type="application/json", headers=self.provenance(call, sent.replica)
+            raw, status_code=status, media_type="application/json", headers=self.provenance(call, sent)
         )
 
     def _track_outputs(self, principal: Principal, payload: dict[str, Any]) -> None:
@@ -275,7 +276,7 @@ class Forwarder:
                 )
 
     async def forward_stream(
-        self, call: Call, path: str, data: bytes, body: dict[str, Any], release: Callable[[], None]
+        self, call: Call, path: str, data: bytes | None, body: dict[str, Any], release: Callable[[], None]
     ) -> Response:
         """Stream Server-Sent Events through; retry only before the first byte."""
         deadline = call.started + self.cfg.gateway.request_timeout_s
@@ -303,7 +304,7 @@ class Forwarder:
             release()
             return JSONResponse(payload, status_code=upstream.status)
         relay = _Relay(self, call, sent, release)
-        return _RelayResponse(relay, media_type="text/event-stream", headers=self.provenance(call, replica))
+        return _RelayResponse(relay, media_type="text/event-stream", headers=self.provenance(call, sent))
 
 
 class _Relay:
