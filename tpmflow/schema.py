@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field, field_validator
 
+from tpmflow.engine.sites import SITE_NAMES
 from tpmflow.errors import InvalidRequest
 from tpmflow.payload import ALLOWED_DTYPES, Reference
 
@@ -243,25 +244,8 @@ class ReplicaInfo(BaseModel):
 
 # -- intermediary access (probe) ------------------------------------------------------------------
 
-ProbeSite = Literal["hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "hook_z"]
-_SITE_ALIASES = {
-    s.removeprefix("hook_"): s for s in ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "hook_z")
-}
-
-
-def split_site(site: str) -> tuple[str, int | None]:
-    """``blocks.3.hook_resid_post`` -> (``hook_resid_post``, 3); ``resid_post`` -> (``hook_resid_post``, None)."""
-    layer: int | None = None
-    name = site
-    if site.startswith("blocks."):
-        _, number, name = (site.split(".", 2) + ["", ""])[:3]
-        if not number.isdigit():
-            raise ValueError(f"bad site {site!r}: expected blocks.<layer>.<hook>")
-        layer = int(number)
-    name = _SITE_ALIASES.get(name, name)
-    if name not in _SITE_ALIASES.values():
-        raise ValueError(f"unknown site {site!r}; sites are {sorted(_SITE_ALIASES.values())} (optionally blocks.L.)")
-    return name, layer
+# The sites come from the one table in tpmflow.engine.sites (which imports nothing heavy).
+ProbeSite = Literal[SITE_NAMES]  # type: ignore[valid-type]  # built from the table, so mypy cannot see the values
 
 
 def _inline_if_numpy(value: Any) -> Any:

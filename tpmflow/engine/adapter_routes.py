@@ -6,6 +6,8 @@ an inline array, at the top level or as a value of a dict item. They are resolve
 verified, before the adapter sees them. The adapter's ``encode`` (parsing, encoders, projectors;
 hostile files in its sandbox) runs in a thread, never on the event loop. Whatever goes wrong with
 one item becomes that item's error; the rest of the batch completes.
+
+Handlers take ``(ctx, body, principal, request_id, priority, salt)``; ``tpmflow.engine.plugin`` mounts them.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from tpmflow.engine.routes import (
-    ReplicaContext,
+from tpmflow.engine.context import ReplicaContext
+from tpmflow.engine.ops import (
+    Prompt,
+    engine_prompt,
     final_hidden_states,
     pool_states,
     prompt_tokens,
@@ -44,7 +48,6 @@ from tpmflow.schema import (
     Usage,
 )
 
-Prompt = list[int] | np.ndarray
 log = logging.getLogger("tpmflow.replica")
 
 
@@ -281,8 +284,6 @@ async def adapter_generate(
     }
 
     async def one(i: int, prompt: Prompt) -> None:
-        from tpmflow.engine.routes import engine_prompt
-
         seed = None if body.seed is None else body.seed + i
         # FINAL_ONLY: one output carrying all n completions (cumulative streaming can end on a
         # partial view of a parent request's children).

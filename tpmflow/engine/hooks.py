@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from tpmflow.engine.sites import LENS_SITE, RESID_POST, RESID_PRE, SITES
+
 SPEC_KEY = "tpmflow"
 # Captures nobody fetched (aborted or timed-out requests) are dropped after this many seconds.
 ORPHAN_TTL_S = 600.0
@@ -78,6 +80,8 @@ class TpmflowWorkerExtension:
 
     tpmflow_captures: dict[str, _PromptCapture]
     tpmflow_hook_calls: int
+    tpmflow_probes: dict[str, Any]  # key -> tpmflow.engine.probe.ProbeState (imported lazily)
+    tpmflow_step_rows: list[Any]  # the current step's tpmflow.engine.probe.StepRow
 
     def tpmflow_install(self) -> dict[str, Any]:
         """Check the internals we rely on and install the hooks (idempotent). Returns model facts."""
@@ -122,22 +126,25 @@ class TpmflowWorkerExtension:
         }
 
     def _tpmflow_install_layer_hooks(self, arch: DecoderLayout) -> None:
-        """Hooks on every decoder layer, its attention (and the output projection's input) and MLP."""
+        """Hooks for every site of the table (``tpmflow.engine.sites``) on every decoder layer: the
+        block's input and output, its attention, its MLP and the attention's output projection."""
         from functools import partial
 
         for layer_index, layer in enumerate(arch.layers):
             if not hasattr(layer, arch.attn):  # a placeholder of another pipeline stage
                 continue
-            attn = getattr(layer, arch.attn)
             layer.register_forward_pre_hook(partial(self._tpmflow_layer_in, layer_index), with_kwargs=True)
             layer.register_forward_hook(partial(self._tpmflow_layer_out, layer_index), with_kwargs=True)
-            attn.register_forward_hook(partial(self._tpmflow_module_out, "hook_attn_out", layer_index))
-            # Sub-modules some decoders lack (a mixture-of-experts block has no ``mlp``): those
-            # sites are simply not offered there; the residual stream always is.
-            if hasattr(layer, "mlp"):
-                layer.mlp.register_forward_hook(partial(self._tpmflow_module_out, "hook_mlp_out", layer_index))
-            if hasattr(attn, arch.out_proj):
-                getattr(attn, arch.out_proj).register_forward_pre_hook(partial(self._tpmflow_z, layer_index))
+            for site in SITES.values():
+                module = arch.part(layer, site.part)
+                # Sub-modules some decoders lack (a mixture-of-experts block has no ``mlp``): those
+                # sites are simply not offered there; the residual stream always is.
+                if site.part in ("block_in", "block_out") or module is None:
+                    continue
+                if site.part == "out_proj_in":  # the projection's input: per-head outputs
+                    module.register_forward_pre_hook(partial(self._tpmflow_heads, site.name, layer_index))
+                else:
+                    module.register_forward_hook(partial(self._tpmflow_module_out, site.name, layer_index))
         self.tpmflow_first_layer = next(i for i, layer in enumerate(arch.layers) if hasattr(layer, arch.attn))
 
     def tpmflow_take(self, keys: list[str]) -> dict[str, Any]:
@@ -195,11 +202,6 @@ class TpmflowWorkerExtension:
         """Hand over (and forget) probing requests' captures and lens tables. Arrays over the store's
         inline limit go straight into the pool's store under ``principal`` (references, unsigned:
         the replica signs them), so big activations never travel through the engine's output path."""
-        import os
-
-        from tpmflow.payload import PayloadStore, StoreConfig
-
-        store = None
         out: dict[str, Any] = {}
         for key in keys:
             state = self.tpmflow_probes.pop(key, None)
@@ -210,8 +212,7 @@ class TpmflowWorkerExtension:
             for cap in result["captures"]:
                 array = cap.pop("array")
                 cap["shape"], cap["nbytes"] = list(array.shape), int(array.nbytes)
-                if store is None:
-                    store = PayloadStore(StoreConfig.model_validate_json(os.environ.get("TPMFLOW_STORE", "{}")))
+                store = self._tpmflow_store()
                 if array.nbytes > store.config.inline_limit_bytes:
                     cap["reference"] = store.put(principal, array).model_dump()
                 else:
@@ -219,6 +220,18 @@ class TpmflowWorkerExtension:
             out[key] = result
         self._tpmflow_drop_orphans()
         return out
+
+    def _tpmflow_store(self) -> Any:
+        """The pool's payload store, from the replica's settings (workers are processes of their
+        own: they read the settings the launcher put in the environment)."""
+        store = getattr(self, "tpmflow_payload_store", None)
+        if store is None:
+            from tpmflow.payload import PayloadStore, StoreConfig
+            from tpmflow.protocol import ReplicaSettings
+
+            store = PayloadStore(StoreConfig.model_validate(ReplicaSettings.from_env().store))
+            self.tpmflow_payload_store = store
+        return store
 
     # -- probe hooks -----------------------------------------------------------------------------
 
@@ -252,13 +265,13 @@ class TpmflowWorkerExtension:
         if not self.tpmflow_step_rows:
             return
         hidden, residual = self.tpmflow_arch.layer_inputs(args, kwargs)
-        self._tpmflow_stream_site("hook_resid_pre", layer, hidden, residual)
+        self._tpmflow_stream_site(RESID_PRE, layer, hidden, residual)
 
     def _tpmflow_layer_out(self, layer: int, module: Any, args: Any, kwargs: Any, output: Any) -> None:
         if not self.tpmflow_step_rows:
             return
         hidden, residual = output if self.tpmflow_arch.fused else (output, None)
-        self._tpmflow_stream_site("hook_resid_post", layer, hidden, residual)
+        self._tpmflow_stream_site(RESID_POST, layer, hidden, residual)
 
     def _tpmflow_stream_site(self, site: str, layer: int, hidden: Any, residual: Any) -> None:
         """A residual-stream site (the stream is hidden + residual, or hidden alone): each probing
@@ -267,7 +280,7 @@ class TpmflowWorkerExtension:
 
         for row in self.tpmflow_step_rows:
             state = row.state
-            lens = site == "hook_resid_post" and layer in state.lens_layers
+            lens = site == LENS_SITE and layer in state.lens_layers
             if not (state.wants(site, layer) or lens):
                 continue
             edits = state.edits.get((site, layer))
@@ -296,16 +309,17 @@ class TpmflowWorkerExtension:
             if (site, layer) in state.captures:
                 state.capture(site, layer, row.positions, _to_numpy(output[row.lo : row.hi]))
 
-    def _tpmflow_z(self, layer: int, module: Any, args: Any) -> None:
+    def _tpmflow_heads(self, site: str, layer: int, module: Any, args: Any) -> None:
+        """A per-head site (captured only): the output projection's input as [rows, heads, head_dim]."""
         if not self.tpmflow_step_rows:
             return
         z = args[0]
         arch = self.tpmflow_arch
         heads = getattr(arch.layers[layer], arch.attn).num_heads
         for row in self.tpmflow_step_rows:
-            if ("hook_z", layer) in row.state.captures:
+            if (site, layer) in row.state.captures:
                 per_head = _to_numpy(z[row.lo : row.hi]).reshape(row.hi - row.lo, heads, -1)
-                row.state.capture("hook_z", layer, row.positions, per_head)
+                row.state.capture(site, layer, row.positions, per_head)
 
     def _tpmflow_lens(self, state: Any, layer: int, positions: np.ndarray, stream: Any) -> None:
         """Final norm and unembedding of the residual stream at ``layer``: top-k per position."""
@@ -385,6 +399,19 @@ class DecoderLayout:
     attn: str
     out_proj: str
     fused: bool
+
+    def part(self, layer: Any, part: str) -> Any | None:
+        """The module of decoder ``layer`` a site's ``part`` is read at (None where this decoder has none)."""
+        if part in ("block_in", "block_out"):
+            return layer
+        attn = getattr(layer, self.attn, None)
+        if part == "attn":
+            return attn
+        if part == "mlp":
+            return getattr(layer, "mlp", None)
+        if part == "out_proj_in":
+            return getattr(attn, self.out_proj, None)
+        raise ValueError(f"unknown part {part!r}")
 
     def layer_inputs(self, args: Any, kwargs: Any) -> tuple[Any, Any]:
         """(hidden, residual) entering a layer; the stream is their sum (residual None: hidden alone)."""

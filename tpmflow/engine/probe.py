@@ -4,12 +4,9 @@ logit lens, per request, inside continuously batched steps.
 Requests opt in through ``SamplingParams.extra_args["tpmflow"]["probe"]``: plain JSON (vectors as
 float32 bytes), never code. In every step the hooks slice each probing request's rows out of the
 flat token batch and apply that request's specs only; other requests in the same batch are
-untouched. Sites follow TransformerLens's names for block ``L``:
-
-* ``hook_resid_pre`` — the residual stream entering the block (the embeddings for block 0);
-* ``hook_resid_post`` — leaving it; vLLM's fused layers return ``(hidden, residual)`` whose sum it is;
-* ``hook_attn_out`` / ``hook_mlp_out`` — the attention (after ``o_proj``) and MLP outputs;
-* ``hook_z`` — the attention output per head before ``o_proj`` (``[heads, head_dim]`` per position).
+untouched. Sites (TransformerLens's names for block ``L``) are those of the one table in
+``tpmflow.engine.sites``; at a residual-stream site vLLM's fused layers carry ``(hidden, residual)``,
+whose sum the stream is.
 
 What is captured is copied at once: vLLM's fused add-RMSNorm overwrites hidden and residual in place.
 """
@@ -21,9 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-SITES = ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "hook_z")
-EDIT_SITES = ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
 
 
 @dataclass
@@ -110,14 +104,14 @@ class ProbeState:
             positions = sorted(by_pos)
             array = np.stack([by_pos[p] for p in positions]).astype(np.float32) if positions else np.zeros((0,))
             out["captures"].append({"site": site, "layer": layer, "positions": positions, "array": array})
-        for layer, by_pos in sorted(self.lens.items()):
-            positions = sorted(by_pos)
+        for layer, top_by_pos in sorted(self.lens.items()):
+            positions = sorted(top_by_pos)
             out["lens"].append(
                 {
                     "layer": layer,
                     "positions": positions,
-                    "token_ids": [by_pos[p][0].tolist() for p in positions],
-                    "probs": [by_pos[p][1].tolist() for p in positions],
+                    "token_ids": [top_by_pos[p][0].tolist() for p in positions],
+                    "probs": [top_by_pos[p][1].tolist() for p in positions],
                 }
             )
         return out

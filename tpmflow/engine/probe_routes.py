@@ -3,19 +3,21 @@
 Every spec is validated here — sites, layers, positions, vector sizes, NaN/inf, the activation
 bytes it would produce — before anything reaches the engine. Captures come back as arrays inline
 or, when big, as references the worker wrote straight into the pool's store (signed here).
+Sites come from the one table in ``tpmflow.engine.sites``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import uuid
 from typing import Any
 
 import numpy as np
 
-from tpmflow.engine.routes import ReplicaContext, engine_prompt, prompt_tokens, run_request
+from tpmflow.engine.context import ReplicaContext
+from tpmflow.engine.ops import engine_prompt, prompt_tokens, run_request
+from tpmflow.engine.sites import LENS_SITE, SITES, split_site
 from tpmflow.errors import InvalidRequest
 from tpmflow.payload import Reference
 from tpmflow.schema import (
@@ -27,10 +29,7 @@ from tpmflow.schema import (
     ProbeResponse,
     Replace,
     Usage,
-    split_site,
 )
-
-DEFAULT_MAX_ACTIVATION_BYTES = 256 << 20
 
 
 def _site(site: str, layer: int | None, n_layers: int, what: str) -> tuple[str, int | None]:
@@ -79,7 +78,7 @@ def build_spec(ctx: ReplicaContext, body: ProbeRequest, principal: str, n_prompt
             _site(site, x, n_layers, what)
         positions = _positions(c.positions, limit, what)
         n_pos = len(positions) if positions is not None else n_prompt + (body.max_tokens if c.generated else 0)
-        width = ctx.num_heads * ctx.head_dim if site == "hook_z" else hidden
+        width = ctx.num_heads * ctx.head_dim if SITES[site].per_head else hidden
         expected += n_pos * width * 4 * len(layers)
         captures.append({"site": site, "layers": layers, "positions": positions, "generated": c.generated})
     edits: list[dict[str, Any]] = []
@@ -89,8 +88,8 @@ def build_spec(ctx: ReplicaContext, body: ProbeRequest, principal: str, n_prompt
         site, layer = _site(e.site, e.layer, n_layers, what)
         if layer is None:
             raise InvalidRequest(f"{what}: name the layer (layer=L or site='blocks.L.{site}')")
-        if site == "hook_z":
-            raise InvalidRequest(f"{what}: hook_z can be captured, not edited; edit hook_attn_out instead")
+        if not SITES[site].editable:
+            raise InvalidRequest(f"{what}: {site} can be captured, not edited; edit {SITES[site].edit_instead} instead")
         positions = _positions(e.positions, limit, what, keep_order=True)
         spec: dict[str, Any] = {"op": e.op, "site": site, "layer": layer, "positions": positions}
         if isinstance(e, (Add, Replace)):
@@ -122,14 +121,14 @@ def build_spec(ctx: ReplicaContext, body: ProbeRequest, principal: str, n_prompt
     if body.lens is not None:
         layers = body.lens.layers if body.lens.layers is not None else list(range(n_layers))
         for x in layers:
-            _site("hook_resid_post", x, n_layers, "lens")
+            _site(LENS_SITE, x, n_layers, "lens")
         if body.lens.top_k > ctx.vocab_size:
             raise InvalidRequest(f"lens: top_k {body.lens.top_k} exceeds the vocabulary of {ctx.vocab_size}")
         positions = _positions(body.lens.positions, limit, "lens")
         n_pos = len(positions) if positions is not None else n_prompt
         expected += n_pos * len(layers) * body.lens.top_k * 8  # token id + probability per entry
         lens = {"layers": layers, "top_k": body.lens.top_k, "positions": positions}
-    max_bytes = int(os.environ.get("TPMFLOW_MAX_ACTIVATION_BYTES", DEFAULT_MAX_ACTIVATION_BYTES))
+    max_bytes = ctx.settings.max_activation_bytes
     if expected > max_bytes:
         raise InvalidRequest(
             f"the captures and lens asked for would produce {expected} bytes; the limit is {max_bytes} "

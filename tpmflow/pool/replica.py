@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from tpmflow.config import EngineConfig, PoolConfig
+from tpmflow.protocol import ReplicaSettings
 from tpmflow.versioning import LoraCheckout
 from tpmflow.versioning.checkout import replica_loras, replica_model_dir
 
@@ -101,7 +102,28 @@ def cpu_binds(cfg: PoolConfig) -> list[str | None]:
 def replica_env(
     cfg: PoolConfig, replica_id: str, url: str, gateway_url: str, secret: str, bind: str | None, group: str = "default"
 ) -> dict[str, str]:
+    """The replica's environment: vLLM's settings and tpmflow's ``ReplicaSettings`` (read back
+    once inside the replica with ``ReplicaSettings.from_env``)."""
     env = dict(os.environ)
+    # What the pool does not decide (orphan grace, heartbeat, parts without a parts_path) the
+    # replica takes from this process's environment, as it always did.
+    inherited = ReplicaSettings.from_env(env)
+    settings = inherited.model_copy(
+        update={
+            "replica_id": replica_id,
+            "replica_group": group,
+            "replica_url": url,
+            "gateway_url": gateway_url,
+            "pool_secret": secret,
+            "store": cfg.store.model_dump(mode="json"),
+            "parts": cfg.parts_path or inherited.parts,
+            "max_activation_bytes": cfg.max_activation_bytes,
+        }
+    )
+    # ``to_env`` leaves empty values out, so none of the settings' variables may come from this
+    # process's environment: the replica gets exactly ``settings``.
+    for field in ReplicaSettings.model_fields:
+        env.pop(f"TPMFLOW_{field.upper()}", None)
     env.update(
         {
             "VLLM_PLUGINS": "tpmflow",  # allow-list: tpmflow's endpoint and general plugins only
@@ -111,19 +133,11 @@ def replica_env(
             # Idle connections outlive the gateway's (3 s), so the gateway never reuses one the
             # replica already closed (a spurious disconnect that marked a busy replica dead).
             "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": env.get("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", "60"),
-            "TPMFLOW_REPLICA_ID": replica_id,
-            "TPMFLOW_REPLICA_GROUP": group,
-            "TPMFLOW_REPLICA_URL": url,
-            "TPMFLOW_GATEWAY_URL": gateway_url,
-            "TPMFLOW_POOL_SECRET": secret,
-            "TPMFLOW_STORE": cfg.store.model_dump_json(),
+            **settings.to_env(),
         }
     )
     if bind is not None:
         env["VLLM_CPU_OMP_THREADS_BIND"] = bind
-    if cfg.parts_path:
-        env["TPMFLOW_PARTS"] = cfg.parts_path
-    env["TPMFLOW_MAX_ACTIVATION_BYTES"] = str(cfg.max_activation_bytes)
     return env
 
 
