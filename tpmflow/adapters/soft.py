@@ -19,42 +19,30 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
-from torch import nn
 
 from tpmflow.adapters.base import AdapterFit, Decoded, EncodedEmbeds, ItemError
 from tpmflow.errors import InvalidRequest
 
+if TYPE_CHECKING:
+    from torch import nn
 
-class Projector(nn.Module):
-    """Per-token two-layer MLP from the encoder's width to the core's hidden size (LLaVA-1.5)."""
+    from tpmflow.adapters.soft_model import Projector, SoftTokenModel  # noqa: F401  (typed re-exports, see __getattr__)
 
-    def __init__(self, d_in: int, hidden_size: int, d_mid: int | None = None) -> None:
-        super().__init__()
-        d_mid = d_mid or max(d_in, hidden_size)
-        self.net = nn.Sequential(nn.Linear(d_in, d_mid), nn.GELU(), nn.Linear(d_mid, hidden_size))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+# torch comes only with the cpu / gpu extras: it is imported where a model is built, loaded or run,
+# so a bare install (the client) can import this module. The torch modules live in soft_model.
+_TORCH_NAMES = ("Projector", "SoftTokenModel")
 
 
-class SoftTokenModel(nn.Module):
-    """Encoder then projector: ``[B, *input_shape]`` to ``[B, K, hidden]`` soft tokens."""
+def __getattr__(name: str) -> object:
+    # ``from tpmflow.adapters.soft import SoftTokenModel`` keeps working (and imports torch then).
+    if name in _TORCH_NAMES:
+        from tpmflow.adapters import soft_model
 
-    def __init__(self, encoder: nn.Module, projector: Projector) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.projector = projector
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.encoder(x))
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The encoder's own features, mean over its K tokens: the no-core-model baseline."""
-        return self.encoder(x).mean(dim=1)
+        return getattr(soft_model, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class SoftTokenAdapter:
@@ -98,6 +86,10 @@ class SoftTokenAdapter:
 
     def new_model(self, hidden_size: int, seed: int = 0) -> SoftTokenModel:
         """An untrained encoder + projector for a core model of ``hidden_size`` (seeded)."""
+        import torch
+
+        from tpmflow.adapters.soft_model import Projector, SoftTokenModel
+
         torch.manual_seed(seed)
         return SoftTokenModel(self.build_encoder(), Projector(self.encoder_dim, hidden_size))
 
@@ -120,17 +112,21 @@ class SoftTokenAdapter:
         """Serve ``model`` (e.g. just trained, or a random-projector baseline) without saving it."""
         self.model = model.eval()
 
-    @torch.no_grad()
     def soft_tokens(self, inputs: np.ndarray) -> np.ndarray:
         """Prepared inputs ``[B, *input_shape]`` to float32 soft tokens ``[B, K, hidden]``."""
-        assert self.model is not None
-        return self.model(torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))).numpy()
+        import torch
 
-    @torch.no_grad()
+        assert self.model is not None
+        with torch.no_grad():
+            return self.model(torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))).numpy()
+
     def encoder_features(self, inputs: np.ndarray) -> np.ndarray:
         """Prepared inputs to the encoder's pooled features ``[B, encoder_dim]`` (a baseline)."""
+        import torch
+
         assert self.model is not None
-        return self.model.features(torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))).numpy()
+        with torch.no_grad():
+            return self.model.features(torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))).numpy()
 
     # -- the Adapter protocol --------------------------------------------------------------------
 

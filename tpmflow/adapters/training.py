@@ -13,13 +13,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
-from torch import nn
 
-from tpmflow.adapters.soft import SoftTokenAdapter, SoftTokenModel, text_around
+from tpmflow.adapters.soft import SoftTokenAdapter, text_around
+
+if TYPE_CHECKING:
+    import torch
+
+    from tpmflow.adapters.soft_model import SoftTokenModel
+
+# torch (and transformers) come only with the cpu / gpu extras: imported where training runs, so
+# importing this module (e.g. for ``Task`` or ``FrozenCore`` in a signature) needs neither.
 
 Task = Literal["classification", "regression"]
 
@@ -34,6 +40,7 @@ class FrozenCore:
 
     @classmethod
     def load(cls, model_dir: str | Path) -> FrozenCore:
+        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
@@ -45,6 +52,8 @@ class FrozenCore:
     def pooled(self, soft: torch.Tensor, prefix: str = "", suffix: str = "") -> torch.Tensor:
         """Mean over every prompt position of the final hidden states (after the final norm) — what
         the pool's ``pooling="mean"`` returns for the same soft tokens and text."""
+        import torch
+
         before, after = text_around(self.tokenizer, prefix, suffix)
         table = self.model.get_input_embeddings()
         batch = soft.shape[0]
@@ -82,6 +91,9 @@ def train_soft_tokens(
     """Train the adapter's encoder + projector through the frozen core with a temporary linear head
     on the mean-pooled final states (cross-entropy or MSE on standardised targets)."""
     import time
+
+    import torch
+    from torch import nn
 
     started = time.monotonic()
     model = adapter.new_model(core.hidden_size, seed=seed)
