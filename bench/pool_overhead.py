@@ -67,6 +67,28 @@ def _pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1]
 
 
+def _offline_tok_s(model: str, prompts: list[str], tokens: int, rounds: int) -> list[float]:
+    """(a): output tokens/s of vLLM's offline ``LLM.generate``, one figure per round."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=256)
+    try:
+        params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+        llm.generate(prompts[:4], SamplingParams(max_tokens=4), use_tqdm=False)
+        runs = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            runs.append(sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - started))
+        return runs
+    finally:
+        # The engine core and its worker are child processes: stop them here, while this process is
+        # still whole, rather than leave them to finalizers at interpreter exit (the bench printed
+        # its line and then never ended, so `make bench` hung).
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny-llama")
@@ -110,17 +132,7 @@ def main() -> None:
         lat_b = asyncio.run(_latencies(replica, pool.secret, args.concurrent))
         lat_c = asyncio.run(_latencies(pool.url, pool.token, args.concurrent))
 
-    from vllm import LLM, SamplingParams
-
-    llm = LLM(model=str(model_path(args.model)), dtype="float32", enforce_eager=True, max_model_len=256)
-    params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
-    llm.generate(prompts[:4], SamplingParams(max_tokens=4), use_tqdm=False)
-    runs_a = []
-    for _ in range(args.rounds):
-        started = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        runs_a.append(sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - started))
-    a = statistics.median(runs_a)
+    a = statistics.median(_offline_tok_s(str(model_path(args.model)), prompts, args.tokens, args.rounds))
 
     result.update(
         {
@@ -137,7 +149,7 @@ def main() -> None:
             "rounds_tok_s_gateway": [round(x) for x in runs_c],
         }
     )
-    print(json.dumps(result))
+    print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
