@@ -57,6 +57,20 @@ uvicorn.run(app, host="127.0.0.1", port=int(os.environ["PORT"]), log_level="warn
 """
 
 
+# An older tpmflow's single-process gateway (``--before-src``), for before/after figures.
+BEFORE_SOURCE = """
+import os, uvicorn
+from tpmflow.access import AccessDB, LedgerWriter
+from tpmflow.config import PoolConfig
+from tpmflow.payload import PayloadStore
+from tpmflow.pool.gateway import Gateway
+cfg = PoolConfig.model_validate_json(os.environ["TPMFLOW_GATEWAY_CONFIG"])
+access = AccessDB(cfg.database_url)
+gw = Gateway(cfg, access, LedgerWriter(access.engine), PayloadStore(cfg.store), os.environ["TPMFLOW_POOL_SECRET"])
+uvicorn.run(gw.app, host="127.0.0.1", port=int(os.environ["PORT"]), log_level="warning", access_log=False)
+"""
+
+
 def _free_port() -> int:
     from tpmflow.pool.launch import free_port
 
@@ -177,6 +191,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=400.0, help="sustained requests/s")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--server-cores", type=int, default=1)
+    parser.add_argument("--before-src", help="a checkout of an older tpmflow: also measure its gateway (1 process)")
     args = parser.parse_args()
 
     from tpmflow.access import AccessDB
@@ -228,26 +243,30 @@ def main() -> None:
     finally:
         _stop(replica)
 
-    for workers in (1, args.workers):
+    runs: list[tuple[str, int, str | None]] = [("gateway_1w", 1, None), (f"gateway_{args.workers}w", args.workers, None)]
+    if args.before_src:
+        runs.insert(0, ("gateway_before", 1, args.before_src))
+    for name, workers, source in runs:
         port = _free_port()
         gateway_url = f"http://127.0.0.1:{port}"
         cfg.gateway.workers = workers
         env = {CONFIG_ENV: cfg.model_dump_json(), SECRET_ENV: secret, WORKERS_ENV: str(workers)}
-        gateway = _start(
-            [sys.executable, "-m", "tpmflow.gateway.serve", "--port", str(port), "--workers", str(workers)],
-            env,
-            server_cores,
-        )
+        if source is None:
+            cmd = [sys.executable, "-m", "tpmflow.gateway.serve", "--port", str(port), "--workers", str(workers)]
+        else:
+            cmd = [sys.executable, "-c", BEFORE_SOURCE]
+            env.update(PYTHONPATH=source, PORT=str(port))
+        gateway = _start(cmd, env, server_cores)
         replica = fake(gateway_url)
         try:
-            results[f"gateway_{workers}w"] = asyncio.run(_measure(gateway_url, auth, gateway, args))
+            results[name] = asyncio.run(_measure(gateway_url, auth, gateway, args))
         finally:
             _stop(replica)
             _stop(gateway)
 
     floor = results["bare_proxy"]
     summary: dict[str, Any] = {"bench": "gateway", "server_cores": args.server_cores, "cores": ncores}
-    for name in ("gateway_1w", f"gateway_{args.workers}w"):
+    for name in [n for n, _, _ in runs]:
         g = results[name]
         summary[name] = {
             "cpu_vs_bare_proxy": round(

@@ -3,23 +3,35 @@
 from __future__ import annotations
 
 import base64
+import math
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tpmflow.engine.sites import SITE_NAMES
 from tpmflow.errors import InvalidRequest
 from tpmflow.payload import ALLOWED_DTYPES, Reference
 
 MAX_BATCH = 256
+MAX_ELEMENTS = 1 << 31  # elements of one array: far past any real payload, far below an overflow
+Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]  # what a 64-bit engine seed holds
+Index = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]  # layers, positions: negative counts from the end
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 
 
-class InlineArray(BaseModel):
+class Spec(BaseModel):
+    """A request-side wire model: unknown fields are refused with their name, never ignored
+    (``Capture(layer=3)`` would otherwise capture every layer)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class InlineArray(Spec):
     """A small array inline: dtype, shape and little-endian bytes in base64."""
 
-    dtype: str
-    shape: list[int]
+    dtype: str = Field(max_length=16)
+    shape: list[Annotated[int, Field(ge=0, le=MAX_ELEMENTS)]] = Field(max_length=8)
     b64: str
 
     @classmethod
@@ -33,9 +45,15 @@ class InlineArray(BaseModel):
             raise InvalidRequest(f"dtype {self.dtype!r} is not allowed; use one of {sorted(ALLOWED_DTYPES)}")
         if any(d < 0 for d in self.shape):
             raise InvalidRequest("array shape has a negative dimension")
-        raw = base64.b64decode(self.b64, validate=True)
+        elements = math.prod(self.shape)  # Python ints: numpy's int64 product wraps around
+        if elements > MAX_ELEMENTS:
+            raise InvalidRequest(f"array shape {self.shape} has {elements} elements, more than {MAX_ELEMENTS}")
+        try:
+            raw = base64.b64decode(self.b64, validate=True)
+        except ValueError:
+            raise InvalidRequest("array bytes are not valid base64") from None
         dtype = np.dtype(self.dtype).newbyteorder("<")
-        expected = int(np.prod(self.shape, dtype=np.int64)) * dtype.itemsize
+        expected = elements * dtype.itemsize
         if len(raw) != expected:
             raise InvalidRequest(f"array bytes ({len(raw)}) do not match shape {self.shape} of {self.dtype}")
         return np.frombuffer(raw, dtype=dtype).reshape(self.shape).astype(dtype.newbyteorder("="))
@@ -65,7 +83,7 @@ class Provenance(BaseModel):
     finished: float
 
 
-class SoftPrompt(BaseModel):
+class SoftPrompt(Spec):
     """Soft tokens [K, hidden] made by an adapter run on the client, spliced between embedded text."""
 
     prompt_embeds: ArrayPayload
@@ -73,17 +91,17 @@ class SoftPrompt(BaseModel):
     suffix: str = Field("", max_length=10_000)
 
 
-class EmbedRequest(BaseModel):
+class EmbedRequest(Spec):
     """Final hidden states of each input (after the final norm), pooled or per token. An input is
     text, token ids, or soft tokens from an adapter the client ran itself."""
 
     model: str | None = None
-    input: list[str | list[int] | SoftPrompt] = Field(min_length=1, max_length=MAX_BATCH)
+    input: list[str | list[TokenId] | SoftPrompt] = Field(min_length=1, max_length=MAX_BATCH)
     pooling: Literal["mean", "last", "none"] = "mean"
 
     @field_validator("input")
     @classmethod
-    def _non_empty_items(cls, items: list[str | list[int] | SoftPrompt]) -> list[str | list[int] | SoftPrompt]:
+    def _non_empty_items(cls, items: list[str | list[TokenId] | SoftPrompt]) -> list[str | list[TokenId] | SoftPrompt]:
         for i, item in enumerate(items):
             if not isinstance(item, SoftPrompt) and len(item) == 0:
                 raise ValueError(f"input item {i} is empty")
@@ -102,7 +120,7 @@ class EmbedResponse(BaseModel):
     provenance: Provenance
 
 
-class AdapterEmbedRequest(BaseModel):
+class AdapterEmbedRequest(Spec):
     """Domain items (SMILES, …) through an installed adapter, then the core model's final states."""
 
     adapter: str = Field(min_length=1, max_length=64)
@@ -131,7 +149,7 @@ class AdapterEmbedResponse(BaseModel):
     provenance: Provenance
 
 
-class AdapterPredictRequest(BaseModel):
+class AdapterPredictRequest(Spec):
     """Domain items through an adapter, the core model, and a head (``name`` or ``name@version``)."""
 
     adapter: str = Field(min_length=1, max_length=64)
@@ -157,7 +175,7 @@ class AdapterPredictResponse(BaseModel):
     provenance: Provenance
 
 
-class AdapterGenerateRequest(BaseModel):
+class AdapterGenerateRequest(Spec):
     """Prompts as domain items (e.g. SMILES prefixes); completions decoded by the adapter."""
 
     adapter: str = Field(min_length=1, max_length=64)
@@ -165,7 +183,7 @@ class AdapterGenerateRequest(BaseModel):
     n: int = Field(1, ge=1, le=64)
     max_tokens: int = Field(64, ge=1, le=4096)
     temperature: float = Field(1.0, ge=0.0, le=10.0)
-    seed: int | None = None
+    seed: Seed | None = None
     config: dict[str, Any] | None = None
 
 
@@ -187,15 +205,15 @@ class AdapterGenerateResponse(BaseModel):
     provenance: Provenance
 
 
-class EmbedsGenerateRequest(BaseModel):
+class EmbedsGenerateRequest(Spec):
     """Generate from ``prompt_embeds`` (float [n_tokens, hidden]) instead of text."""
 
     model: str | None = None
     prompt_embeds: ArrayPayload
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int = Field(16, ge=1, le=4096)
     temperature: float = Field(1.0, ge=0.0, le=10.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: Seed | None = None
 
 
 class GenerateResult(BaseModel):
@@ -205,7 +223,7 @@ class GenerateResult(BaseModel):
     provenance: Provenance
 
 
-class DigestRequest(BaseModel):
+class DigestRequest(Spec):
     """Deliver an array or bytes reference to a replica, which reports what arrived."""
 
     payload: ArrayPayload
@@ -219,7 +237,7 @@ class DigestResponse(BaseModel):
     dtype: str | None = None
 
 
-class SignRequest(BaseModel):
+class SignRequest(Spec):
     """Ask the gateway to sign a payload the caller wrote into the store."""
 
     key: str
@@ -253,25 +271,25 @@ def _inline_if_numpy(value: Any) -> Any:
     return InlineArray.from_numpy(value) if isinstance(value, np.ndarray) else value
 
 
-class Capture(BaseModel):
+class Capture(Spec):
     """Record activations at ``site`` of ``layers`` (all layers when omitted), at ``positions``
     (all prompt positions when omitted; with ``generated`` also each generated step)."""
 
     site: str
-    layers: list[int] | None = Field(None, max_length=1024)
-    positions: list[int] | None = Field(None, max_length=65536)
+    layers: list[Index] | None = Field(None, max_length=1024)
+    positions: list[Index] | None = Field(None, max_length=65536)
     generated: bool = False
 
 
-class Add(BaseModel):
+class Add(Spec):
     """A steering vector: ``scale * vector`` added to the stream at ``site`` of ``layer``."""
 
     op: Literal["add"] = "add"
     site: str
-    layer: int | None = None
+    layer: Index | None = None
     vector: ArrayPayload
     scale: float = Field(1.0, allow_inf_nan=False)
-    positions: list[int] | None = Field(None, max_length=65536)
+    positions: list[Index] | None = Field(None, max_length=65536)
 
     @field_validator("vector", mode="before")
     @classmethod
@@ -279,15 +297,15 @@ class Add(BaseModel):
         return _inline_if_numpy(value)
 
 
-class Replace(BaseModel):
+class Replace(Spec):
     """Activation patching: the stream at ``site`` of ``layer`` becomes ``values`` ([hidden], or one
     row per position)."""
 
     op: Literal["replace"] = "replace"
     site: str
-    layer: int | None = None
+    layer: Index | None = None
     values: ArrayPayload
-    positions: list[int] | None = Field(None, max_length=65536)
+    positions: list[Index] | None = Field(None, max_length=65536)
 
     @field_validator("values", mode="before")
     @classmethod
@@ -295,26 +313,26 @@ class Replace(BaseModel):
         return _inline_if_numpy(value)
 
 
-class Zero(BaseModel):
+class Zero(Spec):
     """Ablation: zero the activations at ``site`` of ``layer``."""
 
     op: Literal["zero"] = "zero"
     site: str
-    layer: int | None = None
-    positions: list[int] | None = Field(None, max_length=65536)
+    layer: Index | None = None
+    positions: list[Index] | None = Field(None, max_length=65536)
 
 
-class LogitLens(BaseModel):
+class LogitLens(Spec):
     """Final norm and unembedding of the residual stream after each of ``layers`` (all when omitted)."""
 
-    layers: list[int] | None = Field(None, max_length=1024)
+    layers: list[Index] | None = Field(None, max_length=1024)
     top_k: int = Field(5, ge=1, le=100)
-    positions: list[int] | None = Field(None, max_length=65536, description="prompt positions (all when omitted)")
+    positions: list[Index] | None = Field(None, max_length=65536, description="prompt positions (all when omitted)")
 
 
-class ProbeRequest(BaseModel):
+class ProbeRequest(Spec):
     model: str | None = None
-    prompt: str | list[int]
+    prompt: Annotated[str, Field(min_length=1)] | Annotated[list[TokenId], Field(min_length=1)]
     captures: list[Capture] = Field(default_factory=list, max_length=256)
     interventions: list[Annotated[Add | Replace | Zero, Field(discriminator="op")]] = Field(
         default_factory=list, max_length=256
@@ -322,7 +340,7 @@ class ProbeRequest(BaseModel):
     lens: LogitLens | None = None
     max_tokens: int = Field(1, ge=1, le=4096)
     temperature: float = Field(0.0, ge=0.0, le=10.0)
-    seed: int | None = None
+    seed: Seed | None = None
 
 
 class CapturedArray(BaseModel):

@@ -29,7 +29,7 @@ from starlette.datastructures import State
 
 from tpmflow.engine import adapter_routes, embed_routes, probe_routes
 from tpmflow.engine.context import CURRENT_LORA, ReplicaContext
-from tpmflow.errors import InvalidRequest, TpmflowError
+from tpmflow.errors import InvalidRequest, ReplicaFailed, TpmflowError
 from tpmflow.protocol import Headers, ReplicaSettings, Routes
 from tpmflow.schema import (
     AdapterEmbedRequest,
@@ -112,6 +112,24 @@ def _endpoint(model: type[BaseModel], handler: Handler) -> Callable[[Request], A
                 CURRENT_LORA.reset(lora)
         except TpmflowError as exc:
             return _error(exc)
+        except (ValueError, TypeError, OverflowError, IndexError, KeyError):
+            # Input the checks above let through and a library then refused: the client's to fix,
+            # but the library's words ("cannot reshape array…") mean nothing to it.
+            log.warning("a %s request failed on its values", model.__name__, exc_info=True)
+            return _error(
+                InvalidRequest(
+                    "the replica could not use this request's values (a size, shape, range or type it cannot "
+                    "serve); check them against the route's documented limits"
+                )
+            )
+        except Exception:  # noqa: BLE001 - the engine stays up; the client gets a typed answer
+            log.exception("a %s request failed", model.__name__)
+            return _error(
+                ReplicaFailed(
+                    "the replica failed while serving this request; it is still up, so retry, or give "
+                    "the facility the X-Tpmflow-Request-Id of this answer"
+                )
+            )
         return JSONResponse(result.model_dump() if isinstance(result, BaseModel) else result)
 
     return endpoint

@@ -26,15 +26,31 @@ from tpmflow.protocol import Headers
 log = logging.getLogger("tpmflow.gateway")
 
 
+GENERIC_FAILURE = (
+    "the replica failed while serving this request; it is still up, so retry, or give the facility the "
+    "X-Tpmflow-Request-Id of this answer"
+)
+
+
 def typed_error(payload: Any, status: int) -> dict[str, Any]:
-    """vLLM's own error bodies (``BadRequestError``…) become tpmflow's classes, keeping the message
-    and the OpenAI-style shape, so every client sees one hierarchy."""
+    """The one error envelope every client gets, ``{"error": {"type", "message", "item"?, "param"?}}``:
+    vLLM's own bodies (``BadRequestError``…, with ``code`` and ``param``) become tpmflow's classes
+    with their message; a server-side failure's text (an exception, "see the stack trace above")
+    is replaced by one written for the user."""
     err = payload.get("error") if isinstance(payload, dict) else None
-    err = dict(err) if isinstance(err, dict) else {"message": str(payload)[:500]}
-    if err.get("type") not in ERROR_CLASSES:
-        err["type"] = type_for_status(status)
-    err.setdefault("message", "")
-    return {**(payload if isinstance(payload, dict) else {}), "error": err}
+    if not isinstance(err, dict):  # older vLLM: {"object": "error", "message", "type", "code"}
+        err = payload if isinstance(payload, dict) and "message" in payload else {}
+    kind = err.get("type")
+    message = err.get("message")
+    if kind not in ERROR_CLASSES:
+        kind = type_for_status(status)
+        if status >= 500:  # not one of tpmflow's own messages: nothing in it is for the client
+            message = GENERIC_FAILURE
+    out: dict[str, Any] = {"type": kind, "message": message if isinstance(message, str) and message else kind}
+    for key in ("item", "param"):
+        if err.get(key) is not None:
+            out[key] = err[key]
+    return {"error": out}
 
 
 class Sent:
@@ -176,7 +192,10 @@ class Forwarder:
                 )
             except TpmflowError as exc:  # no replica (Overloaded, ReplicaFailed) or no such version
                 self.billing.record(
-                    call, exc.status_code, attempt_id=attempt_id, retry_of=attempts.previous,
+                    call,
+                    exc.status_code,
+                    attempt_id=attempt_id,
+                    retry_of=attempts.previous,
                     error_type=type(exc).__name__,
                 )
                 raise
@@ -241,8 +260,8 @@ class Forwarder:
             payload = orjson.loads(raw)
         except orjson.JSONDecodeError:
             payload = None
-        if not isinstance(payload, dict):
-            payload = {"error": {"type": "ReplicaFailed", "message": raw[:500].decode(errors="replace")}}
+        if not isinstance(payload, dict):  # not JSON (a proxy's or a crashed server's page)
+            payload = {"error": {"type": "ReplicaFailed", "message": GENERIC_FAILURE}}
             raw = orjson.dumps(payload)
         error_type = None
         if status >= 400:
@@ -262,9 +281,7 @@ class Forwarder:
             engine_ms=engine_ms,
             error_type=error_type,
         )
-        return Response(
-            raw, status_code=status, media_type="application/json", headers=self.provenance(call, sent)
-        )
+        return Response(raw, status_code=status, media_type="application/json", headers=self.provenance(call, sent))
 
     def _track_outputs(self, principal: Principal, payload: dict[str, Any]) -> None:
         """Payloads a replica wrote for this principal expire like the ones it sent."""
@@ -291,7 +308,7 @@ class Forwarder:
             try:
                 payload = typed_error(orjson.loads(raw), upstream.status)
             except orjson.JSONDecodeError:
-                payload = {"error": {"type": "ReplicaFailed", "message": raw[:500].decode(errors="replace")}}
+                payload = {"error": {"type": "ReplicaFailed", "message": GENERIC_FAILURE}}
             err = payload["error"]
             self.billing.record(
                 call,
