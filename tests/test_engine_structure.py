@@ -79,7 +79,7 @@ def test_the_client_s_schema_needs_neither_torch_nor_vllm() -> None:
 
 
 def test_one_table_of_sites() -> None:
-    from tpmflow.engine.hooks import DecoderLayout
+    from tpmflow.engine.layouts import LAYOUTS
     from tpmflow.engine.sites import SITES, split_site
     from tpmflow.schema import ProbeSite
 
@@ -100,7 +100,7 @@ def test_one_table_of_sites() -> None:
         self_attn = Attn()
         mlp = object()
 
-    layout = DecoderLayout(None, [], None, "self_attn", "o_proj", fused=True)
+    layout = LAYOUTS["LlamaForCausalLM"]
     layer = Layer()
     parts = {site.part: layout.part(layer, site.part) for site in SITES.values()}
     assert parts == {

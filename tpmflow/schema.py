@@ -258,6 +258,7 @@ class ReplicaInfo(BaseModel):
     group: str = Field("default", description="the replica group (service classes name the group that serves them)")
     running: int = 0
     waiting: int = 0
+    probes: str | None = Field(None, description="probe status: the layout and its start self-check, or why off")
 
 
 # -- intermediary access (probe) ------------------------------------------------------------------

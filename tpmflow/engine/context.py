@@ -43,6 +43,13 @@ class ReplicaContext:
         self.tensor_parallel = int(getattr(args, "tensor_parallel_size", 1) or 1)
         self.num_heads = int(install_info["num_heads"])
         self.head_dim = int(install_info["head_dim"])
+        # Probes: None when this model's layout passed the start self-check, else why they are off.
+        self.probe_error: str | None = install_info.get("probe_error")
+        self.probes = (
+            f"disabled: {self.probe_error}"
+            if self.probe_error
+            else f"{install_info.get('layout')} layout ({install_info.get('model_class')}): {install_info.get('self_check')}"
+        )
         self.max_model_len = int(engine.model_config.max_model_len)
         self.vocab_size = int(engine.model_config.get_vocab_size())
         self.replica_id = settings.replica_id
@@ -103,6 +110,7 @@ class ReplicaContext:
             max_model_len=self.max_model_len,
             lora_versions=self.lora_versions,
             group=self.settings.replica_group,
+            probes=self.probes,
         )
 
     def serving(self) -> str:

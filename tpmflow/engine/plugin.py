@@ -204,6 +204,25 @@ class GatewayOnly:
         await self.app(scope, receive, send)
 
 
+async def _self_check(engine_client: Any, info: dict[str, Any]) -> dict[str, Any]:
+    """The probe self-check before the replica serves (``tpmflow.engine.selfcheck``): a layout that
+    fails it disables probes, and so does a check that cannot run; serving never depends on it."""
+    from tpmflow.engine.selfcheck import run_self_check
+
+    if info.get("layout") is None:
+        log.warning("probes disabled: %s", info.get("probe_error"))
+        return info
+    try:
+        check = await run_self_check(engine_client, info)
+        summary, error = check.summary(), (None if check.ok else check.summary())
+    except Exception as exc:  # noqa: BLE001 - probes off, the replica still serves
+        log.exception("the probe self-check could not run")
+        summary = error = f"self-check could not run: {type(exc).__name__}: {exc}"
+        await engine_client.collective_rpc("tpmflow_set_probes", args=(error,))
+    (log.info if error is None else log.error)("%s (%s layout): %s", info["model_class"], info["layout"], summary)
+    return {**info, "probe_error": error, "self_check": summary}
+
+
 class TpmflowEndpoints:
     """The ``vllm.endpoint_plugins`` entry point (see vllm/plugins/endpoint_plugins/interface.py).
 
@@ -225,6 +244,6 @@ class TpmflowEndpoints:
     async def init_state(self, engine_client: Any, state: State, args: Namespace) -> None:
         if engine_client is None:
             raise RuntimeError("tpmflow's routes need an engine")
-        results = await engine_client.collective_rpc("tpmflow_install")
-        state.tpmflow = ReplicaContext(engine_client, args, results[0], self.settings)
+        info = (await engine_client.collective_rpc("tpmflow_install"))[0]
+        state.tpmflow = ReplicaContext(engine_client, args, await _self_check(engine_client, info), self.settings)
         state.tpmflow_heartbeat = asyncio.get_running_loop().create_task(heartbeat(state.tpmflow))

@@ -163,6 +163,8 @@ async def probe(
 
     started = time.time()
     ctx.check_model(body.model)
+    if ctx.probe_error:
+        raise InvalidRequest(ctx.probe_error)
     if ctx.tensor_parallel > 1:
         raise InvalidRequest("probe needs replicas with tensor_parallel_size 1 (each rank sees only its heads)")
     tokenizer = ctx.engine.get_tokenizer()

@@ -126,6 +126,7 @@ async def _health(gw: Gateway, request: Request, route: Route) -> Response:
                 "served": r.served,
                 "running": r.info.running,
                 "waiting": r.info.waiting,
+                "probes": r.info.probes,
             }
             for r in live
         ],

@@ -8,6 +8,7 @@ on a GPU executor; it implements the same small protocol.
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import threading
 import time
@@ -20,6 +21,13 @@ from tpmflow.pool.replica import ReplicaProcess, cpu_binds, process_cores, repli
 
 log = logging.getLogger("tpmflow.launch")
 
+# A replica that exits this soon after its start, this many times in a row, fails for a reason a
+# restart will not fix (a model it cannot load, a bad flag): the launcher stops restarting it.
+QUICK_EXIT_S = 300.0
+MAX_QUICK_EXITS = 3
+# "RuntimeError: ...", "torch.OutOfMemoryError: ...", "ValueError: ..." at the start of a log line.
+_ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception|Exit|Interrupt)\b.*?:\s*\S")
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -28,9 +36,26 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def tail_log(log_dir: Path, replica_id: str, lines: int = 40) -> str:
-    """The last lines of a replica's log (every launcher writes ``<log_dir>/<replica_id>.log``)."""
+    """The root cause line of a replica's log, then its last lines (every launcher writes
+    ``<log_dir>/<replica_id>.log``): the cause first, not buried in a 40-line traceback."""
     path = log_dir / f"{replica_id}.log"
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.is_file() else ""
+    if not path.is_file():
+        return ""
+    text = path.read_text(errors="replace").splitlines()
+    cause = root_cause(text)
+    tail = "\n".join(text[-lines:])
+    return f"root cause: {cause}\n{tail}" if cause else tail
+
+
+def root_cause(lines: list[str]) -> str | None:
+    """The last exception line (``SomeError: message``) of a log, without its logger prefix."""
+    for line in reversed(lines):
+        # vLLM prefixes lines with "(EngineCore_DP0 pid=1) ERROR 01-02 ... " and similar; try every suffix.
+        for start in [0, *(m.end() for m in re.finditer(r"[\s\]]\s*", line))]:
+            rest = line[start:]
+            if _ERROR_LINE.match(rest) and not rest.startswith(("Traceback", "raise ")):
+                return rest.strip()
+    return None
 
 
 class Launcher(Protocol):
@@ -69,6 +94,9 @@ class LocalLauncher:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._supervisor: threading.Thread | None = None
+        self._started: dict[str, float] = {}  # replica id -> when its current process started
+        self._quick_exits: dict[str, int] = {}  # replica id -> quick exits in a row
+        self.gave_up: dict[str, str] = {}  # replica id -> why it is no longer restarted
 
     def _spawn(self, slot: ReplicaSlot) -> ReplicaProcess:
         port = free_port(self.host)
@@ -83,6 +111,7 @@ class LocalLauncher:
             process_cores(self.cfg, slot.index),
         )
         proc.start()
+        self._started[slot.replica_id] = time.monotonic()
         log.info("started %s (group %s, pid %s) on %s", slot.replica_id, slot.group, proc.pid, url)
         return proc
 
@@ -99,10 +128,21 @@ class LocalLauncher:
                 continue
             with self._lock:
                 for replica_id, proc in list(self.replicas.items()):
-                    if proc.alive() or self._stopping.is_set():
+                    if proc.alive() or self._stopping.is_set() or replica_id in self.gave_up:
                         continue
-                    log.warning("%s exited (code %s); restarting", replica_id, proc.proc and proc.proc.returncode)
+                    code = proc.proc and proc.proc.returncode
                     proc.stop(grace_s=0)  # reap the group: engine children may outlive the server
+                    quick = time.monotonic() - self._started.get(replica_id, 0.0) < QUICK_EXIT_S
+                    self._quick_exits[replica_id] = self._quick_exits.get(replica_id, 0) + 1 if quick else 0
+                    if self._quick_exits[replica_id] >= MAX_QUICK_EXITS:
+                        cause = root_cause(self.log_tail(replica_id, 400).splitlines()) or f"exit code {code}"
+                        self.gave_up[replica_id] = cause
+                        log.error(
+                            "%s exited %d times within %.0f s of its start; not restarting it: %s",
+                            replica_id, MAX_QUICK_EXITS, QUICK_EXIT_S, cause,
+                        )  # fmt: skip
+                        continue
+                    log.warning("%s exited (code %s); restarting", replica_id, code)
                     fresh = self._spawn(self._slots[replica_id])
                     fresh.restarts = proc.restarts + 1
                     self.replicas[replica_id] = fresh

@@ -1,0 +1,257 @@
+"""The decoder-layout table on real vLLM, one tiny random fp32 model per family, against
+transformers on the same weights: captures at every site and layer, Add/Replace/Zero against the
+same edit by a PyTorch hook, the lens at the last layer against the next-token distribution, and
+the start self-check (which must catch StableLM read with the old fused layout).
+
+One offline engine per family, all checks in one test (engine starts dominate the time).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from tpmflow.engine.selfcheck import run_self_check_offline
+
+SITES = ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
+IDS = [1, 40, 57, 12, 33, 70, 5, 44, 61, 20]
+TOL = 1e-4
+# transformers module names per family: (layers, attention, MLP)
+HF_PARTS: dict[str, tuple[str, str, str]] = {
+    "stablelm": ("model.layers", "self_attn", "mlp"),
+    "opt": ("model.decoder.layers", "self_attn", "fc2"),
+    "mixtral": ("model.layers", "self_attn", "mlp"),
+}
+Edit = Callable[[str, int, torch.Tensor], torch.Tensor]
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / max(float(np.linalg.norm(b)), 1e-12))
+
+
+def _engine(family: str) -> Any:
+    from tpmflow.models.offline_engine import open_offline_engine
+    from tpmflow.models.tiny_families import build_tiny_family
+
+    return open_offline_engine(
+        build_tiny_family(family),
+        max_model_len=64,
+        enable_prefix_caching=False,
+        worker_extension_cls="tpmflow.engine.hooks.TpmflowWorkerExtension",
+    )
+
+
+def _probe(llm: Any, captures: list[str], edits: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
+    """One probing request on the offline engine (worker spec format); None when probes are off."""
+    from vllm import SamplingParams
+
+    key = uuid.uuid4().hex
+    spec = {
+        "key": key,
+        "captures": [{"site": s, "layers": [0, 1], "positions": None, "generated": False} for s in captures],
+        "edits": edits or [],
+        "lens": {"layers": [1], "top_k": 5, "positions": None},
+        "n_prompt": len(IDS),
+    }
+    params = SamplingParams(max_tokens=1, skip_reading_prefix_cache=True, extra_args={"tpmflow": {"probe": spec}})
+    llm.generate({"prompt_token_ids": IDS}, params, use_tqdm=False)
+    found = next((r[key] for r in llm.collective_rpc("tpmflow_take_probe", args=([key], "", True)) if r.get(key)), None)
+    if found is None:
+        return None
+    out: dict[str, Any] = {
+        f"blocks.{c['layer']}.{c['site']}": np.frombuffer(c["bytes"], dtype=np.float32).reshape(c["shape"])
+        for c in found["captures"]
+    }
+    out["lens"] = found["lens"]
+    return out
+
+
+def _hf(model: Any, family: str, edit: Edit | None = None) -> dict[str, np.ndarray]:
+    """Every site of every layer (and the logits) of a transformers run; ``edit`` changes a site's
+    tensor like a plain PyTorch hook would."""
+    layers_path, attn_name, mlp_name = HF_PARTS[family]
+    layers = model
+    for name in layers_path.split("."):
+        layers = getattr(layers, name)
+    seen: dict[str, np.ndarray] = {}
+    handles = []
+
+    def change(site: str, i: int, output: Any) -> Any:
+        first = output[0] if isinstance(output, tuple) else output
+        if edit is not None:
+            first = edit(site, i, first)
+        seen[f"blocks.{i}.{site}"] = first[0].detach().numpy().copy()
+        return (first, *output[1:]) if isinstance(output, tuple) else first
+
+    for i, layer in enumerate(layers):
+
+        def pre(module: Any, args: Any, kwargs: Any, i: int = i) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            seen[f"blocks.{i}.hook_resid_pre"] = hidden[0].detach().numpy().copy()
+
+        handles += [
+            layer.register_forward_pre_hook(pre, with_kwargs=True),
+            layer.register_forward_hook(lambda m, a, o, i=i: change("hook_resid_post", i, o)),
+            getattr(layer, attn_name).register_forward_hook(lambda m, a, o, i=i: change("hook_attn_out", i, o)),
+            getattr(layer, mlp_name).register_forward_hook(lambda m, a, o, i=i: change("hook_mlp_out", i, o)),
+        ]
+    try:
+        with torch.no_grad():
+            seen["logits"] = model(torch.tensor([IDS])).logits[0].numpy()
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _check_family(family: str, wrong_layout: str | None = None) -> dict[str, float]:
+    """Every check on one engine; returns the worst relative error per check (for the README)."""
+    from transformers import AutoModelForCausalLM
+
+    from tpmflow.models.tiny_families import build_tiny_family
+
+    llm = _engine(family)
+    worst: dict[str, float] = {}
+    try:
+        if wrong_layout is not None:  # the self-check must catch a wrong layout and switch probes off
+            info = llm.collective_rpc("tpmflow_install", args=(wrong_layout,))[0]
+            check = run_self_check_offline(llm, info)
+            assert not check.ok and "resid_post[0] == resid_pre[1]" in str(check.failed), check
+            assert _probe(llm, ["hook_resid_post"]) is None  # probes disabled: nothing computed
+        info = llm.collective_rpc("tpmflow_install")[0]
+        assert info["layout"] is not None and info["num_layers"] == 2, info
+        check = run_self_check_offline(llm, info)
+        assert check.ok, check
+        worst["self-check"] = check.worst
+
+        model = AutoModelForCausalLM.from_pretrained(str(build_tiny_family(family)), dtype=torch.float32).eval()
+        ref = _hf(model, family)
+        got = _probe(llm, list(SITES))
+        assert got is not None
+        worst["captures"] = max(_rel(got[f"blocks.{i}.{s}"], ref[f"blocks.{i}.{s}"]) for i in (0, 1) for s in SITES)
+        assert worst["captures"] < TOL, worst
+        probs = torch.softmax(torch.from_numpy(ref["logits"]), dim=-1).numpy()
+        lens = got["lens"][0]
+        for r, pos in enumerate(lens["positions"]):
+            assert lens["token_ids"][r] == np.argsort(-probs[pos])[:5].tolist(), pos
+            np.testing.assert_allclose(lens["probs"][r], np.sort(probs[pos])[::-1][:5], atol=1e-5)
+
+        hidden = ref["blocks.0.hook_resid_post"].shape[-1]
+        v = np.random.default_rng(1).normal(size=hidden).astype(np.float32)
+        edits: list[tuple[dict[str, Any], Edit]] = [
+            (
+                {"op": "add", "site": "hook_resid_post", "layer": 0, "positions": None, "values": v.tobytes(),
+                 "shape": [hidden], "scale": 1.0},
+                lambda s, i, t: t + torch.from_numpy(v) if (s, i) == ("hook_resid_post", 0) else t,
+            ),
+            (
+                {"op": "replace", "site": "hook_attn_out", "layer": 1, "positions": [3], "values": v.tobytes(),
+                 "shape": [hidden]},
+                lambda s, i, t: _set_row(t, 3, torch.from_numpy(v)) if (s, i) == ("hook_attn_out", 1) else t,
+            ),
+            (
+                {"op": "zero", "site": "hook_mlp_out", "layer": 0, "positions": None},
+                lambda s, i, t: torch.zeros_like(t) if (s, i) == ("hook_mlp_out", 0) else t,
+            ),
+            (
+                {"op": "zero", "site": "hook_resid_post", "layer": 0, "positions": [2, 5]},
+                lambda s, i, t: _set_row(_set_row(t, 2, 0.0), 5, 0.0) if (s, i) == ("hook_resid_post", 0) else t,
+            ),
+        ]  # fmt: skip
+        for spec, hf_edit in edits:
+            got = _probe(llm, ["hook_resid_post"], [spec])
+            ref = _hf(model, family, hf_edit)
+            assert got is not None
+            err = max(_rel(got[f"blocks.{i}.hook_resid_post"], ref[f"blocks.{i}.hook_resid_post"]) for i in (0, 1))
+            assert err < TOL, (spec["op"], spec["site"], err)
+            worst["edits"] = max(worst.get("edits", 0.0), err)
+    finally:
+        del llm
+    return worst
+
+
+def _set_row(t: torch.Tensor, pos: int, value: Any) -> torch.Tensor:
+    t = t.clone()
+    t[:, pos] = value
+    return t
+
+
+@pytest.mark.engine
+def test_stablelm_layout_is_right_and_the_self_check_catches_the_old_fused_one() -> None:
+    print("stablelm", _check_family("stablelm", wrong_layout="LlamaForCausalLM"))
+
+
+@pytest.mark.engine
+def test_opt_layout_equals_transformers() -> None:
+    print("opt", _check_family("opt"))
+
+
+@pytest.mark.engine
+def test_mixtral_layout_equals_transformers() -> None:
+    print("mixtral", _check_family("mixtral"))
+
+
+def test_unknown_model_classes_get_no_layout() -> None:
+    from tpmflow.engine.layouts import LAYOUTS, layout_for, unsupported_message
+
+    assert layout_for("TransformersForCausalLM") is None
+    assert layout_for("StablelmForCausalLM").composition == "stream"  # type: ignore[union-attr]
+    message = unsupported_message("TransformersForCausalLM", ["GPTNeoXForCausalLM"])
+    assert "TransformersForCausalLM" in message and "GPTNeoXForCausalLM" in message and "LlamaForCausalLM" in message
+    assert all(layout.composition in ("fused", "stream", "parallel") for layout in LAYOUTS.values())
+
+
+def test_launcher_stops_restarting_a_replica_that_fails_at_start(tmp_path: Path) -> None:
+    import time
+
+    from tpmflow.config import PoolConfig
+    from tpmflow.pool import launch
+
+    cfg = PoolConfig(model=str(tmp_path), replicas=1)
+    cfg.launcher.restart = True
+    launcher = launch.LocalLauncher(cfg, "http://127.0.0.1:1", "s", tmp_path)
+    starts: list[str] = []
+
+    def spawn(slot: Any) -> Any:
+        from tpmflow.pool.replica import ReplicaProcess
+
+        script = "import sys; print('INFO loading'); print('RuntimeError: no layout for FooForCausalLM'); sys.exit(1)"
+        proc = ReplicaProcess(slot.replica_id, [__import__("sys").executable, "-c", script], {}, tmp_path / "r.log")
+        proc.log_path = tmp_path / f"{slot.replica_id}.log"
+        proc.start()
+        launcher._started[slot.replica_id] = time.monotonic()
+        starts.append(slot.replica_id)
+        return proc
+
+    launcher._spawn = spawn  # type: ignore[method-assign]
+    launcher.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not launcher.gave_up and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)
+        assert len(starts) == launch.MAX_QUICK_EXITS
+        (cause,) = launcher.gave_up.values()
+        assert cause == "RuntimeError: no layout for FooForCausalLM"
+        assert launcher.log_tail(starts[0]).startswith("root cause: RuntimeError: no layout")
+    finally:
+        launcher.stop()
+
+
+def test_root_cause_skips_logger_prefixes() -> None:
+    from tpmflow.pool.launch import root_cause
+
+    lines = [
+        "Traceback (most recent call last):",
+        '  File "x.py", line 1, in <module>',
+        "(EngineCore_DP0 pid=12) ERROR 12-04 00:51:03 [core.py:1] ValueError: head_dim 16 is not supported",
+        "INFO shutting down",
+    ]
+    assert root_cause(lines) == "ValueError: head_dim 16 is not supported"
+    assert root_cause(["all fine"]) is None
