@@ -86,7 +86,8 @@ def _hf(model: Any, family: str, edit: Edit | None = None) -> dict[str, np.ndarr
         first = output[0] if isinstance(output, tuple) else output
         if edit is not None:
             first = edit(site, i, first)
-        seen[f"blocks.{i}.{site}"] = first[0].detach().numpy().copy()
+        # [batch, seq, hidden], or [tokens, hidden] where a block flattens (OPT's MLP)
+        seen[f"blocks.{i}.{site}"] = (first[0] if first.dim() == 3 else first).detach().numpy().copy()
         return (first, *output[1:]) if isinstance(output, tuple) else first
 
     for i, layer in enumerate(layers):
