@@ -96,6 +96,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--concurrent", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of (b) and (c); medians")
+    parser.add_argument(
+        "--split",
+        action="store_true",
+        help="the replica on the last core (engine.process_cores), the gateway and this load generator on the "
+        "others: vLLM's CPU engine spin-waits, so without it the gateway competes with the engine for cores",
+    )
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
@@ -117,6 +123,11 @@ def main() -> None:
         "engine": {"max_model_len": 256},
         "gateway": {"max_inflight": 512, "queue_limit": 1024, "request_timeout_s": 600},
     }
+    cores = sorted(os.sched_getaffinity(0))
+    if args.split and len(cores) > 1:
+        config["engine"] = {**config["engine"], "process_cores": [str(cores[-1])]}  # type: ignore[dict-item]
+        os.sched_setaffinity(0, set(cores[:-1]))  # the gateway (`tpmflow serve`) inherits this
+    result["split"] = bool(args.split and len(cores) > 1)
     # The gateway runs in its own process (as `tpmflow serve` does), not in this client's interpreter.
     with ServedPool(config) as pool:
         replica = pool.replica_urls[0]
