@@ -77,9 +77,12 @@ def _free_port() -> int:
     return free_port()
 
 
-def _start(cmd: list[str], env: dict[str, str], cores: set[int] | None) -> subprocess.Popen[bytes]:
+def _start(
+    cmd: list[str], env: dict[str, str], cores: set[int] | None, cwd: str | None = None
+) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         cmd,
+        cwd=cwd,  # `python -c` puts the working directory first on sys.path
         env={**os.environ, **env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -256,7 +259,7 @@ def main() -> None:
         else:
             cmd = [sys.executable, "-c", BEFORE_SOURCE]
             env.update(PYTHONPATH=source, PORT=str(port))
-        gateway = _start(cmd, env, server_cores)
+        gateway = _start(cmd, env, server_cores, cwd=source)
         replica = fake(gateway_url)
         try:
             results[name] = asyncio.run(_measure(gateway_url, auth, gateway, args))

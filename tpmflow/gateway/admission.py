@@ -37,9 +37,15 @@ class PrioritySlots:
         """No slot is free now (a new request would wait)."""
         return self._free == 0
 
-    async def acquire(self, priority: int = 0) -> None:
+    def try_acquire(self) -> bool:
+        """Take a free slot at once if one is free and nobody waits for it (no task, no timer)."""
         if self._free > 0 and not self._pending():
             self._free -= 1
+            return True
+        return False
+
+    async def acquire(self, priority: int = 0) -> None:
+        if self.try_acquire():
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiters, (priority, next(self._arrivals), future))
@@ -121,6 +127,9 @@ class Admission:
             await self.billing.settle(call)
 
     async def _acquire(self, call: Call) -> None:
+        if self.slots.try_acquire():  # the common case: no queue, so no wait_for task and timer
+            call.queue_ms = (time.monotonic() - call.started) * 1000
+            return
         if self.slots.locked() and self.waiting >= self.cfg.gateway.queue_limit:
             self.billing.refused(call, 503, "Overloaded")
             raise Overloaded(f"pool queue is full ({self.waiting} waiting)", retry_after=1.0)
