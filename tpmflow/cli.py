@@ -533,11 +533,46 @@ def list_models() -> None:
     console.print(table)
 
 
+PartsConfigOption = Annotated[
+    str | None,
+    typer.Option(
+        "--config",
+        help="Use the parts folder of this pool config (its parts_path; default $TPMFLOW_PARTS, else "
+        "$TPMFLOW_HOME/parts).",
+    ),
+]
+
+
+@contextmanager
+def _parts_of(config: str | None) -> Iterator[Path]:
+    """The parts folder of a pool config (else this process's), set for the command's duration."""
+    from tpmflow.adapters.parts import pool_parts_dir, use_parts_dir
+    from tpmflow.errors import InvalidRequest
+    from tpmflow.paths import parts_dir
+
+    folder = pool_parts_dir(config) if config else parts_dir()
+    try:
+        with use_parts_dir(folder):
+            yield folder
+    except InvalidRequest as exc:
+        if not exc.message.startswith("no part "):
+            raise
+        # Here the folder is the user's own, so say which it was and how to name the pool's.
+        raise InvalidRequest(f"{exc.message}: looked in {folder} (--config POOL.yaml: that pool's parts_path)") from exc
+
+
+def _shown_metrics(metrics: dict[str, Any]) -> str:
+    """A card's numeric metrics, held-out ones first, rounded for a table cell."""
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    order = sorted(numbers, key=lambda k: (not k.startswith("heldout_"), k))
+    return ", ".join(f"{k}={round(numbers[k], 3)}" for k in order) or "-"
+
+
 @adapters_app.command("list")
-def adapters_list() -> None:
+def adapters_list(config: PartsConfigOption = None) -> None:
     """Adapters installed here (entry points) and the parts (projectors, heads) trained for them."""
     from tpmflow.adapters import available_adapters
-    from tpmflow.adapters.parts import list_parts, parts_dir
+    from tpmflow.adapters.parts import list_parts
 
     table = Table(title="installed adapters")
     for col in ("name", "package entry point"):
@@ -545,34 +580,38 @@ def adapters_list() -> None:
     for name, ep in sorted(available_adapters().items()):
         table.add_row(name, ep.value)
     console.print(table)
-    parts = list_parts()
-    table = Table(title=f"trained parts in {parts_dir()}")
-    for col in ("adapter", "part", "kind", "target", "base model", "held-out metrics"):
-        table.add_column(col)
+    with _parts_of(config) as folder:
+        parts = list_parts(folder)
+    table = Table(title=f"trained parts in {folder}")
+    for col in ("adapter", "part", "kind", "target", "base model"):
+        table.add_column(col, no_wrap=col in ("adapter", "part"))  # names are copied into commands: never cut
+    table.add_column("metrics", overflow="fold")  # at 80 columns break the numbers, never drop them
     for card in parts:
-        shown = {k: round(v, 3) for k, v in card.metrics.items() if k.startswith("heldout_") and isinstance(v, float)}
         table.add_row(
             card.adapter,
             f"{card.name}@{card.version}",
             card.kind,
             card.target[:30],
             f"{card.base_model} {card.base_content_hash[:19]}",
-            json.dumps(shown),
+            _shown_metrics(card.metrics),
         )
-    console.print(table if parts else f"no trained parts yet in {parts_dir()}")
+    console.print(table if parts else f"no trained parts yet in {folder}")
 
 
 @adapters_app.command("show")
-def adapters_show(name: Annotated[str, typer.Argument(help="Adapter name, e.g. smiles.")]) -> None:
+def adapters_show(
+    name: Annotated[str, typer.Argument(help="Adapter name, e.g. smiles.")], config: PartsConfigOption = None
+) -> None:
     """An adapter's settings and the cards of its trained parts."""
     from tpmflow.adapters import load_adapter
     from tpmflow.adapters.parts import list_parts
 
     adapter = load_adapter(name)
     console.print(f"[bold]{adapter.name}[/] {adapter.version} ({adapter.modality}); config {adapter.config()}")
-    for card in list_parts():
-        if card.adapter == name:
-            console.print_json(card.model_dump_json())
+    with _parts_of(config) as folder:
+        for card in list_parts(folder):
+            if card.adapter == name:
+                console.print_json(card.model_dump_json())
 
 
 @adapters_app.command("fit")
@@ -605,7 +644,7 @@ def adapters_fit(
         pool = Pool.from_config(config)
         pool.__enter__()
     try:
-        with pool.client() as client:
+        with _parts_of(config), pool.client() as client:  # save the head where the replicas look for it
             path, card = fit_tpsa_head(client, split.train, split.heldout, version=version)
     finally:
         pool.stop()
@@ -622,8 +661,6 @@ def adapters_fit(
 
 def _fit_soft(name: str, quality_check: Any, config: str, version: str, steps: int) -> None:
     """Run an adapter's ``tpmflow.fits`` entry point on a pool of ``config`` and print the report."""
-    import os
-
     from rich.progress import Progress
 
     from tpmflow.pool import Pool
@@ -632,10 +669,9 @@ def _fit_soft(name: str, quality_check: Any, config: str, version: str, steps: i
     with console.status("starting the pool…"):
         pool = Pool.from_config(config)
         pool.__enter__()
-    if pool.cfg.parts_path:  # save the parts where the replicas look for them
-        os.environ["TPMFLOW_PARTS"] = pool.cfg.parts_path
     try:
-        with pool.client() as client, Progress(console=console) as progress:
+        # Save the parts where the replicas look for them.
+        with _parts_of(config), pool.client() as client, Progress(console=console) as progress:
             task = progress.add_task(f"training {name} encoder + projector through the frozen core", total=steps)
 
             def tick(step: int, loss: float) -> None:
@@ -704,11 +740,13 @@ def adapters_commit(
     adapter: Annotated[str, typer.Argument(help="Adapter name, e.g. pointcloud.")],
     spec: Annotated[str, typer.Argument(help="Part name (its newest version) or name@version.")],
     store: StoreOption = None,
+    config: PartsConfigOption = None,
 ) -> None:
     """Version a trained part (projector or head) in the model store, tagged part.ADAPTER.NAME.VERSION."""
     from tpmflow.versioning.parts import commit_part
 
-    console.print(commit_part(adapter, spec, _store(store)))
+    with _parts_of(config):
+        console.print(commit_part(adapter, spec, _store(store)))
 
 
 @adapters_app.command("restore")
@@ -716,11 +754,13 @@ def adapters_restore(
     adapter: Annotated[str, typer.Argument(help="Adapter name, e.g. pointcloud.")],
     spec: Annotated[str, typer.Argument(help="name@version of a part committed with `adapters commit`.")],
     store: StoreOption = None,
+    config: PartsConfigOption = None,
 ) -> None:
     """Put a committed part back where replicas look for parts (a machine that never trained it)."""
     from tpmflow.versioning.parts import restore_part
 
-    console.print(str(restore_part(adapter, spec, _store(store))))
+    with _parts_of(config):
+        console.print(str(restore_part(adapter, spec, _store(store))))
 
 
 @models_app.command("commit")

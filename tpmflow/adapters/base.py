@@ -3,11 +3,13 @@
 Routes in: an item becomes prompt text (``EncodedText``) or K vectors of the core model's hidden
 size (``EncodedEmbeds``, sent to vLLM as ``prompt_embeds``). Routes out: generated text is decoded
 into domain objects (``Decoded``), and heads score pooled final hidden states. A bad item becomes
-an ``ItemError`` naming its index and the reason; the rest of the batch goes on.
+an ``ItemError`` naming its index (``item``) and the reason; the rest of the batch goes on, and the
+caller finds an ``AdapterInputError`` with the same ``item`` in that item's place.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -19,10 +21,17 @@ from tpmflow.errors import InvalidRequest
 
 @dataclass(frozen=True)
 class ItemError:
-    """Why one item of a batch could not be used."""
+    """Why one item of a batch could not be used: ``ItemError(item, reason)``, where ``item`` is the
+    item's index in the batch (the same name as ``AdapterInputError.item``, which the caller gets)."""
 
-    index: int
+    item: int
     reason: str
+
+    @property
+    def index(self) -> int:
+        """Deprecated alias of ``item`` (its earlier name)."""
+        warnings.warn("ItemError.index is deprecated: use ItemError.item", DeprecationWarning, stacklevel=2)
+        return self.item
 
 
 @dataclass(frozen=True)

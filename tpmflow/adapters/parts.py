@@ -2,14 +2,23 @@
 ``name@version``.
 
 A part belongs to one core model (its content hash and hidden size): the replica refuses to use
-it with another. Layout: ``<parts dir>/<adapter>/<name>@<version>/{card.json, weights.safetensors}``,
-where the parts dir is ``$TPMFLOW_PARTS`` (a pool's ``parts_path``) or ``$TPMFLOW_HOME/parts``.
+it with another. Layout: ``<parts dir>/<adapter>/<name>@<version>/{card.json, weights.safetensors}``.
+
+One folder must be shared by whoever writes parts and the pool that reads them. A pool's replicas
+read its config's ``parts_path``, else the ``parts_dir()`` of the process that started them
+(``$TPMFLOW_PARTS``, else ``$TPMFLOW_HOME/parts``); this process reads and writes ``parts_dir()``.
+``pool_parts_dir(pool)`` names a pool's folder and ``use_parts_dir(folder)`` points this process
+at it, so a part saved or loaded here is the one the pool serves. Every function here also takes
+the folder explicitly as ``root``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,6 +51,40 @@ class PartCard(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict, description="held-out metrics, the part and baselines")
 
 
+def pool_parts_dir(pool: Any) -> Path:
+    """The folder a pool reads parts from. ``pool``: a running ``Pool``, a ``PoolConfig``, or the
+    path of a pool config YAML. Its ``parts_path``, else ``parts_dir()`` here (what replicas started
+    from this process inherit)."""
+    cfg = getattr(pool, "cfg", pool)
+    if isinstance(cfg, str | Path):
+        from tpmflow.config import PoolConfig
+
+        cfg = PoolConfig.from_yaml(str(cfg))
+    configured = getattr(cfg, "parts_path", None)
+    return Path(configured).expanduser() if configured else parts_dir()
+
+
+@contextmanager
+def use_parts_dir(folder: str | Path) -> Iterator[Path]:
+    """Within the block, this process saves and loads parts in ``folder`` (it sets ``$TPMFLOW_PARTS``,
+    which ``save_projector``, a ``SoftTokenAdapter`` given a part, ``commit_part`` and pools started
+    here all read). ``with use_parts_dir(pool_parts_dir(pool)):`` makes them the pool's parts."""
+    folder = Path(folder).expanduser()
+    before = os.environ.get("TPMFLOW_PARTS")
+    os.environ["TPMFLOW_PARTS"] = str(folder)
+    try:
+        yield folder
+    finally:
+        if before is None:
+            os.environ.pop("TPMFLOW_PARTS", None)
+        else:
+            os.environ["TPMFLOW_PARTS"] = before
+
+
+def _root(root: str | Path | None) -> Path:
+    return Path(root).expanduser() if root is not None else parts_dir()
+
+
 def check_part_name(adapter: str, spec: str) -> tuple[str, str]:
     """(name, version) of ``name`` or ``name@version``; names end up in paths, so they are checked."""
     name, _, version = spec.partition("@")
@@ -50,27 +93,31 @@ def check_part_name(adapter: str, spec: str) -> tuple[str, str]:
     return name, version
 
 
-def part_path(adapter: str, spec: str) -> Path:
+# Said when a part is missing: the usual cause is a part saved in one folder and read from another.
+_WHERE = "in the parts folder ($TPMFLOW_PARTS, or the pool's parts_path; see docs/adapters.md)"
+
+
+def part_path(adapter: str, spec: str, root: str | Path | None = None) -> Path:
     """Folder of ``name`` (newest version) or ``name@version`` for an adapter."""
     name, version = check_part_name(adapter, spec)
-    root = parts_dir() / adapter
+    folder = _root(root) / adapter
     if version:
-        path = root / f"{name}@{version}"
+        path = folder / f"{name}@{version}"
     else:
-        found = sorted(root.glob(f"{name}@*"), key=lambda p: p.stat().st_mtime)
+        found = sorted(folder.glob(f"{name}@*"), key=lambda p: p.stat().st_mtime)
         if not found:
-            raise InvalidRequest(f"no part {name!r} for adapter {adapter!r} (fit one with `tpmflow adapters fit`)")
+            raise InvalidRequest(f"no part {name!r} for adapter {adapter!r} {_WHERE}")
         path = found[-1]
     if not (path / "card.json").is_file():
-        raise InvalidRequest(f"no part {spec!r} for adapter {adapter!r}")
+        raise InvalidRequest(f"no part {spec!r} for adapter {adapter!r} {_WHERE}")
     return path
 
 
-def save_part(tensors: dict[str, Any], card: PartCard) -> Path:
+def save_part(tensors: dict[str, Any], card: PartCard, root: str | Path | None = None) -> Path:
     """Write weights (numpy arrays or torch tensors) and card; the card last, so a folder with a
     card always has its weights. A version is never overwritten: results name it, and replicas
     that loaded it keep serving it."""
-    path = parts_dir() / card.adapter / f"{card.name}@{card.version}"
+    path = _root(root) / card.adapter / f"{card.name}@{card.version}"
     if (path / "card.json").exists():
         raise FileExistsError(
             f"{card.adapter} part {card.name}@{card.version} exists in {path.parent}; choose a new version"
@@ -88,9 +135,9 @@ def save_part(tensors: dict[str, Any], card: PartCard) -> Path:
     return path
 
 
-def update_metrics(adapter: str, spec: str, metrics: dict[str, Any]) -> PartCard:
+def update_metrics(adapter: str, spec: str, metrics: dict[str, Any], root: str | Path | None = None) -> PartCard:
     """Add held-out metrics to a saved part's card (its weights stay as they are)."""
-    path = part_path(adapter, spec)
+    path = part_path(adapter, spec, root)
     card = PartCard.model_validate(json.loads((path / "card.json").read_text()))
     card.metrics.update(metrics)
     tmp = path / "card.json.tmp"
@@ -99,19 +146,22 @@ def update_metrics(adapter: str, spec: str, metrics: dict[str, Any]) -> PartCard
     return card
 
 
-def resolved_spec(adapter: str, spec: str) -> str:
+def resolved_spec(adapter: str, spec: str, root: str | Path | None = None) -> str:
     """``name`` (the newest version) or ``name@version`` as the exact ``name@version`` served."""
-    return part_path(adapter, spec).name
+    return part_path(adapter, spec, root).name
 
 
-def load_part(adapter: str, spec: str, kind: str | None = None) -> tuple[Path, PartCard]:
+def load_part(
+    adapter: str, spec: str, kind: str | None = None, root: str | Path | None = None
+) -> tuple[Path, PartCard]:
     """The folder and card of a part; ``InvalidRequest`` when it is missing or of another kind."""
-    path = part_path(adapter, spec)
+    path = part_path(adapter, spec, root)
     card = PartCard.model_validate(json.loads((path / "card.json").read_text()))
     if kind is not None and card.kind != kind and not (kind == "head" and card.kind != "projector"):
         raise InvalidRequest(f"part {card.name}@{card.version} of adapter {adapter!r} is a {card.kind}, not a {kind}")
     return path, card
 
 
-def list_parts() -> list[PartCard]:
-    return [PartCard.model_validate(json.loads(p.read_text())) for p in sorted(parts_dir().glob("*/*/card.json"))]
+def list_parts(root: str | Path | None = None) -> list[PartCard]:
+    """Every part's card in the folder, by adapter then name."""
+    return [PartCard.model_validate(json.loads(p.read_text())) for p in sorted(_root(root).glob("*/*/card.json"))]

@@ -5,6 +5,11 @@ a part; fit the served head on embeddings fetched from the pool; score the held-
 ``client.predict``. Reported next to two baselines: the same kind of head on the trained encoder's
 own features (no core model), and the whole pipeline with an untrained (random) encoder + projector,
 also served by the pool. The point is to learn whether the core helps, not to pass.
+
+An adapter package exposes its own run as a ``tpmflow.fits`` entry point,
+``quality_check(client, core_dir, version=..., steps=..., progress=...) -> QualityReport`` (usually a
+call of ``fit_soft_adapter`` on its data), and ``tpmflow adapters fit <name>`` starts a pool, calls
+it in the pool's parts folder and prints the report.
 """
 
 from __future__ import annotations
@@ -20,11 +25,16 @@ from tpmflow.adapters.heads import RidgeHead, SoftmaxHead, accuracy, r2, save_he
 from tpmflow.adapters.parts import PartCard, update_metrics
 from tpmflow.adapters.soft import SoftTokenAdapter
 from tpmflow.adapters.training import FrozenCore, Task, save_projector, train_soft_tokens
+from tpmflow.errors import InvalidRequest
+from tpmflow.paths import parts_dir
 
 
 @dataclass
 class QualityReport:
-    """Held-out scores of the head on core embeddings and of the two baselines."""
+    """Held-out scores of the head on core embeddings and of the two baselines; what a
+    ``tpmflow.fits`` entry point returns. ``metric`` names the score (``accuracy``: higher is better;
+    ``mae``: lower is better); ``extra`` holds every score by name (``core_r2``, ``encoder_r2``,
+    ``random_r2`` are shown beside an MAE, ``classical_*`` ones as extra rows)."""
 
     task: Task
     metric: str
@@ -52,17 +62,27 @@ def _embed(client: Any, adapter: str, part: str, items: Sequence[Any], batch: in
 
     rows = []
     for start in tqdm(range(0, len(items), batch), desc=desc, unit="batch", leave=False):
-        out = client.embed(list(items[start : start + batch]), adapter=adapter, adapter_config={"part": part})
+        try:
+            out = client.embed(list(items[start : start + batch]), adapter=adapter, adapter_config={"part": part})
+        except InvalidRequest as exc:
+            if "no part " not in str(exc):
+                raise
+            # Saved here, missing there: this process and the pool use two parts folders.
+            raise InvalidRequest(
+                f"the pool has no part {part!r} of adapter {adapter!r}, which was just saved in {parts_dir()}: "
+                "the pool reads its config's parts_path; run this inside "
+                "`with use_parts_dir(pool_parts_dir(pool)):` (tpmflow.adapters.parts) or set $TPMFLOW_PARTS to it"
+            ) from exc
         rows.append(out.numpy())  # training items parsed already: an error here is a real failure
     return np.concatenate(rows)
 
 
 def _served_model(client: Any, core_dir: str | Path, hidden_size: int) -> dict[str, Any]:
     """The pool's model (from a response's provenance); it must be the copy trained against here."""
-    from tpmflow.models.card import content_hash
+    from tpmflow.models.card import version_of
 
     provenance = client.embed(["a"]).provenance
-    local = content_hash(Path(core_dir))
+    local = version_of(Path(core_dir))
     if provenance["content_hash"] != local:
         raise ValueError(
             f"the pool serves {provenance['model']} ({provenance['content_hash'][:19]}), but training used "

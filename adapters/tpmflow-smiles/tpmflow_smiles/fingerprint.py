@@ -65,7 +65,7 @@ class SmilesFingerprintAdapter(SoftTokenAdapter):
 
     def prepare(self, items: Sequence[Any]) -> list[np.ndarray | ItemError]:
         fps, errors = self._smiles.fingerprints(items)
-        bad = {e.index: e for e in errors}
+        bad = {e.item: e for e in errors}
         return [bad[i] if i in bad else fps[i][None, :] for i in range(len(items))]
 
     def decode(self, texts: Sequence[str]) -> list[Decoded]:
