@@ -36,3 +36,6 @@ def test_unsupported_architecture_serves_and_refuses_probes_clearly(tmp_path: Pa
         assert "LlamaForCausalLM" in message  # what is supported
         (replica,) = client.health()["replicas"]
         assert replica["probes"].startswith("disabled: probes are not available")
+        with pytest.raises(InvalidRequest, match="embeddings need tpmflow's hooks"):  # a clear 400, not a 502
+            client.embed(["hello"])
+        assert client.generate("still serving", max_tokens=2).finish_reason == "length"

@@ -50,6 +50,13 @@ class ReplicaContext:
             if self.probe_error
             else f"{install_info.get('layout')} layout ({install_info.get('model_class')}): {install_info.get('self_check')}"
         )
+        # Embeddings read the final norm through the same hooks: none without a layout for the model.
+        self.embed_error: str | None = (
+            None
+            if install_info.get("layout")
+            else f"embeddings need tpmflow's hooks, which have no decoder layout for {install_info.get('model_class')}; "
+            "generation and chat work"
+        )
         self.max_model_len = int(engine.model_config.max_model_len)
         self.vocab_size = int(engine.model_config.get_vocab_size())
         self.replica_id = settings.replica_id
@@ -150,13 +157,11 @@ class ReplicaContext:
 
 
 def _content_hash(model_dir: Path) -> str:
-    card = model_dir / "tpmflow-card.json"
-    if card.is_file():
-        return str(json.loads(card.read_text())["content_hash"])
-    from tpmflow.models.card import content_hash
+    """The served weights' version id (the card's, else hashed), as the pool and the model store name it."""
+    from tpmflow.models.card import version_of
 
     try:
-        return content_hash(model_dir)
+        return version_of(model_dir)
     except FileNotFoundError:
         return "unknown"
 

@@ -84,6 +84,9 @@ async def final_hidden_states(
     through the worker hook."""
     from vllm import SamplingParams
 
+    if ctx.embed_error:
+        raise InvalidRequest(ctx.embed_error)
+
     keys = [f"{request_id}:{i}:{uuid.uuid4().hex[:8]}" for i in range(len(prompts))]
 
     async def one(i: int) -> None:

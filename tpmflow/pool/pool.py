@@ -132,6 +132,10 @@ class Pool:
         want = len(self.cfg.initial_slots()) if replicas is None else replicas
         deadline = time.monotonic() + timeout_s
         while len(self.gateway.registry.live()) < want:
+            gave_up = getattr(self.launcher, "gave_up", {})
+            if gave_up:  # a replica that fails to start for a deterministic reason: say why now
+                why = "; ".join(f"{r}: {cause}" for r, cause in gave_up.items())
+                raise ReplicaFailed(f"replicas failed to start and are no longer restarted: {why}")
             if time.monotonic() > deadline:
                 tails = "\n".join(f"--- {r}:\n{self.launcher.log_tail(r)}" for r in self.launcher.replica_ids())
                 raise ReplicaFailed(
