@@ -240,7 +240,7 @@ def test_one_sandboxed_parse_per_batch_and_reasons(
     items = ["/etc/hostname", nexus, {"data": nexus, "frame": 9}, 42, np.ones((4, 4), complex), frames[0]]
     out = adapter.prepare(items)
     assert calls == [2]  # the two byte items, in one capped call; the rest never reach a parser
-    reasons = {o.index: o.reason for o in out if isinstance(o, ItemError)}
+    reasons = {o.item: o.reason for o in out if isinstance(o, ItemError)}
     assert set(reasons) == {0, 2, 3, 4}
     assert "never opened" in reasons[0] and "out of range" in reasons[2] and "int" in reasons[3]
     assert out[1].shape == adapter.input_shape and out[1].dtype == np.float32  # type: ignore[union-attr]

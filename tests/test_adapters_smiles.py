@@ -38,7 +38,7 @@ def test_mixed_batch_reports_each_bad_item_and_keeps_the_rest(smiles: Adapter) -
     out = smiles.encode(items)
     assert len(out) == len(items)
     good = {i: o.text for i, o in enumerate(out) if isinstance(o, EncodedText)}
-    bad = {o.index: o.reason for o in out if isinstance(o, ItemError)}
+    bad = {o.item: o.reason for o in out if isinstance(o, ItemError)}
     assert good == {0: "CCO", 6: "CCO", 7: "c1ccccc1"}  # canonical; InChI in
     assert bad[1] == "empty string"
     assert "parse" in bad[2]
@@ -67,7 +67,7 @@ def test_morgan_fingerprints(smiles: Adapter) -> None:
     fps, errors = smiles.fingerprints(["CCO", "not a molecule", "c1ccccc1"])
     assert fps.shape == (3, 2048) and fps.dtype == np.float32
     assert fps[0].sum() > 0 and fps[1].sum() == 0 and fps[2].sum() > 0
-    assert [e.index for e in errors] == [1]
+    assert [e.item for e in errors] == [1]
     again, _ = smiles.fingerprints(["CCO"])
     np.testing.assert_array_equal(again[0], fps[0])
 

@@ -51,7 +51,9 @@ def test_huge_seeds_are_a_400_on_every_route(pool: Any, http: httpx.Client) -> N
         (Routes.GENERATE_EMBEDS, {"prompt_embeds": _ok_embeds(hidden), "max_tokens": 1}),
         (Routes.PROBE, {"prompt": "x"}),
     ):
-        resp = http.post(path, content=f'{{"seed": {2**70}, ' + httpx.Request("POST", "/", json=body).content.decode()[1:])
+        resp = http.post(
+            path, content=f'{{"seed": {2**70}, ' + httpx.Request("POST", "/", json=body).content.decode()[1:]
+        )
         _assert_typed(resp, 400, "InvalidRequest", "seed")
 
 
@@ -105,7 +107,9 @@ def test_streams_read_to_the_end_by_the_openai_package_are_answered(pool: Any) -
 
     deadline = time.monotonic() + 10
     while True:
-        rows = [r for r in pool.access.ledger_rows(endpoint="chat") if (r.correlation_id or "").startswith("openai-stream-")]
+        rows = [
+            r for r in pool.access.ledger_rows(endpoint="chat") if (r.correlation_id or "").startswith("openai-stream-")
+        ]
         if len(rows) == 12 and all(r.status != 0 for r in rows) or time.monotonic() > deadline:
             break
         time.sleep(0.2)

@@ -33,7 +33,7 @@ def test_a_child_killed_by_one_item_loses_none_of_the_others() -> None:
     items = [1, 2, -1, 0, 5, 6, 7, 8, 9]
     out = run_capped(p.crash_on_negative, items, Caps(seconds=20, memory_bytes=1 << 30), workers=2, per_child=4)
     assert [o for o in out if not isinstance(o, ItemError)] == [2, 4, 10, 12, 14, 16, 18]
-    errors = {o.index: o.reason for o in out if isinstance(o, ItemError)}
+    errors = {o.item: o.reason for o in out if isinstance(o, ItemError)}
     assert set(errors) == {2, 3}
     assert "died" in errors[2] and "zero is refused" in errors[3]
 
