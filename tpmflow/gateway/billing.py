@@ -141,27 +141,30 @@ class Billing:
         call.charged_su += charge
         return charge
 
+    def _row(
+        self, call: Call, attempt_id: str | None, retry_of: str | None, replica: ReplicaState | None, **counters: Any
+    ) -> LedgerRow:
+        """A ledger row of ``call``'s attempt: who, what, where; ``counters`` the rest."""
+        p = call.principal
+        return LedgerRow(
+            request_id=attempt_id or Attempts.new_id(),
+            correlation_id=call.request_id,
+            retry_of=retry_of,
+            principal=p.name,
+            project=p.project,
+            service_class=p.service_class,
+            endpoint=call.endpoint,
+            model=self.model_name,
+            content_hash=served_version(call, replica) if replica else call.content_hash,
+            replica_id=replica.info.replica_id if replica else None,
+            queue_ms=call.queue_ms,
+            **counters,
+        )
+
     def opened(self, call: Call, attempt_id: str, retry_of: str | None, replica: ReplicaState) -> None:
         """The row of an attempt as it is sent: "Unfinished" until :meth:`record` completes it, so a
         gateway killed mid-request leaves a row behind (closed as "Interrupted" by a later sweep)."""
-        p = call.principal
-        self.ledger.record(
-            LedgerRow(
-                request_id=attempt_id,
-                correlation_id=call.request_id,
-                retry_of=retry_of,
-                principal=p.name,
-                project=p.project,
-                service_class=p.service_class,
-                endpoint=call.endpoint,
-                model=self.model_name,
-                content_hash=served_version(call, replica),
-                replica_id=replica.info.replica_id,
-                status=UNFINISHED,
-                error_type="Unfinished",
-                queue_ms=call.queue_ms,
-            )
-        )
+        self.ledger.record(self._row(call, attempt_id, retry_of, replica, status=UNFINISHED, error_type="Unfinished"))
 
     def refused(self, call: Call, status: int, error_type: str) -> None:
         """A request turned away before it reached a replica."""
@@ -191,23 +194,16 @@ class Billing:
         p = call.principal
         prompt = int(usage.get("prompt_tokens") or 0)
         output = int(usage.get("completion_tokens") or 0)
-        row = LedgerRow(
-            request_id=attempt_id or Attempts.new_id(),
-            correlation_id=call.request_id,
-            retry_of=retry_of,
-            principal=p.name,
-            project=p.project,
-            service_class=p.service_class,
-            endpoint=call.endpoint,
-            model=self.model_name,
-            content_hash=served_version(call, replica) if replica else call.content_hash,
-            replica_id=replica.info.replica_id if replica else None,
+        row = self._row(
+            call,
+            attempt_id,
+            retry_of,
+            replica,
             prompt_tokens=prompt,
             output_tokens=output,
             payload_bytes_in=int(usage.get("payload_bytes_in") or 0),
             payload_bytes_out=int(usage.get("payload_bytes_out") or 0),
             activation_bytes=int(usage.get("activation_bytes") or 0),
-            queue_ms=call.queue_ms,
             engine_ms=engine_ms,
             status=status,
             error_type=error_type,
