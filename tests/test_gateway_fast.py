@@ -47,6 +47,15 @@ class Rig:
         self.ledger.flush()
         return self.access.ledger_rows(**where)
 
+    def finished(self, **where: Any) -> list[Any]:
+        """The rows of ``where`` once one exists and none is still "Unfinished" (a stream's row is
+        completed after its last chunk reached the client)."""
+        deadline = time.monotonic() + 5
+        while not (rows := self.rows(**where)) or any(r.status == 0 for r in rows):
+            assert time.monotonic() < deadline, rows
+            time.sleep(0.05)
+        return rows
+
 
 @contextmanager
 def rig(tmp_path: Path, n_replicas: int = 2, **gateway: Any) -> Iterator[Rig]:
@@ -295,10 +304,7 @@ def test_a_stream_is_relayed_and_billed_from_its_last_usage(two: Rig) -> None:
     assert lines[-1] == "data: [DONE]" and len(lines) == 5
     seen = next(s for f in two.replicas for s in f.seen if s.path == Routes.COMPLETIONS)
     assert seen.body["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
-    deadline = time.monotonic() + 5
-    while not (rows := two.rows(endpoint="completions")):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    rows = two.finished(endpoint="completions")
     assert rows[0].status == 200 and rows[0].output_tokens == 4
     assert two.gateway.admission.waiting == 0 and not two.gateway.admission.slots.locked()
 
@@ -348,10 +354,7 @@ def test_a_client_closing_right_after_done_is_answered_not_a_hang_up(two: Rig) -
         for line in resp.iter_lines():
             if line == "data: [DONE]":
                 break
-    deadline = time.monotonic() + 5
-    while not (rows := two.rows(endpoint="completions")):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    rows = two.finished(endpoint="completions")
     assert (rows[0].status, rows[0].error_type, rows[0].output_tokens) == (200, None, 4)
 
 
@@ -365,8 +368,5 @@ def test_a_client_hanging_up_mid_stream_is_a_499_billed_for_what_it_got(two: Rig
         headers={"Authorization": f"Bearer {two.token}"},
     ) as resp:
         next(line for line in resp.iter_lines() if line.startswith("data: {"))
-    deadline = time.monotonic() + 5
-    while not (rows := two.rows(endpoint="completions")):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    rows = two.finished(endpoint="completions")
     assert (rows[0].status, rows[0].error_type) == (499, "ClientDisconnected") and rows[0].output_tokens >= 1
