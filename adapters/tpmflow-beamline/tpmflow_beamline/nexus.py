@@ -13,12 +13,14 @@ members, extracted to a private temporary folder that is deleted afterwards.
 from __future__ import annotations
 
 import io
+import math
 import operator
 import os
 import shutil
 import stat
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,14 +67,16 @@ def read_frame(item: dict[str, Any]) -> dict[str, Any]:
     _use_filter_plugins()
     try:
         if data.startswith(ZIP_SIGNATURE):
-            with _unzipped(data, max_unzipped) as root, _Payload(root) as payload:
+            with _unzipped(data, max_unzipped) as root, _Payload(root, max_pixels) as payload:
                 master = payload.open(_find_master(root))
                 return _read(payload, master, path, frame, max_pixels)
         if not _has_hdf5_signature(data):
             raise ValueError("not an HDF5 file or a zip bundle (neither signature found)")
-        with _Payload(None) as payload:
+        with _Payload(None, max_pixels) as payload:
             return _read(payload, payload.open_bytes(data), path, frame, max_pixels)
-    except (OSError, RuntimeError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+    # What h5py and zipfile raise on corrupt bytes (found by tests/test_fuzz_parsers.py): OverflowError when a
+    # crafted offset is read through the in-memory file, zlib.error and EOFError from damaged zip members.
+    except (OSError, RuntimeError, KeyError, TypeError, OverflowError, EOFError, zlib.error, zipfile.BadZipFile) as exc:
         raise ValueError(f"unreadable HDF5 payload ({type(exc).__name__}: {exc})") from exc
 
 
@@ -147,7 +151,7 @@ def _unzipped(data: bytes, max_bytes: int) -> Iterator[Path]:
                             if total > max_bytes:
                                 raise ValueError(f"zip bundle unpacks to more than {max_bytes >> 20} MiB")
                             dst.write(chunk)
-                except (zipfile.BadZipFile, NotImplementedError, RuntimeError, OSError) as exc:
+                except (zipfile.BadZipFile, NotImplementedError, RuntimeError, OSError, EOFError, zlib.error) as exc:
                     raise ValueError(f"zip member {name!r} cannot be extracted: {exc}") from exc
         yield root
     finally:
@@ -190,8 +194,9 @@ class _Payload:
     """The HDF5 files of one payload, opened on demand; links are resolved by hand so that none
     leaves the payload (``root`` is the bundle's folder, or None for a single in-memory file)."""
 
-    def __init__(self, root: Path | None) -> None:
+    def __init__(self, root: Path | None, max_chunk_values: int = MAX_FRAME_PIXELS) -> None:
         self.root = root
+        self.max_chunk_values = max_chunk_values
         self.files: dict[Path, Any] = {}
         self.hops = 0
 
@@ -284,6 +289,13 @@ class _Payload:
 
         if dset.external:
             raise ValueError(f"{what} keeps its data in external raw files, which are refused")
+        # HDF5 decompresses a whole chunk to read any part of it, and a resizable dataset's chunk may be
+        # far larger than the data: a 4x4 frame in one 256 MiB chunk of zeros is a 260 KiB file.
+        if dset.chunks is not None and math.prod(dset.chunks) > self.max_chunk_values:
+            raise ValueError(
+                f"{what} is stored in chunks of {dset.chunks} values, over the cap of {self.max_chunk_values} "
+                "(one frame's pixels)"
+            )
         if not dset.is_virtual:
             return
         if nested:

@@ -83,8 +83,8 @@ def read_npy(data: bytes) -> np.ndarray:
             shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
         else:
             raise ValueError(f"unsupported .npy version {version[0]}.{version[1]}")
-    except ValueError as exc:
-        raise ValueError(f"bad .npy header: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - numpy's header parser also raises TokenError, TypeError, SyntaxError
+        raise ValueError(f"bad .npy header: {type(exc).__name__}: {exc}") from None
     if dtype.kind not in "iuf":
         raise ValueError(f".npy dtype must be real numbers, got {dtype}")
     _check_shape(tuple(shape), ".npy")
@@ -208,6 +208,11 @@ def read_ply(data: bytes) -> np.ndarray:
         except UnicodeDecodeError:
             raise ValueError("PLY: the ascii body is not ASCII text") from None
         skip = sum(c for _, c, _ in elements[:at])
+        available = text.count("\n") + 1
+        if skip > available:  # also keeps a huge count (up to 2**64 and more) out of numpy's C long
+            raise ValueError(
+                f"truncated PLY: the elements before the vertices take {skip} lines, the data has {available}"
+            )
         last = at == len(elements) - 1  # then one row more than stated is the header lying
         rows = _loadtxt(text, "PLY", skiprows=skip, max_rows=count + 1 if last else count)
         if rows.shape[0] < count:
@@ -292,9 +297,9 @@ def read_pcd(data: bytes) -> np.ndarray:
         raise ValueError(
             f"PCD: FIELDS/SIZE/TYPE/COUNT disagree ({len(fields)}/{len(sizes)}/{len(types)}/{len(counts)} entries)"
         )
-    width = _int(header.get("WIDTH", ["0"])[0], "PCD: WIDTH")
-    height = _int(header.get("HEIGHT", ["1"])[0], "PCD: HEIGHT")
-    points = _int(header["POINTS"][0], "PCD: POINTS") if "POINTS" in header else width * height
+    width = _int(_one(header, "WIDTH", "0"), "PCD: WIDTH")
+    height = _int(_one(header, "HEIGHT", "1"), "PCD: HEIGHT")
+    points = _int(_one(header, "POINTS", ""), "PCD: POINTS") if "POINTS" in header else width * height
     if "WIDTH" in header and width * height != points:
         raise ValueError(f"PCD: WIDTH x HEIGHT = {width * height} but POINTS = {points}")
     _check_count(points, "PCD")
@@ -361,6 +366,15 @@ def read_pcd(data: bytes) -> np.ndarray:
     if mode == "binary_compressed":
         raise ValueError("PCD: DATA binary_compressed (LZF) is not supported; save the cloud as binary or ascii")
     raise ValueError(f"PCD: unknown DATA mode {mode!r}")
+
+
+def _one(header: dict[str, list[str]], key: str, default: str) -> str:
+    """The single value of a header line (``default`` when the line is absent); a bare ``POINTS``
+    line or one with several values is malformed, not an index error."""
+    values = header.get(key, [default])
+    if len(values) != 1:
+        raise ValueError(f"PCD: {key} takes one value, the header gives {len(values)}")
+    return values[0]
 
 
 def _unpack_rgb(bits: np.ndarray) -> np.ndarray:

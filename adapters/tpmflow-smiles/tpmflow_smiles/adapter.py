@@ -64,6 +64,9 @@ class SmilesAdapter:
             return "empty string"
         if len(text) > self.settings.max_chars:
             return f"{len(text)} characters exceeds the limit of {self.settings.max_chars}"
+        if not text.isascii():  # SMILES and InChI are ASCII; a lone surrogate (valid in JSON) crashed RDKit's binding
+            bad = next(c for c in text if not c.isascii())
+            return f"SMILES and InChI are ASCII text, got {bad!r} at position {text.index(bad)}"
         mol = Chem.MolFromInchi(text) if text.startswith("InChI=") else Chem.MolFromSmiles(text)
         if mol is None or mol.GetNumAtoms() == 0:
             return "not a molecule RDKit can parse and sanitise"
