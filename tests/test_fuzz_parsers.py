@@ -103,20 +103,12 @@ VALID, ANY, CORRUPT = "valid", "any", "corrupt"  # what an item must give: see r
 Hostile = tuple[Any, str]  # (item, expectation)
 
 
-def pointcloud_verdict(reason: str) -> str:
-    """``prepare`` strips ``ValueError: `` from the reader's refusals and prefixes anything else."""
+def adapter_verdict(reason: str) -> str:
+    """``prepare`` (point clouds and beamline alike) strips ``ValueError: `` from the reader's refusals
+    and prefixes anything else with "parsing the file failed: "."""
     if not reason.startswith("parsing the file failed: "):
         return "refused"
     return "contained" if reason.removeprefix("parsing the file failed: ").startswith(SANDBOX_FAILURES) else "escaped"
-
-
-def beamline_verdict(reason: str) -> str:
-    """The sandbox's reasons pass through: ``ValueError: ...`` is the reader's refusal, ``<Type>: ...`` an
-    exception that escaped it; the adapter's own checks give plain sentences."""
-    if reason.startswith(SANDBOX_FAILURES):
-        return "contained"
-    typed = re.match(r"(\w+): ", reason)
-    return "escaped" if typed and typed.group(1) != "ValueError" else "refused"
 
 
 def run_batch(
@@ -472,7 +464,7 @@ PLY_HEADER += b"property float x\nproperty float y\nproperty float z\nend_header
 
 
 def _pointcloud(fmt: str, files: Sequence[Hostile], good: str, at: int) -> None:
-    run_batch(fmt, POINTCLOUD, pointcloud_verdict, files, GOOD_CLOUDS[good], at)
+    run_batch(fmt, POINTCLOUD, adapter_verdict, files, GOOD_CLOUDS[good], at)
 
 
 @fuzz_settings(45)
@@ -768,7 +760,7 @@ CHUNK_BOMB = _h5(lambda f: _frame_dataset(f, "/entry/data/data", (1, 4, 4), "u1"
 @given(items=st.lists(beamline_items(), min_size=3, max_size=8), at=st.integers(0, 8))
 @example(items=[(OVERFLOW_H5, ANY), (ZLIB_ERROR_ZIP, ANY), (CHUNK_BOMB, ANY), (ZIP_BOMB, ANY)], at=1)
 def test_fuzz_hdf5_nexus(items: list[Hostile], at: int) -> None:
-    run_batch("hdf5", BEAMLINE, beamline_verdict, items, GOOD_NEXUS, at)
+    run_batch("hdf5", BEAMLINE, adapter_verdict, items, GOOD_NEXUS, at)
 
 
 @fuzz_settings(10)
@@ -781,7 +773,7 @@ def test_fuzz_hdf5_nexus(items: list[Hostile], at: int) -> None:
     at=st.integers(0, 8),
 )
 def test_fuzz_hdf5_random_bytes(files: list[Hostile], at: int) -> None:
-    run_batch("hdf5-random", BEAMLINE, beamline_verdict, files, GOOD_NEXUS, at)
+    run_batch("hdf5-random", BEAMLINE, adapter_verdict, files, GOOD_NEXUS, at)
 
 
 # -- libhdf5's own bugs, contained by the sandbox --------------------------------------------------

@@ -86,10 +86,12 @@ class BeamlineAdapter(SoftTokenAdapter):
         if jobs:
             caps = Caps(seconds=s.parse_seconds, memory_bytes=s.parse_memory_mb << 20)
             for i, result in zip(where, run_capped(read_frame, jobs, caps, workers=s.parse_workers), strict=True):
-                if isinstance(result, ItemError):
-                    out[i] = ItemError(i, result.reason)
-                else:
+                if not isinstance(result, ItemError):
                     decoded[i] = result
+                elif result.reason.startswith("ValueError: "):  # the reader's own words, for the user
+                    out[i] = ItemError(i, result.reason.removeprefix("ValueError: "))
+                else:  # over a cap, or the parser died: the sandbox's reason, said as such
+                    out[i] = ItemError(i, f"parsing the file failed: {result.reason}")
         for i, d in decoded.items():
             try:
                 out[i] = prepare_frame(d["frame"], d["mask"], d["saturation"], s.size, s.patch, s.hot_k)
