@@ -145,3 +145,48 @@ def test_the_shared_registry_merges_heartbeats_failures_and_removals(tmp_path: P
     b.replicas["r0"].last_seen -= 10  # its removal is older than a write not yet published
     b.pull()
     assert "r0" not in b.replicas
+
+
+def test_a_gateway_killed_mid_request_leaves_an_unfinished_row_that_is_closed_as_interrupted(
+    workers: tuple[GatewayWorkers, AccessDB, str, list[FakeReplica]],
+) -> None:
+    import os
+    import signal
+    import threading
+
+    from tpmflow.access.ledger import close_unfinished
+
+    gw, access, token, fakes = workers
+    for fake in fakes:
+        fake.delay_s = 5.0  # the request is still running when the gateway dies
+    outcome: list[object] = []
+
+    def send() -> None:
+        try:
+            outcome.append(
+                httpx.post(
+                    gw.url + Routes.COMPLETIONS,
+                    json={"prompt": "x", "max_tokens": 1},
+                    headers={"Authorization": f"Bearer {token}", "X-Request-Id": "killed-mid-request"},
+                    timeout=30,
+                )
+            )
+        except httpx.HTTPError as exc:
+            outcome.append(exc)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    deadline = time.monotonic() + 10
+    while not access.ledger_rows(correlation_id="killed-mid-request"):  # written when the attempt is sent
+        assert time.monotonic() < deadline, "no row while the attempt runs"
+        time.sleep(0.1)
+    assert gw.proc is not None
+    os.killpg(gw.proc.pid, signal.SIGKILL)  # the whole gateway, every worker, at once
+    sender.join(timeout=30)
+    assert outcome and isinstance(outcome[0], httpx.HTTPError), "the client saw the gateway die"
+    (row,) = access.ledger_rows(correlation_id="killed-mid-request")
+    assert (row.status, row.error_type) == (0, "Unfinished")
+    # Any gateway's sweep closes it once no request can still be running (tested here by its clock).
+    assert close_unfinished(access.engine, older_than=time.time() + 1) == 1
+    (row,) = access.ledger_rows(correlation_id="killed-mid-request")
+    assert (row.status, row.error_type) == (502, "Interrupted")
