@@ -27,6 +27,8 @@ HF_PARTS: dict[str, tuple[str, str, str]] = {
     "stablelm": ("model.layers", "self_attn", "mlp"),
     "opt": ("model.decoder.layers", "self_attn", "fc2"),
     "mixtral": ("model.layers", "self_attn", "mlp"),
+    "qwen2": ("model.layers", "self_attn", "mlp"),
+    "gemma": ("model.layers", "self_attn", "mlp"),
 }
 Edit = Callable[[str, int, torch.Tensor], torch.Tensor]
 
@@ -196,6 +198,16 @@ def test_opt_layout_equals_transformers() -> None:
 @pytest.mark.engine
 def test_mixtral_layout_equals_transformers() -> None:
     print("mixtral", _check_family("mixtral"))
+
+
+@pytest.mark.engine
+def test_qwen2_layout_equals_transformers() -> None:
+    print("qwen2", _check_family("qwen2"))
+
+
+@pytest.mark.engine
+def test_gemma_layout_equals_transformers() -> None:
+    print("gemma", _check_family("gemma"))
 
 
 def test_unknown_model_classes_get_no_layout() -> None:

@@ -66,6 +66,21 @@ def _gpt_neox(vocab: int) -> Any:
     return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=vocab, rotary_pct=0.25, use_parallel_residual=True, **_common()))
 
 
+def _qwen2(vocab: int) -> Any:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, num_key_value_heads=1, use_sliding_window=False, **_common()))
+
+
+def _gemma(vocab: int) -> Any:
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    # Gemma's default head_dim is 256; vLLM's CPU attention wants 64 here (hidden 64, one head).
+    return GemmaForCausalLM(
+        GemmaConfig(vocab_size=vocab, num_key_value_heads=1, head_dim=64, hidden_act="gelu_pytorch_tanh", **_common())
+    )
+
+
 def _mixtral(vocab: int) -> Any:
     from transformers import MixtralConfig, MixtralForCausalLM
 
@@ -79,6 +94,8 @@ FAMILIES: dict[str, Callable[[int], Any]] = {
     "opt": _opt,
     "gpt-neox": _gpt_neox,
     "mixtral": _mixtral,
+    "qwen2": _qwen2,
+    "gemma": _gemma,
 }
 
 
