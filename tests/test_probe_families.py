@@ -1,7 +1,8 @@
 """The decoder-layout table on real vLLM, one tiny random fp32 model per family, against
 transformers on the same weights: captures at every site and layer, Add/Replace/Zero against the
-same edit by a PyTorch hook, the lens at the last layer against the next-token distribution, and
-the start self-check (which must catch StableLM read with the old fused layout).
+same edit by a PyTorch hook, the lens at the last layer against the next-token distribution,
+the start self-check (which must catch StableLM read with the old fused layout), and (Mixtral) two
+requests with different specs in one engine step getting what each gets alone.
 
 One offline engine per family, all checks in one test (engine starts dominate the time).
 """
@@ -51,27 +52,78 @@ def _engine(family: str) -> Any:
 
 def _probe(llm: Any, captures: list[str], edits: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
     """One probing request on the offline engine (worker spec format); None when probes are off."""
+    return _probe_many(llm, [(IDS, captures, edits or [])])[0]
+
+
+def _probe_many(
+    llm: Any, requests: list[tuple[list[int], list[str], list[dict[str, Any]]]]
+) -> list[dict[str, Any] | None]:
+    """Several probing requests (prompt ids, capture sites, edits) in one ``generate`` call, so the
+    engine schedules them together; per request its captures, lens and engine steps (None: probes off)."""
     from vllm import SamplingParams
 
-    key = uuid.uuid4().hex
-    spec = {
-        "key": key,
-        "captures": [{"site": s, "layers": [0, 1], "positions": None, "generated": False} for s in captures],
-        "edits": edits or [],
-        "lens": {"layers": [1], "top_k": 5, "positions": None},
-        "n_prompt": len(IDS),
-    }
-    params = SamplingParams(max_tokens=1, skip_reading_prefix_cache=True, extra_args={"tpmflow": {"probe": spec}})
-    llm.generate({"prompt_token_ids": IDS}, params, use_tqdm=False)
-    found = next((r[key] for r in llm.collective_rpc("tpmflow_take_probe", args=([key], "", True)) if r.get(key)), None)
-    if found is None:
-        return None
-    out: dict[str, Any] = {
-        f"blocks.{c['layer']}.{c['site']}": np.frombuffer(c["bytes"], dtype=np.float32).reshape(c["shape"])
-        for c in found["captures"]
-    }
-    out["lens"] = found["lens"]
-    return out
+    keys, prompts, params = [], [], []
+    for ids, captures, edits in requests:
+        key = uuid.uuid4().hex
+        spec = {
+            "key": key,
+            "captures": [{"site": s, "layers": [0, 1], "positions": None, "generated": False} for s in captures],
+            "edits": edits,
+            "lens": {"layers": [1], "top_k": 5, "positions": None},
+            "n_prompt": len(ids),
+        }
+        keys.append(key)
+        prompts.append({"prompt_token_ids": ids})
+        params.append(
+            SamplingParams(max_tokens=1, skip_reading_prefix_cache=True, extra_args={"tpmflow": {"probe": spec}})
+        )
+    llm.generate(prompts, params, use_tqdm=False)
+    results = llm.collective_rpc("tpmflow_take_probe", args=(keys, "", True))
+    outs: list[dict[str, Any] | None] = []
+    for key in keys:
+        found = next((r[key] for r in results if r.get(key)), None)
+        if found is None:
+            outs.append(None)
+            continue
+        out: dict[str, Any] = {
+            f"blocks.{c['layer']}.{c['site']}": np.frombuffer(c["bytes"], dtype=np.float32).reshape(c["shape"])
+            for c in found["captures"]
+        }
+        out["lens"], out["steps"] = found["lens"], found["steps"]
+        outs.append(out)
+    return outs
+
+
+def _check_batched(llm: Any, hidden: int) -> float:
+    """Two requests with different prompts, captures and edits in one engine step each get what they
+    get alone; returns the worst relative difference."""
+    rng = np.random.default_rng(3)
+    v, w = (rng.normal(size=hidden).astype(np.float32) for _ in range(2))
+    a = (IDS, ["hook_resid_post", "hook_mlp_out"], [
+        {"op": "add", "site": "hook_resid_post", "layer": 0, "positions": None, "values": v.tobytes(),
+         "shape": [hidden], "scale": 1.0},
+    ])  # fmt: skip
+    b = (IDS[::-1][:8], ["hook_resid_pre", "hook_mlp_out"], [
+        {"op": "zero", "site": "hook_mlp_out", "layer": 0, "positions": [2]},
+        {"op": "add", "site": "hook_attn_out", "layer": 1, "positions": None, "values": w.tobytes(),
+         "shape": [hidden], "scale": 0.5},
+    ])  # fmt: skip
+    alone = [_probe_many(llm, [r])[0] for r in (a, b)]
+    together = _probe_many(llm, [a, b])
+    assert all(x is not None for x in alone + together)
+    ta, tb = together
+    assert set(ta["steps"]) & set(tb["steps"]), "the two requests did not share an engine step"  # type: ignore[index]
+    worst = 0.0
+    for one, both in zip(alone, together, strict=True):
+        assert one is not None and both is not None
+        assert one.keys() == both.keys()
+        for name in one:
+            if name.startswith("blocks."):
+                worst = max(worst, _rel(both[name], one[name]))
+        assert both["lens"][0]["token_ids"] == one["lens"][0]["token_ids"]
+        np.testing.assert_allclose(both["lens"][0]["probs"], one["lens"][0]["probs"], atol=1e-5)
+    assert worst < TOL, worst
+    return worst
 
 
 def _hf(model: Any, family: str, edit: Edit | None = None) -> dict[str, np.ndarray]:
@@ -113,7 +165,7 @@ def _hf(model: Any, family: str, edit: Edit | None = None) -> dict[str, np.ndarr
     return seen
 
 
-def _check_family(family: str, wrong_layout: str | None = None) -> dict[str, float]:
+def _check_family(family: str, wrong_layout: str | None = None, batched: bool = False) -> dict[str, float]:
     """Every check on one engine; returns the worst relative error per check (for the README)."""
     from transformers import AutoModelForCausalLM
 
@@ -174,6 +226,8 @@ def _check_family(family: str, wrong_layout: str | None = None) -> dict[str, flo
             err = max(_rel(got[f"blocks.{i}.hook_resid_post"], ref[f"blocks.{i}.hook_resid_post"]) for i in (0, 1))
             assert err < TOL, (spec["op"], spec["site"], err)
             worst["edits"] = max(worst.get("edits", 0.0), err)
+        if batched:
+            worst["batched"] = _check_batched(llm, hidden)
     finally:
         del llm
     return worst
@@ -196,8 +250,8 @@ def test_opt_layout_equals_transformers() -> None:
 
 
 @pytest.mark.engine
-def test_mixtral_layout_equals_transformers() -> None:
-    print("mixtral", _check_family("mixtral"))
+def test_mixtral_layout_equals_transformers_and_batched_requests_get_what_they_get_alone() -> None:
+    print("mixtral", _check_family("mixtral", batched=True))
 
 
 @pytest.mark.engine
