@@ -6,7 +6,7 @@ import subprocess
 import sys
 from types import ModuleType
 
-from tpmflow.doctor import check_models, check_transformers, run_checks, verdict
+from tpmflow.doctor import check_models, check_pool, check_transformers, run_checks, verdict
 
 
 def _without(*missing: str):
@@ -63,3 +63,48 @@ def test_doctor_cli_exit_code_follows_verdict(tmp_path) -> None:
     report = json.loads(proc.stdout)
     assert proc.returncode == 1 and report["ready"] is False
     assert "model cache" in report["verdict"]
+
+
+def test_pool_probe_status_per_replica(monkeypatch) -> None:
+    """With a pool given, each replica's probe self-check status shows; probes off is flagged, not fatal."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    body = {
+        "status": "ok",
+        "replicas": [
+            {"id": "r0", "probes": "Llama layout (LlamaForCausalLM): self-check passed"},
+            {"id": "r1", "probes": "disabled: self-check failed: resid_post[0] == resid_pre[1]"},
+        ],
+    }
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            data = json.dumps(body if self.path == "/health" else {}).encode()
+            self.send_response(200 if self.path == "/health" else 404)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("TPMFLOW_URL", f"http://127.0.0.1:{server.server_port}/")
+        check = check_pool(importlib.import_module)
+        assert not check.ok and not check.required
+        assert "r0: Llama layout (LlamaForCausalLM): self-check passed" in check.detail
+        assert "r1: disabled: self-check failed" in check.detail and "r1" in check.fix
+        body["replicas"] = body["replicas"][:1]
+        assert check_pool(importlib.import_module).ok
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    monkeypatch.delenv("TPMFLOW_URL")
+    assert check_pool(importlib.import_module).ok  # no pool given: nothing to check
+    down = check_pool(importlib.import_module, url=f"http://127.0.0.1:{server.server_port}")
+    assert not down.ok and "unreadable" in down.detail
+    assert verdict([down])[0]  # informational: never decides the verdict

@@ -1,18 +1,24 @@
 """``tpmflow doctor``: what is installed and usable here, and a one-line verdict.
 
 Each check is a small function returning a ``Check``; the importer is injectable so tests can
-simulate a missing package without uninstalling it.
+simulate a missing package without uninstalling it. With ``$TPMFLOW_URL`` set, the running pool's
+``/health`` is read too: each replica's probe status (its decoder layout and start self-check, or why
+probes are off).
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import platform
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from types import ModuleType
+from typing import Any
 
 from tpmflow import __version__
 from tpmflow.models.catalog import DEMO_MODEL, TINY_MODEL, list_models
@@ -123,6 +129,36 @@ def check_models(_: Importer) -> Check:
     return Check("model cache", not missing, detail, fix=fix)
 
 
+def _get_json(url: str) -> Any:
+    """GET ``url`` as JSON (a 503 from ``/health`` still has the body: no replica live)."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - the user's own pool URL
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return json.loads(exc.read())
+
+
+def check_pool(_: Importer, url: str | None = None, get: Callable[[str], Any] = _get_json) -> Check:
+    """The running pool at ``url`` (default ``$TPMFLOW_URL``): each replica's probe self-check status.
+    Informational: a machine without a pool is still ready for the embedded one."""
+    url = url or os.environ.get("TPMFLOW_URL")
+    if not url:
+        return Check("pool probes", True, "no pool given (set TPMFLOW_URL to check one)", required=False)
+    from tpmflow.protocol import Routes
+
+    try:
+        health = get(url.rstrip("/") + Routes.HEALTH)
+        replicas = health["replicas"]
+    except Exception as exc:  # noqa: BLE001 - an unreachable pool is the finding
+        return Check("pool probes", False, f"{url}: /health unreadable: {exc}", required=False, fix="is the pool up?")
+    if not replicas:
+        return Check("pool probes", False, f"{url}: no replica live", required=False, fix="see the pool's log")
+    lines = [f"{r.get('id')}: {r.get('probes') or 'unknown (replica predates probe status)'}" for r in replicas]
+    off = [r.get("id") for r in replicas if str(r.get("probes") or "").startswith("disabled")]
+    fix = f"probes are off on {', '.join(map(str, off))}: see each replica's reason" if off else ""
+    return Check("pool probes", not off, f"{url}: " + "; ".join(lines), required=False, fix=fix)
+
+
 CHECKS: list[Callable[[Importer], Check]] = [
     check_torch,
     check_accelerators,
@@ -133,6 +169,7 @@ CHECKS: list[Callable[[Importer], Check]] = [
     check_proxystore,
     check_rdkit,
     check_models,
+    check_pool,
 ]
 
 
