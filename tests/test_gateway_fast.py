@@ -117,6 +117,7 @@ def test_completion_reaches_a_replica_with_the_gateways_fields_and_is_recorded(t
     attempt = resp.headers[Headers.ATTEMPT_ID]
     assert seen.body["request_id"] == attempt != "corr-1" and seen.body["model"] == "fake-model"
     assert seen.headers[Headers.ATTEMPT_ID.lower()] == attempt
+    assert seen.headers[Headers.REQUEST_ID.lower()] == attempt  # vLLM takes its request id from this header
     assert seen.headers[Headers.PRINCIPAL.lower()] == "alice"
     assert seen.headers["authorization"] == f"Bearer {SECRET}"
     rows = two.rows(endpoint="completions")
@@ -370,3 +371,26 @@ def test_a_client_hanging_up_mid_stream_is_a_499_billed_for_what_it_got(two: Rig
         next(line for line in resp.iter_lines() if line.startswith("data: {"))
     rows = two.finished(endpoint="completions")
     assert (rows[0].status, rows[0].error_type) == (499, "ClientDisconnected") and rows[0].output_tokens >= 1
+
+
+def test_a_stream_flag_that_is_not_a_boolean_is_refused(two: Rig) -> None:
+    """"false" is truthy to the gateway and False to vLLM: a stream with no usage to bill."""
+    resp = two.post(Routes.COMPLETIONS, {"prompt": "x", "max_tokens": 1, "stream": "false"})
+    assert resp.status_code == 400 and "stream" in resp.json()["error"]["message"]
+
+
+def test_unknown_paths_answer_in_the_one_envelope(two: Rig) -> None:
+    resp = httpx.get(two.url + "/v1/nothing-here")
+    assert resp.status_code == 404 and set(resp.json()["error"]) == {"type", "message"}
+
+
+def test_a_workers_share_of_a_small_rate_limit_still_admits() -> None:
+    from tpmflow.access import Principal
+    from tpmflow.gateway.ratelimit import RateLimiter
+
+    cfg = PoolConfig(model="m", service_classes={"slow": ServiceClass(requests_per_minute=1)})
+    limiter = RateLimiter(cfg, clock=lambda: 0.0, share=0.5)  # 2 workers: 0.5 request per minute each
+    who = Principal(name="p", project="x", permissions=frozenset({"generate"}), service_class="slow", cache_salt="s")
+    limiter.admit(who)  # one request fits the bucket at once
+    with pytest.raises(Exception, match="rate limited"):
+        limiter.admit(who)

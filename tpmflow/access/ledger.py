@@ -131,7 +131,6 @@ class LedgerWriter:
         except Exception:
             log.exception("ledger write of %d rows failed", len(rows))
 
-
     def _upsert(self, example: dict[str, Any]) -> Any:
         if self._statement is None:
             insert = _dialect_insert(self._engine)

@@ -3,7 +3,7 @@ projects' allocations of service units with per-principal caps, and the reservat
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Integer, String
+from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -147,7 +147,7 @@ class ReplicaRow(Base):
 
     pool: Mapped[str] = mapped_column(String(32), primary_key=True)  # a digest of the pool secret
     replica_id: Mapped[str] = mapped_column(String(80), primary_key=True)
-    info: Mapped[str] = mapped_column(String(4096))  # ReplicaInfo as JSON
+    info: Mapped[str] = mapped_column(Text)  # ReplicaInfo as JSON (its LoRA list has no bound)
     seen_at: Mapped[float] = mapped_column(Float)  # its last heartbeat
     dead_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # a gateway saw it fail
     draining: Mapped[bool] = mapped_column(Boolean, default=False)

@@ -79,12 +79,17 @@ class Admission:
     one of ``max_inflight`` slots; 503 ``Overloaded`` when the queue is full or the wait outlasts
     the request's timeout."""
 
-    def __init__(self, cfg: PoolConfig, metrics: GatewayMetrics, rate_limits: RateLimiter, billing: Billing) -> None:
+    def __init__(
+        self, cfg: PoolConfig, metrics: GatewayMetrics, rate_limits: RateLimiter, billing: Billing, workers: int = 1
+    ) -> None:
         self.cfg = cfg
         self.metrics = metrics
         self.rate_limits = rate_limits
         self.billing = billing
-        self.slots = PrioritySlots(cfg.gateway.max_inflight)  # waiters served by class priority
+        # With N worker processes each holds its share, so the gateway as a whole keeps the limits.
+        self.max_inflight = max(1, -(-cfg.gateway.max_inflight // workers))
+        self.queue_limit = max(1, -(-cfg.gateway.queue_limit // workers))
+        self.slots = PrioritySlots(self.max_inflight)  # waiters served by class priority
         self.waiting = 0
 
     def priority(self, principal: Principal) -> int:
@@ -130,7 +135,7 @@ class Admission:
         if self.slots.try_acquire():  # the common case: no queue, so no wait_for task and timer
             call.queue_ms = (time.monotonic() - call.started) * 1000
             return
-        if self.slots.locked() and self.waiting >= self.cfg.gateway.queue_limit:
+        if self.slots.locked() and self.waiting >= self.queue_limit:
             self.billing.refused(call, 503, "Overloaded")
             raise Overloaded(f"pool queue is full ({self.waiting} waiting)", retry_after=1.0)
         self.waiting += 1

@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route as StarletteRoute
 
 from tpmflow.access import AccessDB, LedgerWriter
@@ -83,7 +84,7 @@ class Gateway:
         # holds an equal share of every limit, so together they never admit more than the limit.
         self.rate_limits = RateLimiter(cfg, share=1.0 / max(1, workers))
         self.billing = Billing(cfg, access, ledger, self.metrics, self.rate_limits, self.registry)
-        self.admission = Admission(cfg, self.metrics, self.rate_limits, self.billing)
+        self.admission = Admission(cfg, self.metrics, self.rate_limits, self.billing, workers)
         self.intake = Intake(cfg.gateway, access, self.billing.refused)
         self.forwarder = Forwarder(cfg, self.registry, self.metrics, self.billing, self.admission, access, secret)
         self.payloads = Payloads(store, access, Signer(secret), cfg.gateway.payload_sweep_s)
@@ -283,6 +284,13 @@ def create_app(gw: Gateway) -> FastAPI:
 
     # Plain Starlette routes: FastAPI's per-request dependency solving (it parses the query string
     # of every request, among others) cost as much as the rest of the gateway's own work.
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Unknown paths and methods in the one envelope too (Starlette's own is {"detail": ...}).
+        kind = "ModelNotFound" if exc.status_code == 404 else "InvalidRequest"
+        body = {"error": {"type": kind, "message": f"{exc.detail}: see tpmflow.gateway.ROUTES for the routes"}}
+        return JSONResponse(body, status_code=exc.status_code)
+
     for route in ROUTES:
         app.router.routes.append(
             StarletteRoute(route.path, _bind(gw, route), methods=[route.method], name=route.endpoint or route.path)

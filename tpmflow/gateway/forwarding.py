@@ -200,6 +200,7 @@ class Forwarder:
                 )
                 raise
             headers[Headers.ATTEMPT_ID] = attempt_id
+            headers[Headers.REQUEST_ID] = attempt_id  # vLLM takes its request id from this header first
             payload, lora = data, lora_for(replica, call.version)
             if lora is not None:  # a LoRA version: vLLM's OpenAI routes pick adapters by model name
                 headers[Headers.LORA] = lora
@@ -227,8 +228,16 @@ class Forwarder:
                 self._busy(replica, -1)
                 self._dropped(call, sent, attempts, exc)
                 continue
-            except BaseException:
+            except BaseException:  # cancelled (the client left, or shutdown): the attempt ends here
                 self._busy(replica, -1)
+                self.billing.record(
+                    call,
+                    499,
+                    attempt_id=attempt_id,
+                    retry_of=sent.previous,
+                    replica=replica,
+                    error_type="ClientDisconnected",
+                )
                 raise
             return sent
 
@@ -263,6 +272,7 @@ class Forwarder:
         if not isinstance(payload, dict):  # not JSON (a proxy's or a crashed server's page)
             payload = {"error": {"type": "ReplicaFailed", "message": GENERIC_FAILURE}}
             raw = orjson.dumps(payload)
+            status = 502 if status < 400 else status  # never an answered 200
         error_type = None
         if status >= 400:
             payload = typed_error(payload, status)
@@ -270,7 +280,10 @@ class Forwarder:
             raw = orjson.dumps(payload)
         usage = payload.get("usage")
         if status == 200 and isinstance(usage, dict) and usage.get("payload_bytes_out"):
-            await asyncio.to_thread(self._track_outputs, call.principal, payload)
+            try:
+                await asyncio.to_thread(self._track_outputs, call.principal, payload)
+            except Exception:  # noqa: BLE001 - their lifetime goes untracked; the answer still counts
+                log.exception("registering the payloads of %s failed", sent.attempt_id)
         self.billing.record(
             call,
             status,
@@ -319,7 +332,7 @@ class Forwarder:
                 error_type=str(err.get("type")) if isinstance(err, dict) else "Error",
             )
             release()
-            return JSONResponse(payload, status_code=upstream.status)
+            return JSONResponse(payload, status_code=upstream.status, headers=self.provenance(call, sent))
         relay = _Relay(self, call, sent, release)
         return _RelayResponse(relay, media_type="text/event-stream", headers=self.provenance(call, sent))
 

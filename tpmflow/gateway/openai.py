@@ -100,7 +100,11 @@ def validate_openai(body: dict[str, Any], chat: bool, model_name: str, cfg: Gate
         raise InvalidRequest(f"n must be an integer in [1, {cfg.max_n}], got {n!r}")
     for key in GATEWAY_OWNED:
         body.pop(key, None)
-    if body.get("stream"):
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        # "false" is truthy here and False to vLLM: a stream the relay would find no usage in.
+        raise InvalidRequest(f"stream must be true or false, got {stream!r}")
+    if stream:
         # Usage in every chunk: the ledger has token counts even when a client hangs up mid-stream.
         body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
     return body

@@ -27,7 +27,8 @@ from tpmflow.errors import QuotaExceeded
 
 @dataclass
 class Bucket:
-    """A token bucket: capacity ``per_minute``, refilled at ``per_minute / 60`` per second."""
+    """A token bucket: capacity ``per_minute`` (at least one request's worth, so a worker's share of a
+    small limit still admits), refilled at ``per_minute / 60`` per second."""
 
     per_minute: float
     level: float
@@ -35,13 +36,17 @@ class Bucket:
 
     def refill(self, now: float) -> float:
         if now > self.updated:
-            self.level = min(self.per_minute, self.level + (now - self.updated) * self.per_minute / 60.0)
+            self.level = min(self.capacity, self.level + (now - self.updated) * self.per_minute / 60.0)
         self.updated = max(self.updated, now)
         return self.level
 
     def wait_s(self, need: float = 1.0) -> float:
         """Seconds until the bucket holds ``need`` (0 if it does)."""
         return max(0.0, need - self.level) * 60.0 / self.per_minute
+
+    @property
+    def capacity(self) -> float:
+        return max(1.0, self.per_minute)
 
 
 @dataclass(frozen=True)
@@ -80,10 +85,11 @@ class RateLimiter:
     def _bucket(self, limit: _Limit, now: float) -> Bucket:
         bucket = self.buckets.get(limit.key)
         if bucket is None:
-            bucket = self.buckets[limit.key] = Bucket(limit.per_minute, limit.per_minute, now)
+            bucket = self.buckets[limit.key] = Bucket(limit.per_minute, max(1.0, limit.per_minute), now)
         elif bucket.per_minute != limit.per_minute:  # the limit changed: keep the level, within it
             bucket.refill(now)
-            bucket.per_minute, bucket.level = limit.per_minute, min(bucket.level, limit.per_minute)
+            bucket.per_minute = limit.per_minute
+            bucket.level = min(bucket.level, bucket.capacity)
         bucket.refill(now)
         return bucket
 

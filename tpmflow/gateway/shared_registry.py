@@ -108,6 +108,10 @@ class SharedReplicaRegistry(ReplicaRegistry):
         """Bring this process's view up to date with the table."""
         with self.engine.connect() as conn:
             rows = conn.execute(select(ReplicaRow.__table__).where(ReplicaRow.pool == self.pool)).all()
+        with self._lock:  # merged into the current dict: a heartbeat meanwhile is not lost
+            self._merge(rows)
+
+    def _merge(self, rows: list) -> None:  # type: ignore[type-arg]
         wall, mono = time.time(), time.monotonic()
         replicas = dict(self.replicas)
         changed = False
@@ -133,8 +137,7 @@ class SharedReplicaRegistry(ReplicaRegistry):
             del replicas[replica_id]  # scaled down by another process
             changed = True
         if changed:
-            with self._lock:
-                self.replicas = replicas
+            self.replicas = replicas
 
     def _written(self, replica_id: str) -> bool:
         """Whether a replica missing from the table was there (removed) rather than not written yet."""

@@ -9,6 +9,7 @@ that second. Start-up before the first replica joins is not an outage.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 
@@ -32,6 +33,9 @@ class Uptime:
         self._live = False  # whether the pool had a live replica at that check
         self._exported: set[str] = set()  # replicas with an uptime gauge
         metrics.pool_uptime.set_function(lambda: self.clock() - self.started)
+        # Worker processes add their counters up: only one of them counts outages (the one that
+        # holds the lock; the others see the same registry and would count the same seconds again).
+        self.counts_outages = _outage_counter()
 
     def heartbeat(self, info: ReplicaInfo) -> None:
         """Pass a heartbeat to the registry, noting when it brings a replica (back) into the
@@ -55,7 +59,8 @@ class Uptime:
         for replica_id in live:
             self.joined.setdefault(replica_id, now)  # one registered by other means than heartbeat()
         if self._checked is not None and not self._live and now > self._checked:
-            self.metrics.pool_unavailable.inc(now - self._checked)
+            if self.counts_outages:
+                self.metrics.pool_unavailable.inc(now - self._checked)
         if live or self._checked is not None:
             self._checked, self._live = now, bool(live)
         return live
@@ -80,3 +85,22 @@ class Uptime:
         while True:
             await asyncio.sleep(interval_s)
             self.check()
+
+
+_LOCKS: list[int] = []  # held open for the process's life
+
+
+def _outage_counter() -> bool:
+    """Whether this process counts the pool's outages: always alone, one worker among several."""
+    if not multiprocess():
+        return True
+    import fcntl
+
+    fd = os.open(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "outages.lock"), os.O_CREAT | os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    _LOCKS.append(fd)
+    return True
