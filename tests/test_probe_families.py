@@ -56,7 +56,7 @@ def _probe(llm: Any, captures: list[str], edits: list[dict[str, Any]] | None = N
 
 
 def _probe_many(
-    llm: Any, requests: list[tuple[list[int], list[str], list[dict[str, Any]]]]
+    llm: Any, requests: list[tuple[list[int], list[str], list[dict[str, Any]]]], max_tokens: int = 1
 ) -> list[dict[str, Any] | None]:
     """Several probing requests (prompt ids, capture sites, edits) in one ``generate`` call, so the
     engine schedules them together; per request its captures, lens and engine steps (None: probes off)."""
@@ -67,7 +67,9 @@ def _probe_many(
         key = uuid.uuid4().hex
         spec = {
             "key": key,
-            "captures": [{"site": s, "layers": [0, 1], "positions": None, "generated": False} for s in captures],
+            "captures": [
+                {"site": s, "layers": [0, 1], "positions": None, "generated": max_tokens > 1} for s in captures
+            ],
             "edits": edits,
             "lens": {"layers": [1], "top_k": 5, "positions": None},
             "n_prompt": len(ids),
@@ -75,7 +77,12 @@ def _probe_many(
         keys.append(key)
         prompts.append({"prompt_token_ids": ids})
         params.append(
-            SamplingParams(max_tokens=1, skip_reading_prefix_cache=True, extra_args={"tpmflow": {"probe": spec}})
+            SamplingParams(
+                max_tokens=max_tokens,
+                temperature=0.0,
+                skip_reading_prefix_cache=True,
+                extra_args={"tpmflow": {"probe": spec}},
+            )
         )
     llm.generate(prompts, params, use_tqdm=False)
     results = llm.collective_rpc("tpmflow_take_probe", args=(keys, "", True))
@@ -96,7 +103,8 @@ def _probe_many(
 
 def _check_batched(llm: Any, hidden: int) -> float:
     """Two requests with different prompts, captures and edits in one engine step each get what they
-    get alone; returns the worst relative difference."""
+    get alone (greedy, 6 tokens, generated positions captured too: the two share decode steps even
+    when vLLM's engine core prefills them apart); returns the worst relative difference."""
     rng = np.random.default_rng(3)
     v, w = (rng.normal(size=hidden).astype(np.float32) for _ in range(2))
     a = (IDS, ["hook_resid_post", "hook_mlp_out"], [
@@ -108,8 +116,8 @@ def _check_batched(llm: Any, hidden: int) -> float:
         {"op": "add", "site": "hook_attn_out", "layer": 1, "positions": None, "values": w.tobytes(),
          "shape": [hidden], "scale": 0.5},
     ])  # fmt: skip
-    alone = [_probe_many(llm, [r])[0] for r in (a, b)]
-    together = _probe_many(llm, [a, b])
+    alone = [_probe_many(llm, [r], max_tokens=6)[0] for r in (a, b)]
+    together = _probe_many(llm, [a, b], max_tokens=6)
     assert all(x is not None for x in alone + together)
     ta, tb = together
     assert set(ta["steps"]) & set(tb["steps"]), "the two requests did not share an engine step"  # type: ignore[index]
