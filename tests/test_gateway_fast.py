@@ -203,6 +203,8 @@ def test_a_row_is_open_while_its_attempt_runs_and_interrupted_rows_are_closed(tw
         task = asyncio.ensure_future(slow())
         await asyncio.sleep(0.6)
         during = await asyncio.to_thread(two.rows, correlation_id="slow")
+        usage = await asyncio.to_thread(two.access.usage, "principal", "alice")
+        assert usage == [], "an attempt still running is not yet usage"
         await task
         return during
 

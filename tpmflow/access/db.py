@@ -12,6 +12,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from tpmflow.access.allocations import Allocations
+from tpmflow.access.ledger import UNFINISHED
 from tpmflow.access.principals import PERMISSIONS, Principal
 from tpmflow.access.tables import Base, LedgerEntry, PayloadRow, PrincipalRow, TokenRow
 from tpmflow.errors import InvalidRequest, QuotaExceeded, Unauthorized
@@ -270,6 +271,7 @@ class AccessDB:
                 func.sum(LedgerEntry.activation_bytes),
                 func.sum(LedgerEntry.charge_su),
             )
+            .where(LedgerEntry.status != UNFINISHED)  # attempts still running count once they end
             .group_by(col)
             .order_by(col)
         )
