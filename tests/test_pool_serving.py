@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -144,8 +145,14 @@ def test_openai_package_completions_chat_and_stream(pool: Any) -> None:
     assert "".join(c.choices[0].text for c in chunks if c.choices)
     usage = [c.usage for c in chunks if c.usage]
     assert usage and usage[-1].completion_tokens == 6  # the gateway forces usage on streams
-    pool.ledger.flush()
-    streamed = [r for r in pool.access.ledger_rows(endpoint="completions") if r.output_tokens == 6]
+    # The relay completes a stream's row after its last chunk went out, so it may land just after.
+    deadline = time.monotonic() + 10
+    while True:
+        pool.ledger.flush()
+        streamed = [r for r in pool.access.ledger_rows(endpoint="completions") if r.output_tokens == 6]
+        if streamed or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert streamed, "the streamed request's tokens reached the ledger"
 
 

@@ -6,6 +6,7 @@ and the per-class histograms, and `tpmflow slo report` reads them back."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from dataclasses import asdict
 from pathlib import Path
@@ -238,8 +239,13 @@ def test_ledger_timings_metrics_and_report_through_the_gateway(pool: Any, side_g
         assert r.status_code == 200 and chunks[-1] == "data: [DONE]"
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
 
-    pool.ledger.flush()
-    rows = {r.correlation_id: r for r in pool.access.ledger_rows(principal=who)}
+    deadline = time.monotonic() + 10  # a stream's row is completed just after its last chunk
+    while True:
+        pool.ledger.flush()
+        rows = {r.correlation_id: r for r in pool.access.ledger_rows(principal=who)}
+        if (len(rows) == 4 and all(r.status != 0 for r in rows.values())) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert sorted(rows) == sorted([f"{who}-0", f"{who}-1", f"{who}-2", f"{who}-stream"])
     for i in range(3):
         row = rows[f"{who}-{i}"]
