@@ -594,7 +594,8 @@ def _settled(pool: Any, project: str, who: str, timeout: float = 30) -> tuple[An
     """The request's ledger row and the allocation once the gateway settled (after the stream)."""
     deadline = time.monotonic() + timeout
     while True:
-        rows, alloc = _rows(pool, who), _one(pool.access, project)
+        alloc = _one(pool.access, project)  # first: a settled reservation means its row was completed
+        rows = _rows(pool, who)
         if (rows and alloc["reserved_su"] == 0) or time.monotonic() > deadline:
             assert len(rows) == 1, rows
             return rows[0], alloc
