@@ -153,14 +153,17 @@ def test_probes_batched_together_each_get_what_they_get_alone(client: Any) -> No
     specs = [[Add(site="hook_resid_post", layer=0, vector=rng.normal(size=128).astype(np.float32))] for _ in range(8)]
     capture = [Capture(site="hook_resid_post", layers=[1])]
     alone = [client.probe(PROMPT, capture=capture, interventions=s) for s in specs]
-    with ThreadPoolExecutor(8) as pool:
-        together = list(
-            pool.map(lambda s: client.probe(PROMPT, capture=capture, interventions=s, max_tokens=96), specs)
-        )
-    by_replica: dict[str, list[set[int]]] = {}
-    for t in together:
-        by_replica.setdefault(t.provenance["replica_id"], []).append(set(t.steps))
-    shared = any(a & b for steps in by_replica.values() for k, a in enumerate(steps) for b in steps[k + 1 :])
+    for _ in range(3):  # sharing a step is the scheduler's choice: a quiet, fast runner may serve them apart
+        with ThreadPoolExecutor(8) as pool:
+            together = list(
+                pool.map(lambda s: client.probe(PROMPT, capture=capture, interventions=s, max_tokens=256), specs)
+            )
+        by_replica: dict[str, list[set[int]]] = {}
+        for t in together:
+            by_replica.setdefault(t.provenance["replica_id"], []).append(set(t.steps))
+        shared = any(a & b for steps in by_replica.values() for k, a in enumerate(steps) for b in steps[k + 1 :])
+        if shared:
+            break
     assert shared, "no two probes on one replica shared an engine step"
     for a, t in zip(alone, together, strict=True):
         np.testing.assert_allclose(t["blocks.1.hook_resid_post"], a["blocks.1.hook_resid_post"], atol=1e-5)
