@@ -621,14 +621,8 @@ def test_a_stream_holds_its_reservation_and_settles_to_its_charge(pool: Any, pri
         assert mid["reserved_su"] > 0 and mid["spent_su"] == 0  # reserved while streaming
         (held,) = _held(pool.access, project)
         assert held.expires >= time.time() + pool.cfg.gateway.request_timeout_s  # past its deadline + margin
-        # An hour on, this gateway renewed it (the stream still runs) before anyone swept: neither
-        # its own sweep nor another gateway's releases it.
-        later = time.time() + 3600
-        pool.gateway.keep_reservations_now(now=later)
-        other = AccessDB(pool.cfg.database_url)
-        assert not [r for r in other.allocations.sweep(now=later) if r["project"] == project]
-        other.engine.dispose()
-        assert _one(pool.access, project)["reserved_su"] == mid["reserved_su"]
+        # Renewal of a live stream against any gateway's sweep is tested deterministically in
+        # test_gateway_fast.py (a held-open fake stream): a real engine may finish before it runs.
         tail = [line for line in lines if line.startswith("data: ")]
     assert tail[-1] == "data: [DONE]"
     row, alloc = _settled(pool, project, who)

@@ -375,6 +375,50 @@ def test_a_client_hanging_up_mid_stream_is_a_499_billed_for_what_it_got(two: Rig
     assert (rows[0].status, rows[0].error_type) == (499, "ClientDisconnected") and rows[0].output_tokens >= 1
 
 
+def test_a_live_streams_reservation_is_renewed_and_survives_any_gateways_sweep(two: Rig) -> None:
+    """A stream held open (a slow replica: one chunk a second) keeps its reservation when the
+    renewal runs an hour on, and neither this gateway's sweep nor another's (its own engine)
+    releases it; it then settles to its charge. Deterministic here, where a real engine may
+    finish a stream before the checks run."""
+    from sqlalchemy import text
+
+    from tpmflow.access.costs import CostModel
+
+    two.gateway.cfg.costs = CostModel(su_per_prompt_token=0.001, su_per_output_token=0.003)
+    two.access.allocations.create("chem", 10_000)
+    for fake in two.replicas:
+        fake.delay_s = 4.0  # four chunks, one a second
+
+    def reserved() -> float:
+        (row,) = two.access.allocations.show("chem")
+        return float(row["reserved_su"])
+
+    with httpx.stream(
+        "POST",
+        two.url + Routes.COMPLETIONS,
+        json={"prompt": "x", "max_tokens": 4, "stream": True},
+        headers={"Authorization": f"Bearer {two.token}"},
+    ) as resp:
+        lines = resp.iter_lines()
+        assert next(line for line in lines if line.startswith("data: {"))
+        held = reserved()
+        assert held > 0
+        later = time.time() + 3600
+        two.gateway.keep_reservations_now(now=later)
+        other = AccessDB(two.access.engine.url.render_as_string(hide_password=False))
+        assert not [r for r in other.allocations.sweep(now=later) if r["project"] == "chem"]
+        other.engine.dispose()
+        assert reserved() == held
+        assert [line for line in lines if line.startswith("data: ")][-1] == "data: [DONE]"
+    (row,) = two.finished(endpoint="completions")
+    assert (row.status, row.output_tokens) == (200, 4)
+    (alloc,) = two.access.allocations.show("chem")
+    assert row.charge_su > 0
+    assert alloc["reserved_su"] == 0 and alloc["spent_su"] == pytest.approx(row.charge_su, abs=1e-6)
+    with two.access.engine.connect() as conn:
+        assert not conn.execute(text("SELECT * FROM reservations WHERE project = 'chem'")).all()
+
+
 def test_a_stream_flag_that_is_not_a_boolean_is_refused(two: Rig) -> None:
     """"false" is truthy to the gateway and False to vLLM: a stream with no usage to bill."""
     resp = two.post(Routes.COMPLETIONS, {"prompt": "x", "max_tokens": 1, "stream": "false"})
