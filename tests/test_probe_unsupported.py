@@ -1,5 +1,5 @@
 """Serving never depends on the probe hooks: a replica of an architecture the layout table does
-not cover (GPT-NeoX, which vLLM's CPU build runs on its Transformers backend) starts, joins the
+not cover (GPT-J) starts, joins the
 pool and generates; probes to it are refused naming the class vLLM loaded and what is supported,
 and ``/health`` says why probes are off."""
 
@@ -21,7 +21,7 @@ def test_unsupported_architecture_serves_and_refuses_probes_clearly(tmp_path: Pa
     from tpmflow.pool import Pool
 
     cfg = PoolConfig(
-        model=str(build_tiny_family("gpt-neox")),
+        model=str(build_tiny_family("gpt-j")),
         replicas=1,
         store=StoreConfig(path=str(tmp_path / "store")),
         database_url=f"sqlite:///{tmp_path / 'access.db'}",
@@ -32,7 +32,7 @@ def test_unsupported_architecture_serves_and_refuses_probes_clearly(tmp_path: Pa
         with pytest.raises(InvalidRequest) as err:
             client.probe("hello", capture=[Capture(site="hook_resid_post")])
         message = str(err.value)
-        assert "TransformersForCausalLM" in message and "GPTNeoXForCausalLM" in message
+        assert "GPTJForCausalLM" in message
         assert "LlamaForCausalLM" in message  # what is supported
         (replica,) = client.health()["replicas"]
         assert replica["probes"].startswith("disabled: probes are not available")

@@ -26,8 +26,10 @@ class EngineConfig(BaseModel):
     dtype: str = "float32"
     max_model_len: int = 1024
     enforce_eager: bool = Field(True, description="tpmflow's hooks need eager mode")
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
+    tensor_parallel_size: int = Field(1, ge=1, description="ranks each layer is split over (within a node)")
+    pipeline_parallel_size: int = Field(
+        1, ge=1, description="stages the layers are split into (across devices or nodes)"
+    )
     distributed_executor_backend: str | None = None
     gpu_memory_utilization: float | None = None
     max_num_seqs: int | None = None
@@ -42,6 +44,11 @@ class EngineConfig(BaseModel):
         "gateway's cores). None: no restriction",
     )
     extra_args: list[str] = Field(default_factory=list, description="more `vllm serve` flags, verbatim")
+
+    @property
+    def ranks(self) -> int:
+        """Worker processes (devices) one replica runs on: tensor x pipeline parallel."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 class GatewayConfig(BaseModel):

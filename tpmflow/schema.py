@@ -259,6 +259,8 @@ class ReplicaInfo(BaseModel):
     running: int = 0
     waiting: int = 0
     probes: str | None = Field(None, description="probe status: the layout and its start self-check, or why off")
+    tensor_parallel: int = Field(1, description="ranks each layer is split over")
+    pipeline_parallel: int = Field(1, description="pipeline stages (tensor_parallel x pipeline_parallel ranks in all)")
 
 
 # -- intermediary access (probe) ------------------------------------------------------------------

@@ -40,7 +40,9 @@ class ReplicaContext:
         self.model_name = (args.served_model_name or [args.model])[0]
         self.hidden_size = int(install_info["hidden_size"])
         self.num_layers = int(install_info["num_layers"])
+        # The replica's shape: every route works on a split replica; the hooks record each value once.
         self.tensor_parallel = int(getattr(args, "tensor_parallel_size", 1) or 1)
+        self.pipeline_parallel = int(getattr(args, "pipeline_parallel_size", 1) or 1)
         self.num_heads = int(install_info["num_heads"])
         self.head_dim = int(install_info["head_dim"])
         # Probes: None when this model's layout passed the start self-check, else why they are off.
@@ -64,7 +66,8 @@ class ReplicaContext:
         self.content_hash = _content_hash(Path(self.model_dir))
         # Versions served as vLLM LoRA adapters: `--lora-modules <version id>=<folder>`.
         self.lora_versions = [m.name for m in getattr(args, "lora_modules", None) or []]
-        self.engine_build = f"vllm {_vllm_version()}"
+        # Provenance names the shape too: a split replica's numbers may differ in the last bits.
+        self.engine_build = f"vllm {_vllm_version()} TP={self.tensor_parallel} PP={self.pipeline_parallel}"
         self.store = PayloadStore(StoreConfig.model_validate(settings.store))
         self.signer = Signer(settings.pool_secret)
         self._adapters: OrderedDict[tuple[str, str], Any] = OrderedDict()
@@ -118,6 +121,8 @@ class ReplicaContext:
             lora_versions=self.lora_versions,
             group=self.settings.replica_group,
             probes=self.probes,
+            tensor_parallel=self.tensor_parallel,
+            pipeline_parallel=self.pipeline_parallel,
         )
 
     def serving(self) -> str:

@@ -9,6 +9,15 @@ runner's request order (``input_batch.req_ids``) and ``query_start_loc`` give th
 
 The vLLM internals used here are listed in ``REQUIRED_INTERNALS`` and checked at install time, so
 an upgrade that moves them fails loudly at start-up instead of silently capturing nothing.
+
+Split replicas (tensor and pipeline parallel): every worker runs these hooks on its own part.
+Values every tensor-parallel rank holds alike (the residual stream; attention and MLP outputs,
+which vLLM all-reduces inside the module; the lens' logits, which it all-gathers) are edited on
+every rank, so ranks never diverge, and recorded by tensor rank 0 only. ``hook_z`` is split by head
+across ranks: rank 0 gathers the heads, in rank order. Pipeline stages each record their own
+layers; the replica merges the stages' results (``tpmflow.engine.probe.merge_worker_results``),
+and the lens of a layer on a stage without the final norm is computed by the last stage
+(``tpmflow_lens_of``) from the stream the earlier stage kept.
 """
 
 from __future__ import annotations
@@ -106,6 +115,8 @@ class TpmflowWorkerExtension:
         config = self.model_runner.model_config.hf_config  # type: ignore[attr-defined]
         config = getattr(config, "get_text_config", lambda: config)()
         if not hasattr(self, "tpmflow_captures"):
+            self._tpmflow_find_ranks()
+            self._tpmflow_prepare_pipeline()
             self.tpmflow_captures = {}
             self.tpmflow_hook_calls = 0
             self.tpmflow_probes = {}
@@ -117,9 +128,10 @@ class TpmflowWorkerExtension:
             self.tpmflow_probe_error: str | None = None
         # ``layout_of`` names another class's layout: only tests use it, to prove the self-check
         # catches a wrong layout (the table is the one source otherwise).
-        layout = layout_for(layout_of or model_class)
+        architectures = getattr(config, "architectures", None)
+        layout = layout_for(layout_of, None) if layout_of else layout_for(model_class, architectures)
         if layout is not self.tpmflow_layout or not self.tpmflow_handles:
-            self._tpmflow_install_hooks(model, model_class, layout, getattr(config, "architectures", None))
+            self._tpmflow_install_hooks(model, model_class, layout, architectures)
         heads = int(getattr(config, "num_attention_heads", 0) or 0)
         hidden = int(config.hidden_size)
         info: dict[str, Any] = {
@@ -132,14 +144,48 @@ class TpmflowWorkerExtension:
             "probe_error": self.tpmflow_probe_error,
             "soft_tokens": hasattr(model, "embed_input_ids"),
             "hooks": ["final_norm", "layers"] if self.tpmflow_layout is not None else [],
+            "tensor_parallel": self.tpmflow_tp_size,
+            "pipeline_parallel": self.tpmflow_pp_size,
         }
         if self.tpmflow_layout is not None:
             layers = self.tpmflow_layers
             attn = getattr(layers[self.tpmflow_first_layer], self.tpmflow_layout.attn)
             info["num_layers"] = len(layers)
-            info["num_heads"] = int(getattr(attn, "num_heads", heads))
-            info["head_dim"] = int(getattr(attn, "head_dim", info["head_dim"]))
+            # The heads this worker's attention holds (vLLM's own classes, MLA, Hugging Face's): hook_z
+            # is the output projection's input split into them.
+            local = (getattr(attn, n, None) for n in ("num_heads", "num_local_heads"))
+            self.tpmflow_heads = int(next((h for h in local if isinstance(h, int)), heads // self.tpmflow_tp_size))
+            info["num_heads"] = self.tpmflow_heads * self.tpmflow_tp_size  # every rank's heads
+            info["head_dim"] = int(getattr(attn, "head_dim", None) or getattr(attn, "v_head_dim", info["head_dim"]))
         return info
+
+    def _tpmflow_find_ranks(self) -> None:
+        """This worker's place in a split replica (1 x 1 for an unsplit one)."""
+        from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+        pp = get_pp_group()
+        self.tpmflow_tp_rank = int(get_tensor_model_parallel_rank())
+        self.tpmflow_tp_size = int(get_tensor_model_parallel_world_size())
+        self.tpmflow_pp_rank, self.tpmflow_pp_size = int(pp.rank_in_group), int(pp.world_size)
+        # Values all tensor ranks hold alike are recorded once, here (written to the store once,
+        # metered once): tensor rank 0 of each pipeline stage.
+        self.tpmflow_records = self.tpmflow_tp_rank == 0
+
+    def _tpmflow_prepare_pipeline(self) -> None:
+        """Give a later pipeline stage the buffer it receives activations into.
+
+        vLLM 0.32's model runner allocates it in its dummy run, which the CPU worker skips in eager
+        mode; the stage then fails on its first step (``self.intermediate_tensors is None`` in
+        ``sync_and_gather_intermediate_tensors``). Allocated here exactly as the dummy run would.
+        """
+        from vllm.distributed import get_pp_group
+
+        runner = self.model_runner  # type: ignore[attr-defined]
+        if get_pp_group().is_first_rank or getattr(runner, "intermediate_tensors", None) is not None:
+            return
+        runner.intermediate_tensors = runner.model.make_empty_intermediate_tensors(
+            batch_size=runner.max_num_tokens, dtype=runner.model_config.dtype, device=runner.device
+        )
 
     def _tpmflow_install_hooks(
         self, model: Any, model_class: str, layout: Layout | None, architectures: list[str] | None
@@ -161,9 +207,12 @@ class TpmflowWorkerExtension:
         if not any(hasattr(layer, layout.attn) for layer in layers):
             self.tpmflow_probe_error = f"{model_class}: no decoder layer on this worker has {layout.attn!r}"
             return
-        self.tpmflow_layout, self.tpmflow_layers, self.tpmflow_norm = layout, layers, norm
+        # An earlier pipeline stage holds a placeholder for the final norm (the last stage has it).
+        self.tpmflow_norm = None if _placeholder(norm) else norm
+        self.tpmflow_layout, self.tpmflow_layers = layout, layers
         self.tpmflow_probe_error = None
-        self.tpmflow_handles.append(norm.register_forward_hook(self._tpmflow_on_final_norm))
+        if self.tpmflow_norm is not None:
+            self.tpmflow_handles.append(norm.register_forward_hook(self._tpmflow_on_final_norm))
         self._tpmflow_install_layer_hooks(layout, layers)
 
     def _tpmflow_install_layer_hooks(self, layout: Layout, layers: Any) -> None:
@@ -173,7 +222,7 @@ class TpmflowWorkerExtension:
 
         add = self.tpmflow_handles.append
         for layer_index, layer in enumerate(layers):
-            if not hasattr(layer, layout.attn):  # a placeholder of another pipeline stage
+            if _placeholder(layer) or not hasattr(layer, layout.attn):  # another pipeline stage's layer
                 continue
             add(layer.register_forward_pre_hook(partial(self._tpmflow_layer_in, layer_index), with_kwargs=True))
             add(layer.register_forward_hook(partial(self._tpmflow_layer_out, layer_index), with_kwargs=True))
@@ -187,7 +236,9 @@ class TpmflowWorkerExtension:
                     add(module.register_forward_pre_hook(partial(self._tpmflow_heads, site.name, layer_index)))
                 else:
                     add(module.register_forward_hook(partial(self._tpmflow_module_out, site.name, layer_index)))
-        self.tpmflow_first_layer = next(i for i, layer in enumerate(layers) if hasattr(layer, layout.attn))
+        self.tpmflow_first_layer = next(
+            i for i, layer in enumerate(layers) if not _placeholder(layer) and hasattr(layer, layout.attn)
+        )
 
     def tpmflow_set_probes(self, error: str | None) -> None:
         """Disable probes on this worker (``error`` says why; the self-check failed) or enable them again."""
@@ -233,6 +284,8 @@ class TpmflowWorkerExtension:
                 out = model.embed_input_ids(torch.tensor(ids, dtype=torch.long, device=device))
             except (AttributeError, RuntimeError):  # a pipeline stage whose embedding is a placeholder
                 return None
+        if out.dim() != 2:  # a placeholder (an identity) handed the ids back
+            return None
         rows = out.float().cpu().numpy()
         return {"hidden": rows.tobytes(), "shape": list(rows.shape), "complete": True}
 
@@ -335,73 +388,130 @@ class TpmflowWorkerExtension:
             stream = (
                 hidden[row.lo : row.hi] if residual is None else hidden[row.lo : row.hi] + residual[row.lo : row.hi]
             )
-            if (site, layer) in state.captures:  # no copy to the CPU for an edit alone
+            if self.tpmflow_records and (site, layer) in state.captures:  # no copy for an edit alone
                 state.capture(site, layer, row.positions, _to_numpy(stream))
-            if lens:
-                self._tpmflow_lens(state, layer, row.positions, stream)
+            if lens and self.tpmflow_norm is not None:
+                self._tpmflow_lens(state, layer, row.positions, stream)  # every tensor rank: a collective
+            elif lens and self.tpmflow_records:  # the last pipeline stage unembeds it later
+                state.keep_lens_stream(layer, row.positions, _to_numpy(stream))
 
     def _tpmflow_module_out(self, site: str, layer: int, module: Any, inputs: Any, output: Any) -> None:
         if not self.tpmflow_step_rows:
             return
         from tpmflow.engine.probe import apply_edits
 
-        output = output[0] if isinstance(output, tuple) else output  # a parallel linear's (output, bias)
+        # The site's value is output + bias where the block adds the module's bias itself (Falcon):
+        # edits keep that sum right and never touch the bias (a parameter every row shares).
+        output, bias = self.tpmflow_layout.module_output(output)  # type: ignore[union-attr]
+        bias_rows = None if bias is None else bias.expand_as(output)
         for row in self.tpmflow_step_rows:
             state = row.state
             if not state.wants(site, layer):
                 continue
             edits = state.edits.get((site, layer))
             if edits:
-                apply_edits(edits, row, output)
-            if (site, layer) in state.captures:
-                state.capture(site, layer, row.positions, _to_numpy(output[row.lo : row.hi]))
+                apply_edits(edits, row, output, bias_rows)
+            if self.tpmflow_records and (site, layer) in state.captures:
+                value = (
+                    output[row.lo : row.hi]
+                    if bias_rows is None
+                    else output[row.lo : row.hi] + bias_rows[row.lo : row.hi]
+                )
+                state.capture(site, layer, row.positions, _to_numpy(value))
 
     def _tpmflow_heads(self, site: str, layer: int, module: Any, args: Any) -> None:
-        """A per-head site (captured only): the output projection's input as [rows, heads, head_dim]."""
-        if not self.tpmflow_step_rows:
+        """A per-head site (captured only): the output projection's input as [rows, heads, head_dim].
+        Tensor ranks each hold a contiguous block of heads: rank 0 gathers them in rank order (every
+        rank takes part in the gather: they all see the same requests)."""
+        rows = [row for row in self.tpmflow_step_rows if (site, layer) in row.state.captures]
+        if not rows:
             return
-        z = args[0]
-        attn = getattr(self.tpmflow_layers[layer], self.tpmflow_layout.attn)  # type: ignore[union-attr]
-        heads = attn.num_heads
-        for row in self.tpmflow_step_rows:
-            if (site, layer) in row.state.captures:
-                per_head = _to_numpy(z[row.lo : row.hi]).reshape(row.hi - row.lo, heads, -1)
-                row.state.capture(site, layer, row.positions, per_head)
+        z = self.tpmflow_layout.tokens(args[0])  # type: ignore[union-attr]
+        if self.tpmflow_tp_size > 1:
+            from vllm.distributed import get_tp_group
+
+            z = get_tp_group().gather(z.contiguous(), dst=0, dim=-1)
+            if z is None:  # another rank's copy: rank 0 records
+                return
+        heads = self.tpmflow_heads * self.tpmflow_tp_size
+        for row in rows:
+            per_head = _to_numpy(z[row.lo : row.hi]).reshape(row.hi - row.lo, heads, -1)
+            row.state.capture(site, layer, row.positions, per_head)
 
     def _tpmflow_lens(self, state: Any, layer: int, positions: np.ndarray, stream: Any) -> None:
         """Final norm and unembedding of the residual stream at ``layer``: top-k per position."""
-        import torch
-
-        model = self.model_runner.model  # type: ignore[attr-defined]
         keep = [r for r, p in enumerate(positions) if state.lens_positions is None or int(p) in state.lens_positions]
         if not keep:
             return
-        by_pos = state.lens.setdefault(layer, {})
+        top = self._tpmflow_unembed(stream[keep], state.top_k)
+        if top is not None:
+            by_pos = state.lens.setdefault(layer, {})
+            for j, r in enumerate(keep):
+                by_pos[int(positions[r])] = (top[0][j], top[1][j])
+
+    def _tpmflow_unembed(self, stream: Any, top_k: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Top-k token ids and probabilities of the final norm and unembedding of ``stream`` rows
+        (None on a tensor rank that does not record). vLLM's ``compute_logits`` all-gathers the
+        vocabulary shards, so every tensor rank of the stage must call it, the same number of times."""
+        import torch
+
+        model = self.model_runner.model  # type: ignore[attr-defined]
+        ids_out, probs_out = [], []
         self.tpmflow_in_lens = True  # the final-norm hook must not take these rows for an embed
         try:
             with torch.no_grad():
                 # A few rows at a time: [rows, vocab] logits of a long prefill would not fit.
-                for start in range(0, len(keep), LENS_ROWS):
-                    rows = keep[start : start + LENS_ROWS]
-                    normed = self.tpmflow_norm(stream[rows].clone())
+                for start in range(0, len(stream), LENS_ROWS):
+                    normed = self.tpmflow_norm(stream[start : start + LENS_ROWS].clone())  # type: ignore[misc]
                     normed = normed[0] if isinstance(normed, tuple) else normed
-                    logits = model.compute_logits(normed).float()
-                    probs, ids = torch.softmax(logits, dim=-1).topk(state.top_k, dim=-1)
-                    for j, r in enumerate(rows):
-                        by_pos[int(positions[r])] = (ids[j].cpu().numpy(), probs[j].cpu().numpy())
+                    logits = model.compute_logits(normed)
+                    if logits is None:  # a rank the logits were gathered away from
+                        continue
+                    probs, ids = torch.softmax(logits.float(), dim=-1).topk(top_k, dim=-1)
+                    ids_out.append(ids.cpu().numpy())
+                    probs_out.append(probs.cpu().numpy())
         finally:
             self.tpmflow_in_lens = False
+        if not self.tpmflow_records or not ids_out:
+            return None
+        return np.concatenate(ids_out), np.concatenate(probs_out)
+
+    def tpmflow_lens_of(self, streams: list[dict[str, Any]], top_k: int) -> list[dict[str, Any]] | None:
+        """The lens of layers an earlier pipeline stage kept the stream of (``ProbeState.results``'s
+        ``lens_streams``), on the stage with the final norm; None on other workers."""
+        import torch
+
+        if self.tpmflow_norm is None or self.tpmflow_layout is None:
+            return None
+        device = next(self.model_runner.model.parameters()).device  # type: ignore[attr-defined]
+        dtype = self.model_runner.model_config.dtype  # type: ignore[attr-defined]
+        out = []
+        for entry in streams:
+            rows = np.frombuffer(entry["bytes"], dtype=np.float32).reshape(entry["shape"])
+            top = self._tpmflow_unembed(torch.from_numpy(rows.copy()).to(device, dtype), top_k)
+            if top is not None:
+                out.append(
+                    {
+                        "layer": entry["layer"],
+                        "positions": entry["positions"],
+                        "token_ids": top[0].tolist(),
+                        "probs": top[1].tolist(),
+                    }
+                )
+        return out if self.tpmflow_records else None
 
     # -- hooks ---------------------------------------------------------------------------------
 
     def _tpmflow_on_final_norm(self, module: Any, inputs: Any, output: Any) -> None:
-        if self.tpmflow_in_lens:
+        if self.tpmflow_in_lens or not self.tpmflow_records:  # tensor rank 0 records the embedding
             return
         self.tpmflow_hook_calls += 1
         runner = self.model_runner  # type: ignore[attr-defined]
         batch = runner.input_batch
         req_ids = batch.req_ids
         hidden = output[0] if isinstance(output, tuple) else output
+        if self.tpmflow_layout is not None:
+            hidden = self.tpmflow_layout.tokens(hidden)
         starts = runner.query_start_loc.np
         for i, req_id in enumerate(req_ids):
             state = runner.requests.get(req_id)
@@ -432,6 +542,11 @@ class TpmflowWorkerExtension:
     def tpmflow_drop_probe(self, keys: list[str]) -> int:
         """Free the captures of aborted probing requests."""
         return sum(self.tpmflow_probes.pop(k, None) is not None for k in keys)
+
+
+def _placeholder(module: Any) -> bool:
+    """vLLM's stand-in for a module another pipeline stage holds (``PPMissingLayer``)."""
+    return type(module).__name__ == "PPMissingLayer"
 
 
 def _to_numpy(tensor: Any) -> np.ndarray:

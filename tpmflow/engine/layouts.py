@@ -13,7 +13,13 @@ Compositions (how a block's output is built from its parts; the self-check verif
   stream at the block's input and output is ``hidden + residual`` (vLLM's fused add-RMSNorm).
 - ``stream``: layers take the stream (argument ``hidden_arg``) and return it (``output[0]`` when
   they return a tuple).
-- ``parallel``: as ``stream``, but attention and MLP both read the block's input (GPT-NeoX, Falcon).
+- ``parallel``: as ``stream``, but attention and MLP both read the block's input (GPT-NeoX, Phi,
+  Falcon); the block's output is still input + attention + MLP.
+
+Two details some classes add: ``batched`` (vLLM's Transformers backend runs the Hugging Face model
+with a batch dimension of one, ``[1, tokens, hidden]``, where vLLM's own classes use
+``[tokens, hidden]``) and ``bias_apart`` (attention and MLP return ``(output, bias)`` and the block
+adds the bias itself, as vLLM's Falcon does: the site's value is their sum).
 
 Torch-free, like ``tpmflow.engine.sites``, so the table can be listed anywhere (README, doctor).
 """
@@ -41,6 +47,8 @@ class Layout:
     out_proj: str  # the attention's output projection: its input is hook_z
     composition: Composition
     hidden_arg: int = 1  # where the hidden states are among the block's positional arguments
+    batched: bool = False  # tensors are [1, tokens, hidden] (vLLM's Transformers backend)
+    bias_apart: bool = False  # attention and MLP return (output, bias), the block adds the bias
 
     def decoder_of(self, model: Any) -> Any:
         obj = model
@@ -65,22 +73,42 @@ class Layout:
     def fused(self) -> bool:
         return self.composition == "fused"
 
+    def tokens(self, tensor: Any) -> Any:
+        """``tensor`` as [tokens, ...]: a view (in-place edits reach the model's own tensor)."""
+        return tensor[0] if self.batched else tensor
+
     def block_inputs(self, args: Any, kwargs: Any) -> tuple[Any, Any]:
         """(hidden, residual) entering a block; the stream is their sum (residual None: hidden alone).
         vLLM passes the first fused layer a residual of None: the stream is then hidden alone."""
         hidden = args[self.hidden_arg] if len(args) > self.hidden_arg else kwargs["hidden_states"]
         if self.fused:
             return hidden, args[self.hidden_arg + 1] if len(args) > self.hidden_arg + 1 else kwargs.get("residual")
-        return hidden, None
+        return self.tokens(hidden), None
 
     def block_outputs(self, output: Any) -> tuple[Any, Any]:
         """(hidden, residual) leaving a block, whose sum is the stream (residual None: hidden alone)."""
         if self.fused:
             return output[0], output[1]
-        return (output[0] if isinstance(output, tuple) else output), None
+        return self.tokens(output[0] if isinstance(output, tuple) else output), None
+
+    def module_output(self, output: Any) -> tuple[Any, Any]:
+        """(output, bias) of an attention or MLP module: the site's value is output + bias (bias
+        None: the output alone). Other tuples are (output, something else: a parallel linear's
+        unused bias slot, attention weights): the output alone."""
+        if not isinstance(output, tuple):
+            return self.tokens(output), None
+        bias = output[1] if self.bias_apart and len(output) > 1 else None
+        return self.tokens(output[0]), bias
 
 
 _LLAMA = dict(decoder="model", layers="layers", norm="norm", attn="self_attn", mlp="mlp", out_proj="o_proj")
+
+
+def transformers_backend(architecture: str) -> str:
+    """The table's key for a family vLLM runs on its Transformers backend (one vLLM class for all
+    of them: the Hugging Face architecture tells their module trees apart)."""
+    return f"TransformersForCausalLM[{architecture}]"
+
 
 # Keyed by the class vLLM actually loads (``type(model_runner.model).__name__``), not the config's
 # ``architectures``: vLLM maps several names to one class, and runs some families on its
@@ -104,15 +132,35 @@ LAYOUTS: dict[str, Layout] = {
     "MixtralForCausalLM": Layout(
         "Mixtral", "model", "layers", "norm", "self_attn", "block_sparse_moe", "o_proj", composition="fused"
     ),
+    # DeepSeek-V2/V3 (and Kimi K2): multi-head latent attention and a mixture of experts with shared
+    # experts (dense MLPs in the first layers), in Llama's fused pairs and names.
+    "DeepseekV2ForCausalLM": Layout("DeepSeek-V2", composition="fused", **_LLAMA),
+    "DeepseekV3ForCausalLM": Layout("DeepSeek-V3", composition="fused", **_LLAMA),
+    # Falcon-7B style: attention and MLP read one layer norm's output; both return (output, bias).
+    "FalconForCausalLM": Layout(
+        "Falcon", "transformer", "h", "ln_f", "self_attention", "mlp", "dense", "parallel", bias_apart=True
+    ),
+    # On vLLM's Transformers backend (vLLM 0.32 has no own class for these): Hugging Face's modules,
+    # the layers called with the hidden states first.
+    transformers_backend("GPTNeoXForCausalLM"): Layout(
+        "GPT-NeoX", "model", "layers", "final_layer_norm", "attention", "mlp", "dense", "parallel",
+        hidden_arg=0, batched=True,
+    ),  # fmt: skip
+    transformers_backend("PhiForCausalLM"): Layout(
+        "Phi", "model", "layers", "final_layernorm", "self_attn", "mlp", "dense", "parallel", hidden_arg=0, batched=True
+    ),
 }
 
 SUPPORTED = tuple(LAYOUTS)
 assert all(s.part in ("block_in", "block_out", "attn", "mlp", "out_proj_in") for s in SITES.values())
 
 
-def layout_for(model_class: str) -> Layout | None:
-    """The layout of a vLLM model class, or None: probes are then refused, never guessed."""
-    return LAYOUTS.get(model_class)
+def layout_for(model_class: str, architectures: list[str] | None = None) -> Layout | None:
+    """The layout of a vLLM model class (for its Transformers backend: of the config's
+    architecture), or None: probes are then refused, never guessed."""
+    if model_class in LAYOUTS:
+        return LAYOUTS[model_class]
+    return next((LAYOUTS[k] for a in architectures or () if (k := f"{model_class}[{a}]") in LAYOUTS), None)
 
 
 def unsupported_message(model_class: str, architectures: list[str] | None = None) -> str:

@@ -51,6 +51,8 @@ class ProbeState:
     lens_positions: set[int] | None = None
     rows: dict[tuple[str, int], dict[int, np.ndarray]] = field(default_factory=dict)
     lens: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
+    # The stream at lens layers of a pipeline stage without the final norm: unembedded by the last stage.
+    lens_streams: dict[int, dict[int, np.ndarray]] = field(default_factory=dict)
     created: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)  # the last step it took part in
     steps: list[int] = field(default_factory=list)  # engine steps this request took part in
@@ -97,9 +99,25 @@ class ProbeState:
             if (positions is None and (p < self.n_prompt or generated)) or (positions is not None and p in positions):
                 store[p] = values[r].copy()
 
+    def keep_lens_stream(self, layer: int, pos: np.ndarray, stream: np.ndarray) -> None:
+        """Keep the stream rows the lens wants at ``layer`` (on a stage that cannot unembed them)."""
+        kept = self.lens_streams.setdefault(layer, {})
+        for r, p in enumerate(pos):
+            if self.lens_positions is None or int(p) in self.lens_positions:
+                kept[int(p)] = stream[r].copy()
+
     def results(self) -> dict[str, Any]:
-        """Captured arrays (float32 bytes, positions) and the lens table, for ``tpmflow_take_probe``."""
-        out: dict[str, Any] = {"captures": [], "lens": [], "steps": self.steps}
+        """Captured arrays (float32 bytes, positions), the lens table and the streams kept for a
+        later stage's lens (``lens_streams``), for ``tpmflow_take_probe``."""
+        out: dict[str, Any] = {
+            "captures": [], "lens": [], "steps": self.steps, "lens_streams": [], "top_k": self.top_k
+        }  # fmt: skip
+        for layer, by_pos in sorted(self.lens_streams.items()):
+            positions = sorted(by_pos)
+            rows = np.stack([by_pos[p] for p in positions]).astype(np.float32)
+            out["lens_streams"].append(
+                {"layer": layer, "positions": positions, "bytes": rows.tobytes(), "shape": list(rows.shape)}
+            )
         for (site, layer), by_pos in sorted(self.rows.items()):
             positions = sorted(by_pos)
             array = np.stack([by_pos[p] for p in positions]).astype(np.float32) if positions else np.zeros((0,))
@@ -115,6 +133,53 @@ class ProbeState:
                 }
             )
         return out
+
+
+def merge_worker_results(results: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
+    """One request's ``tpmflow_take_probe`` results from every worker of a replica, as one: each
+    pipeline stage holds its own layers' captures and lens (tensor rank 0 of each records; other
+    ranks hold nothing). None when no worker saw the request."""
+    found = [r[key] for r in results if r.get(key) is not None]
+    if not found:
+        return None
+    merged: dict[str, Any] = {
+        "captures": [], "lens": [], "lens_streams": [], "steps": found[0]["steps"], "top_k": found[0]["top_k"]
+    }  # fmt: skip
+    for part in found:
+        for name in ("captures", "lens", "lens_streams"):
+            merged[name].extend(part.get(name, []))
+    merged["captures"].sort(key=lambda c: (c["site"], c["layer"]))
+    merged["lens"].sort(key=lambda e: e["layer"])
+    return merged
+
+
+def add_deferred_lens(found: dict[str, Any], tables: list[list[dict[str, Any]] | None]) -> dict[str, Any]:
+    """``found`` with the lens entries the last pipeline stage computed (``tpmflow_lens_of``)."""
+    entries = [e for table in tables if table for e in table]
+    found["lens"] = sorted(found["lens"] + entries, key=lambda e: e["layer"])
+    found["lens_streams"] = []
+    return found
+
+
+async def take_probe(engine: Any, key: str, principal: str, inline: bool = False) -> dict[str, Any] | None:
+    """Hand over one probing request's results from every worker of a replica (``AsyncLLM``), merged,
+    with the lens of earlier pipeline stages' layers computed by the last stage."""
+    found = merge_worker_results(
+        await engine.collective_rpc("tpmflow_take_probe", args=([key], principal, inline)), key
+    )
+    if found is not None and found["lens_streams"]:
+        add_deferred_lens(
+            found, await engine.collective_rpc("tpmflow_lens_of", args=(found["lens_streams"], found["top_k"]))
+        )
+    return found
+
+
+def take_probe_offline(llm: Any, key: str) -> dict[str, Any] | None:
+    """``take_probe`` on vLLM's offline ``LLM`` (tests, the offline self-check): inline arrays."""
+    found = merge_worker_results(llm.collective_rpc("tpmflow_take_probe", args=([key], "", True)), key)
+    if found is not None and found["lens_streams"]:
+        add_deferred_lens(found, llm.collective_rpc("tpmflow_lens_of", args=(found["lens_streams"], found["top_k"])))
+    return found
 
 
 @dataclass

@@ -17,6 +17,7 @@ import numpy as np
 
 from tpmflow.engine.context import ReplicaContext
 from tpmflow.engine.ops import engine_prompt, prompt_tokens, run_request
+from tpmflow.engine.probe import take_probe
 from tpmflow.engine.sites import LENS_SITE, SITES, split_site
 from tpmflow.errors import InvalidRequest
 from tpmflow.payload import Reference
@@ -165,8 +166,6 @@ async def probe(
     ctx.check_model(body.model)
     if ctx.probe_error:
         raise InvalidRequest(ctx.probe_error)
-    if ctx.tensor_parallel > 1:
-        raise InvalidRequest("probe needs replicas with tensor_parallel_size 1 (each rank sees only its heads)")
     tokenizer = ctx.engine.get_tokenizer()
     ids = prompt_tokens(ctx, tokenizer, 0, body.prompt)
     if len(ids) + body.max_tokens > ctx.max_model_len:
@@ -187,8 +186,7 @@ async def probe(
     try:
         final = await run_request(ctx.engine, engine_prompt(ids, f"probe-{key}"), params, request_id, priority)
     finally:
-        results = await ctx.engine.collective_rpc("tpmflow_take_probe", args=([key], principal))
-    found = next((r[key] for r in results if r.get(key) is not None), None)
+        found = await take_probe(ctx.engine, key, principal)
     if found is None:
         raise RuntimeError("the probe hooks did not fire (is the model compiled? tpmflow needs --enforce-eager)")
     captures: list[CapturedArray] = []

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from tpmflow.engine.probe import take_probe, take_probe_offline
 from tpmflow.engine.sites import ATTN_OUT, MLP_OUT, RESID_POST, RESID_PRE
 
 TOP_K = 5
@@ -178,10 +179,6 @@ def _top(output: Any) -> dict[int, float]:
     return {int(t): float(lp.logprob) for t, lp in first.items()}
 
 
-def _found(results: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
-    return next((r[key] for r in results if r.get(key) is not None), None)
-
-
 async def run_self_check(engine: Any, info: dict[str, Any]) -> SelfCheck:
     """Run the check on a replica's ``AsyncLLM`` (before the replica serves); disables probes on failure."""
     n_layers, hidden = int(info["num_layers"]), int(info["hidden_size"])
@@ -192,8 +189,7 @@ async def run_self_check(engine: Any, info: dict[str, Any]) -> SelfCheck:
         final = None
         async for out in engine.generate({"prompt_token_ids": ids}, _params(spec, key), key):
             final = out
-        taken = await engine.collective_rpc("tpmflow_take_probe", args=([key], "", True))
-        results[name] = _probed(_found(taken, key), _top(final))
+        results[name] = _probed(await take_probe(engine, key, "", inline=True), _top(final))
     check = evaluate(results, n_layers, hidden, tolerance(engine.model_config.dtype))
     if not check.ok:
         await engine.collective_rpc("tpmflow_set_probes", args=(check.summary(),))
@@ -209,8 +205,7 @@ def run_self_check_offline(llm: Any, info: dict[str, Any]) -> SelfCheck:
     for name, spec in requests(n_layers, hidden).items():
         key = f"selfcheck-{name}-{uuid.uuid4().hex[:8]}"
         out = llm.generate({"prompt_token_ids": ids}, _params(spec, key), use_tqdm=False)[0]
-        taken = llm.collective_rpc("tpmflow_take_probe", args=([key], "", True))
-        results[name] = _probed(_found(taken, key), _top(out))
+        results[name] = _probed(take_probe_offline(llm, key), _top(out))
     check = evaluate(results, n_layers, hidden, tolerance(config.dtype))
     if not check.ok:
         llm.collective_rpc("tpmflow_set_probes", args=(check.summary(),))

@@ -66,6 +66,123 @@ def _gpt_neox(vocab: int) -> Any:
     return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=vocab, rotary_pct=0.25, use_parallel_residual=True, **_common()))
 
 
+def _gpt_j(vocab: int) -> Any:
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    # Not in the layout table: the tests' example of a model served without probes.
+    c = _common()
+    config = GPTJConfig(
+        vocab_size=vocab,
+        n_embd=c["hidden_size"],
+        n_layer=c["num_hidden_layers"],
+        n_head=c["num_attention_heads"],
+        rotary_dim=16,
+        n_positions=c["max_position_embeddings"],
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        torch_dtype="float32",
+    )
+    return GPTJForCausalLM(config)
+
+
+def _phi(vocab: int) -> Any:
+    from transformers import PhiConfig, PhiForCausalLM
+
+    # Parallel attention + MLP, partial rotary, biases everywhere; vLLM runs it on its Transformers backend.
+    return PhiForCausalLM(PhiConfig(vocab_size=vocab, num_key_value_heads=1, partial_rotary_factor=0.5, **_common()))
+
+
+def _falcon(vocab: int) -> Any:
+    from transformers import FalconConfig, FalconForCausalLM
+
+    c = _common()
+    # Falcon-7B's layout: parallel attention + MLP from one layer norm, multi-query attention, biases.
+    config = FalconConfig(
+        vocab_size=vocab,
+        hidden_size=c["hidden_size"],
+        num_hidden_layers=c["num_hidden_layers"],
+        num_attention_heads=c["num_attention_heads"],
+        parallel_attn=True,
+        new_decoder_architecture=False,
+        multi_query=True,
+        bias=True,
+        alibi=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        torch_dtype="float32",
+    )
+    return FalconForCausalLM(config)
+
+
+def _llama(vocab: int) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    # Heads, KV heads and layers divisible by 2: the model the split-replica tests cut in two.
+    # (head_dim 64: vLLM's CPU attention kernels take no smaller one).
+    shape = {**_common(), "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2}
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, num_key_value_heads=2, **shape))
+
+
+def _mistral(vocab: int) -> Any:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return MistralForCausalLM(MistralConfig(vocab_size=vocab, num_key_value_heads=1, sliding_window=None, **_common()))
+
+
+def _qwen3(vocab: int) -> Any:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    # Qwen3 normalises queries and keys per head (q_norm, k_norm): randomised like every norm.
+    return Qwen3ForCausalLM(
+        Qwen3Config(vocab_size=vocab, num_key_value_heads=1, head_dim=64, use_sliding_window=False, **_common())
+    )
+
+
+def _deepseek_v3(vocab: int) -> Any:
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    c = _common()
+    # DeepSeek-V3 / Kimi K2 in miniature: multi-head latent attention (compressed KV, decoupled
+    # rotary part) and a mixture of experts with a shared expert; layer 0 dense, layer 1 MoE.
+    config = DeepseekV3Config(
+        vocab_size=vocab,
+        hidden_size=c["hidden_size"],
+        intermediate_size=c["intermediate_size"],
+        moe_intermediate_size=32,
+        num_hidden_layers=c["num_hidden_layers"],
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        n_group=1,
+        topk_group=1,
+        # What Hugging Face's DeepSeek-V3 always does (sigmoid scores, a learnt correction bias on
+        # them for choosing experts): spelt out, because vLLM reads these names to build the same.
+        topk_method="noaux_tc",
+        scoring_func="sigmoid",
+        norm_topk_prob=True,
+        first_k_dense_replace=1,
+        # DeepSeek-V3's own latent sizes: vLLM's CPU MLA decode kernel takes kv_lora_rank 512 +
+        # qk_rope_head_dim 64 only.
+        kv_lora_rank=512,
+        q_lora_rank=48,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=64,
+        v_head_dim=64,
+        rope_scaling=None,
+        max_position_embeddings=c["max_position_embeddings"],
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    return DeepseekV3ForCausalLM(config)
+
+
 def _qwen2(vocab: int) -> Any:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -90,9 +207,16 @@ def _mixtral(vocab: int) -> Any:
 
 
 FAMILIES: dict[str, Callable[[int], Any]] = {
+    "llama-split": _llama,
     "stablelm": _stablelm,
     "opt": _opt,
     "gpt-neox": _gpt_neox,
+    "phi": _phi,
+    "gpt-j": _gpt_j,
+    "falcon": _falcon,
+    "mistral": _mistral,
+    "qwen3": _qwen3,
+    "deepseek-v3": _deepseek_v3,
     "mixtral": _mixtral,
     "qwen2": _qwen2,
     "gemma": _gemma,

@@ -130,6 +130,28 @@ def _provider(spec: ExecutorSpec) -> Any:
     )
 
 
+def accelerator_groups(accelerators: int | list[str], ranks: int) -> list[str]:
+    """Parsl's ``available_accelerators`` as one entry per worker of ``ranks`` devices: Parsl sets a
+    worker's ``CUDA_VISIBLE_DEVICES`` (``ZE_AFFINITY_MASK`` ...) to its entry, so a replica of
+    ``ranks`` ranks (tensor x pipeline parallel) gets ``ranks`` devices, ``"0,1,2,3"``."""
+    devices = [str(i) for i in range(accelerators)] if isinstance(accelerators, int) else list(accelerators)
+    if ranks == 1 or not devices:
+        return devices
+    if len(devices) % ranks:
+        raise ValueError(
+            f"{len(devices)} accelerators per node cannot be split into replicas of {ranks} ranks "
+            "(tensor_parallel_size x pipeline_parallel_size)"
+        )
+    return [",".join(devices[i : i + ranks]) for i in range(0, len(devices), ranks)]
+
+
+def _accelerators(spec: ExecutorSpec, site: SiteConfig) -> int | list[str]:
+    """The replica executor's devices grouped per replica; other executors' as written."""
+    if site.pool.launcher.kind != "parsl" or spec.label != site.pool.launcher.parsl_executor:
+        return spec.available_accelerators
+    return accelerator_groups(spec.available_accelerators, site.pool.engine.ranks)
+
+
 def build_parsl_config(site: SiteConfig, run_dir: str | None = None) -> Any:
     """The ``parsl.config.Config`` of a site: one HighThroughputExecutor per spec. Submits nothing."""
     from parsl.config import Config
@@ -143,7 +165,7 @@ def build_parsl_config(site: SiteConfig, run_dir: str | None = None) -> Any:
             "label": spec.label,
             "provider": _provider(spec),
             "cpu_affinity": spec.cpu_affinity,
-            "available_accelerators": spec.available_accelerators,
+            "available_accelerators": _accelerators(spec, site),
             "prefetch_capacity": 0,  # long-running replica apps must not queue work behind them
         }
         if spec.max_workers_per_node is not None:

@@ -1,7 +1,8 @@
 """Replicas as long-running Parsl apps: the cluster launcher.
 
 Each replica is a Parsl ``python_app`` on a named executor (an HTEX on GPU nodes, where
-``available_accelerators`` pins one GPU per worker through ``CUDA_VISIBLE_DEVICES``). The app
+``available_accelerators`` pins a replica's GPUs, one per rank, to its worker through
+``CUDA_VISIBLE_DEVICES``: ``tpmflow.parsl.sites.accelerator_groups``). The app
 builds the replica's command and environment on the worker node — so the pinning Parsl did there
 is inherited — runs the server in its own process group, and watches two things: the server (the
 app returns when it dies, and the launcher submits it again) and the gateway (when the gateway is
@@ -39,13 +40,17 @@ def run_replica(
 
     cfg = PoolConfig.model_validate_json(cfg_json)
     slot = cfg.slots()[index]
+    try:
+        bind = cpu_binds(cfg)[index]
+    except ValueError:  # fewer cores here than ranks in the pool: only vLLM's CPU build reads the bind
+        bind = None
     replica_id = slot.replica_id
     port = free_port(host)
     url = f"http://{host}:{port}"
     proc = ReplicaProcess(
         replica_id,
         replica_command(cfg, port, host, index),
-        replica_env(cfg, replica_id, url, gateway_url, secret, cpu_binds(cfg)[index], slot.group),
+        replica_env(cfg, replica_id, url, gateway_url, secret, bind, slot.group),
         Path(log_dir) / f"{replica_id}.log",
         process_cores(cfg, index),
     )

@@ -85,18 +85,64 @@ def lora_args(loras: list[LoraCheckout]) -> list[str]:
 
 def cpu_binds(cfg: PoolConfig) -> list[str | None]:
     """``VLLM_CPU_OMP_THREADS_BIND`` per replica slot (every group at its maximum), so replicas on
-    one node don't fight over cores."""
-    n = len(cfg.slots())
-    if cfg.engine.cpu_threads_bind == "auto" and cfg.engine.process_cores:
-        return [cfg.engine.process_cores[i % len(cfg.engine.process_cores)] for i in range(n)]  # within its cores
+    one node don't fight over cores. A replica of several ranks (tensor x pipeline parallel) gets
+    its cores split between them, ``"0-3|4-7"``: one worker process per rank, each on its own cores.
+
+    Raises ``ValueError`` when the cores cannot give every rank one of its own.
+    """
+    n, ranks = len(cfg.slots()), cfg.engine.ranks
     if cfg.engine.cpu_threads_bind != "auto":
         binds = list(cfg.engine.cpu_threads_bind)
+        for bind in binds:
+            if len(bind.split("|")) != ranks:
+                raise ValueError(
+                    f"engine.cpu_threads_bind {bind!r} names {len(bind.split('|'))} rank(s) ('|' between them); "
+                    f"each replica has {ranks} (tensor_parallel_size x pipeline_parallel_size)"
+                )
         return [binds[i % len(binds)] for i in range(n)]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if n == 1 or cores < n:
+    if cfg.engine.process_cores:
+        specs = cfg.engine.process_cores
+        return [rank_binds(parse_cores(specs[i % len(specs)]), ranks) for i in range(n)]  # within its cores
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    if ranks == 1 and (n == 1 or len(cores) < n):
         return [None] * n  # let vLLM decide (one replica, or fewer cores than replicas)
-    per = cores // n
-    return [f"{i * per}-{(i + 1) * per - 1}" if per > 1 else str(i) for i in range(n)]
+    if len(cores) < n * ranks:
+        raise ValueError(
+            f"{n} replica(s) of {ranks} ranks need {n * ranks} cores, one per rank at least; this node gives {len(cores)}"
+        )
+    per = len(cores) // n
+    return [rank_binds(cores[i * per : (i + 1) * per], ranks) for i in range(n)]
+
+
+def parse_cores(spec: str) -> list[int]:
+    """``"0-3,6"`` as ``[0, 1, 2, 3, 6]``."""
+    out: list[int] = []
+    for part in spec.split(","):
+        first, _, last = part.strip().partition("-")
+        out.extend(range(int(first), int(last or first) + 1))
+    return sorted(set(out))
+
+
+def rank_binds(cores: list[int], ranks: int) -> str:
+    """``cores`` split evenly between ``ranks`` workers, in vLLM's syntax (``"0-1|2-3"``)."""
+    if len(cores) < ranks:
+        raise ValueError(f"{ranks} ranks need at least {ranks} cores; {_ranges(cores)!r} has {len(cores)}")
+    per = len(cores) // ranks
+    return "|".join(_ranges(cores[r * per : (r + 1) * per]) for r in range(ranks))
+
+
+def _ranges(cores: list[int]) -> str:
+    """Sorted cores as ranges: ``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
+    parts: list[str] = []
+    start = prev = cores[0] if cores else 0
+    for c in cores[1:] + [None]:  # type: ignore[list-item]
+        if c is not None and c == prev + 1:
+            prev = c
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if c is not None:
+            start = prev = c
+    return ",".join(parts)
 
 
 def replica_env(
@@ -133,6 +179,10 @@ def replica_env(
             # Idle connections outlive the gateway's (3 s), so the gateway never reuses one the
             # replica already closed (a spurious disconnect that marked a busy replica dead).
             "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": env.get("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", "60"),
+            # tpmflow's hooks patch the V1 model runner; vLLM 0.33 makes Model Runner V2 the GPU
+            # default. Keep V1 (REQUIRED_INTERNALS is checked at start, so a runner without them
+            # fails loudly rather than serving wrong activations).
+            "VLLM_USE_V2_MODEL_RUNNER": env.get("VLLM_USE_V2_MODEL_RUNNER", "0"),
             **settings.to_env(),
         }
     )
@@ -144,14 +194,7 @@ def replica_env(
 def process_cores(cfg: PoolConfig, index: int) -> set[int] | None:
     """The cores replica slot ``index`` is confined to (``engine.process_cores``), or None."""
     cores = cfg.engine.process_cores
-    if not cores:
-        return None
-    spec = cores[index % len(cores)]
-    out: set[int] = set()
-    for part in spec.split(","):
-        first, _, last = part.partition("-")
-        out.update(range(int(first), int(last or first) + 1))
-    return out
+    return set(parse_cores(cores[index % len(cores)])) if cores else None
 
 
 class ReplicaProcess:

@@ -1,0 +1,41 @@
+"""Is a replica's shape (tensor x pipeline parallel) one the model can be split into? Checked at
+pool start, from the model's ``config.json``, so a bad shape is refused with the reason instead of
+every replica failing inside vLLM."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def shape_problems(config: dict[str, Any], tensor_parallel: int, pipeline_parallel: int) -> list[str]:
+    """Why a model with this Hugging Face ``config`` cannot be split so (empty: it can)."""
+    text = config.get("text_config") or config
+    heads = int(text.get("num_attention_heads") or 0)
+    kv_heads = int(text.get("num_key_value_heads") or heads)
+    layers = int(text.get("num_hidden_layers") or 0)
+    problems = []
+    if heads and heads % tensor_parallel:
+        problems.append(f"its {heads} attention heads do not divide over tensor_parallel_size {tensor_parallel}")
+    # vLLM splits KV heads over the ranks, or copies each to several ranks when there are fewer.
+    if kv_heads and kv_heads % tensor_parallel and tensor_parallel % kv_heads:
+        problems.append(
+            f"its {kv_heads} key/value heads neither divide over tensor_parallel_size {tensor_parallel} nor divide it"
+        )
+    if layers and layers < pipeline_parallel:
+        problems.append(f"its {layers} layers cannot fill {pipeline_parallel} pipeline stages")
+    return problems
+
+
+def check_shape(model_dir: Path, tensor_parallel: int, pipeline_parallel: int) -> None:
+    """Raise ``ValueError`` naming every reason the model in ``model_dir`` cannot take this shape."""
+    path = Path(model_dir) / "config.json"
+    if (tensor_parallel, pipeline_parallel) == (1, 1) or not path.is_file():
+        return
+    problems = shape_problems(json.loads(path.read_text()), tensor_parallel, pipeline_parallel)
+    if problems:
+        raise ValueError(
+            f"engine shape TP={tensor_parallel} x PP={pipeline_parallel} does not fit {model_dir.name}: "
+            + "; ".join(problems)
+        )
