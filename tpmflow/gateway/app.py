@@ -128,6 +128,10 @@ async def _health(gw: Gateway, request: Request, route: Route) -> Response:
                 "running": r.info.running,
                 "waiting": r.info.waiting,
                 "probes": r.info.probes,
+                # The replica's shape: ranks each layer is split over x pipeline stages.
+                "tensor_parallel": r.info.tensor_parallel,
+                "pipeline_parallel": r.info.pipeline_parallel,
+                "engine": r.info.engine,
             }
             for r in live
         ],

@@ -1,0 +1,158 @@
+"""A pool whose one replica is split over two tensor-parallel ranks (one core each), through the
+gateway as a campaign uses it: health names the shape, generation, streaming, embed and probe give
+the unsplit model's answers (transformers on the same weights), a big capture is written to the
+store once and metered once, provenance names the shape, and a rank's worker killed takes the
+replica down and back up without a hang.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from tpmflow.schema import Capture, LogitLens
+
+pytestmark = pytest.mark.engine
+PROMPT = "CC(=O)OC1=CC=CC=C1C(=O)O"
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / max(float(np.linalg.norm(b)), 1e-12))
+
+
+@pytest.fixture(scope="module")
+def split_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from tpmflow.config import GatewayConfig, PoolConfig
+    from tpmflow.models.tiny_families import build_tiny_family
+    from tpmflow.payload import StoreConfig
+    from tpmflow.pool import Pool
+
+    root = tmp_path_factory.mktemp("split-pool")
+    cfg = PoolConfig(
+        model=str(build_tiny_family("llama-split")),
+        served_model_name="split",
+        replicas=1,
+        engine={"tensor_parallel_size": 2, "max_model_len": 256},
+        gateway=GatewayConfig(request_timeout_s=60),
+        store=StoreConfig(path=str(root / "store"), inline_limit_bytes=4 << 10),
+        database_url=f"sqlite:///{root / 'access.db'}",
+        max_activation_bytes=1 << 22,
+    )
+    with Pool(cfg) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def hf() -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tpmflow.models.tiny_families import build_tiny_family
+
+    path = str(build_tiny_family("llama-split"))
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def _store_files(pool: Any) -> list[str]:
+    """The store's objects (the file connector writes each with a ``.ready`` marker beside it)."""
+    return sorted(str(p) for p in Path(pool.cfg.store.path).rglob("*") if p.is_file() and p.suffix != ".ready")
+
+
+def test_health_names_the_shape_and_probes_passed_their_self_check(split_pool: Any) -> None:
+    with split_pool.client() as client:
+        (replica,) = client.health()["replicas"]
+    assert (replica["tensor_parallel"], replica["pipeline_parallel"]) == (2, 1), replica
+    assert not str(replica["probes"]).startswith("disabled"), replica["probes"]
+
+
+def test_generation_streaming_and_embed_are_the_unsplit_models(split_pool: Any, hf: tuple[Any, Any]) -> None:
+    model, tok = hf
+    ids = tok(PROMPT)["input_ids"]
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(8):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    expected = tok.decode(seq[len(ids) :], skip_special_tokens=True)
+    with split_pool.client() as client:
+        gen = client.generate(PROMPT, max_tokens=8, temperature=0.0, ignore_eos=True)
+        assert gen.text == expected
+        assert "TP=2 PP=1" in gen.provenance["engine"], gen.provenance
+        emb = client.embed([PROMPT], pooling="mean")
+    from openai import OpenAI
+
+    oa = OpenAI(base_url=split_pool.url + "/v1", api_key=split_pool.token)
+    chunks = oa.completions.create(
+        model="split", prompt=PROMPT, max_tokens=8, temperature=0, stream=True, extra_body={"ignore_eos": True}
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
+    chat = oa.chat.completions.create(
+        model="split", messages=[{"role": "user", "content": PROMPT}], max_tokens=4, temperature=0
+    )
+    assert chat.usage.completion_tokens >= 1
+    with torch.no_grad():
+        final = model.model(torch.tensor([ids])).last_hidden_state[0].numpy()
+    assert _rel(np.asarray(emb[0]), final.mean(axis=0)) < 1e-4
+
+
+def test_a_probe_gathers_every_head_and_writes_each_capture_once(split_pool: Any, hf: tuple[Any, Any]) -> None:
+    model, tok = hf
+    ids = tok(PROMPT)["input_ids"]
+    seen: dict[str, np.ndarray] = {}
+    hook = model.model.layers[1].self_attn.o_proj.register_forward_pre_hook(
+        lambda m, a: seen.__setitem__("z", a[0][0].detach().numpy().copy())
+    )
+    try:
+        with torch.no_grad():
+            out = model(torch.tensor([ids]), output_hidden_states=True)
+    finally:
+        hook.remove()
+    before = _store_files(split_pool)
+    with split_pool.client() as client:
+        trace = client.probe(
+            PROMPT,
+            capture=[Capture(site="blocks.0.hook_resid_post"), Capture(site="blocks.1.hook_z")],
+            lens=LogitLens(layers=[0, 1], top_k=3),
+        )
+    refs = [name for name, lazy in trace.captures.items() if lazy.reference is not None]
+    assert sorted(refs) == ["blocks.0.hook_resid_post", "blocks.1.hook_z"], "both are over the 4 KB inline limit"
+    written = sorted(set(_store_files(split_pool)) - set(before))
+    assert len(written) == len(refs), f"each capture written once, not once per rank: {written}"
+    assert trace.usage["activation_bytes"] == sum(trace[n].nbytes for n in trace.captures), "metered once"
+    assert _rel(trace["blocks.0.hook_resid_post"], out.hidden_states[1][0].numpy()) < 1e-4
+    z = trace["blocks.1.hook_z"]
+    assert z.shape == (len(ids), 2, 64), "both ranks' heads, in order"
+    assert _rel(z.reshape(len(ids), -1), seen["z"]) < 1e-4
+    probs = torch.softmax(out.logits[0], dim=-1).numpy()
+    last = trace.lens[-1]
+    for r, pos in enumerate(last["positions"]):
+        assert last["token_ids"][r][0] == int(np.argmax(probs[pos]))
+
+
+def test_a_killed_rank_takes_the_replica_down_and_the_launcher_brings_it_back(split_pool: Any) -> None:
+    import psutil
+
+    server = psutil.Process(split_pool.launcher.replicas["replica-0"].pid)
+    workers = [p for p in server.children(recursive=True) if "Worker" in " ".join(p.cmdline()) or "Worker" in p.name()]
+    assert len(workers) >= 2, [(p.name(), p.cmdline()) for p in server.children(recursive=True)]
+    os.kill(workers[-1].pid, signal.SIGKILL)
+    deadline = time.monotonic() + 240
+    answered = None
+    with split_pool.client() as client:
+        while time.monotonic() < deadline:  # every request answers (or fails with a typed error) promptly
+            t0 = time.monotonic()
+            try:
+                answered = client.generate(PROMPT, max_tokens=2, temperature=0.0)
+                if split_pool.launcher.replicas["replica-0"].pid != server.pid:
+                    break  # a new replica process served it
+            except Exception as exc:  # noqa: BLE001 - a clear error while the replica restarts
+                assert type(exc).__module__.startswith("tpmflow"), exc
+            assert time.monotonic() - t0 < 90, "a request hung on a replica with a dead rank"
+            time.sleep(2)
+    assert answered is not None and split_pool.launcher.replicas["replica-0"].pid != server.pid
