@@ -2,7 +2,9 @@
 ``bench/hooks.py`` served unsplit (TP=1), tensor parallel (TP=2) and pipeline parallel (PP=2), one
 rank per core, each with tpmflow's worker extension. Per shape: output tokens per second, and the
 wall time of probing requests as a ratio to the same requests without specs on the same engine
-(capture one layer, capture all layers, the logit lens at all layers). The aim: hook overhead on a
+(capture one layer, capture all layers, the logit lens at all layers), each including handing the
+results over as a replica does (merged across workers; under PP the lens of the first stage's
+layers is computed by the last stage then). The aim: hook overhead on a
 split replica no worse than on an unsplit one, since values all tensor ranks hold alike are
 recorded by one rank (not N) and each pipeline stage records its own layers.
 
@@ -19,18 +21,31 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hooks import SHAPE, build_model, shut_down, timed  # noqa: E402  (the same model and timing)
+from hooks import SHAPE, build_model, shut_down  # noqa: E402  (the same model)
+
+
+def timed_run(run: Any, repeats: int) -> float:
+    """Median wall seconds of ``run()``."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def measure(model_dir: Path, tp: int, pp: int, args: argparse.Namespace) -> dict[str, Any]:
     from vllm import SamplingParams
 
+    from tpmflow.engine.probe import take_probe_offline
     from tpmflow.models.offline_engine import open_offline_engine
 
     ranks = tp * pp
@@ -74,9 +89,15 @@ def measure(model_dir: Path, tp: int, pp: int, args: argparse.Namespace) -> dict
                 probe = {**spec, "key": keys[-1], "n_prompt": args.prompt_len + 1}
                 return SamplingParams(**base, skip_reading_prefix_cache=True, extra_args={"tpmflow": {"probe": probe}})
 
-            seconds[name] = timed(llm, prompts, make, args.repeats)
-            if keys:  # hand over (and free) what was captured; the deferred lens is not timed here
-                llm.collective_rpc("tpmflow_take_probe", args=(keys, "bench", True))
+            def run(make: Any = make, keys: list[str] = keys, llm: Any = llm) -> None:
+                """Generate, then hand over what was captured, as a replica does per request: the
+                merge across workers and a later stage's lens of earlier layers are timed too."""
+                keys.clear()
+                llm.generate(prompts, [make(f"{i}") for i in range(len(prompts))], use_tqdm=False)
+                for key in keys:
+                    take_probe_offline(llm, key)
+
+            seconds[name] = timed_run(run, args.repeats)
         out: dict[str, Any] = {
             "tokens_per_s": round(args.prompts * args.tokens / seconds["no_specs"], 1),
             "seconds_no_specs": round(seconds["no_specs"], 3),

@@ -156,3 +156,21 @@ def test_a_killed_rank_takes_the_replica_down_and_the_launcher_brings_it_back(sp
             assert time.monotonic() - t0 < 90, "a request hung on a replica with a dead rank"
             time.sleep(2)
     assert answered is not None and split_pool.launcher.replicas["replica-0"].pid != server.pid
+
+
+def test_soft_tokens_spliced_between_text_are_the_unsplit_models(split_pool: Any, hf: tuple[Any, Any]) -> None:
+    """The adapters' route: soft tokens with text around them, served as prompt embeddings (the text's
+    input embeddings come from the vocabulary-split embedding, every rank taking part)."""
+    from tpmflow.adapters.soft import text_around
+
+    model, tok = hf
+    soft = np.random.default_rng(2).normal(size=(3, model.config.hidden_size)).astype(np.float32)
+    before, after = text_around(tok, "CCO", " N")
+    with torch.no_grad():
+        table = model.model.embed_tokens
+        embeds = torch.cat([table(torch.tensor(before)), torch.from_numpy(soft), table(torch.tensor(after))])
+        final = model.model(inputs_embeds=embeds[None]).last_hidden_state[0].numpy()
+    with split_pool.client() as client:
+        served = client.embed([{"prompt_embeds": soft, "prefix": "CCO", "suffix": " N"}], pooling="mean")
+    assert served.n_tokens[0] == len(before) + 3 + len(after)
+    assert _rel(np.asarray(served[0]), final.mean(axis=0)) < 1e-4

@@ -34,7 +34,10 @@ from tpmflow.engine.sites import LENS_SITE, RESID_POST, RESID_PRE, SITES
 SPEC_KEY = "tpmflow"
 # Captures nobody fetched (aborted or timed-out requests) are dropped after this many seconds.
 ORPHAN_TTL_S = 600.0
-LENS_ROWS = 64  # positions unembedded at once by the logit lens
+# The logit lens unembeds as many positions at once as keep [rows, vocab] logits under this many
+# elements (64 MB in fp32): few calls for a small vocabulary, bounded memory for a large one. Under
+# tensor parallelism each call is an all-gather, so fewer calls matter.
+LENS_LOGITS_ELEMENTS = 1 << 24
 
 REQUIRED_INTERNALS = (
     "model_runner.model",
@@ -456,16 +459,18 @@ class TpmflowWorkerExtension:
         import torch
 
         model = self.model_runner.model  # type: ignore[attr-defined]
+        vocab = int(self.model_runner.model_config.get_vocab_size())  # type: ignore[attr-defined]
+        chunk = max(1, LENS_LOGITS_ELEMENTS // max(vocab, 1))
         ids_out, probs_out = [], []
         self.tpmflow_in_lens = True  # the final-norm hook must not take these rows for an embed
         try:
             with torch.no_grad():
-                # A few rows at a time: [rows, vocab] logits of a long prefill would not fit.
-                for start in range(0, len(stream), LENS_ROWS):
-                    normed = self.tpmflow_norm(stream[start : start + LENS_ROWS].clone())  # type: ignore[misc]
+                # Some rows at a time: [rows, vocab] logits of a long prefill would not fit.
+                for start in range(0, len(stream), chunk):
+                    normed = self.tpmflow_norm(stream[start : start + chunk].clone())  # type: ignore[misc]
                     normed = normed[0] if isinstance(normed, tuple) else normed
                     logits = model.compute_logits(normed)
-                    if logits is None:  # a rank the logits were gathered away from
+                    if logits is None or not self.tpmflow_records:  # the call was this rank's part of a collective
                         continue
                     probs, ids = torch.softmax(logits.float(), dim=-1).topk(top_k, dim=-1)
                     ids_out.append(ids.cpu().numpy())
