@@ -47,16 +47,12 @@ def measure(model_dir: Path, tp: int, pp: int, args: argparse.Namespace) -> dict
 
     from tpmflow.engine.probe import take_probe_offline
     from tpmflow.models.offline_engine import open_offline_engine
+    from tpmflow.pool.replica import rank_binds
 
+    # Every shape on the same cores, split between its ranks ("0-1" for TP=1, "0|1" for two ranks):
+    # vLLM's own binding would keep a core back for the engine core when left to choose.
     ranks = tp * pp
-    cores = len(os.sched_getaffinity(0))
-    if ranks > 1:  # one worker per rank, each on its own cores
-        per = max(cores // ranks, 1)
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
-            f"{r * per}-{r * per + per - 1}" if per > 1 else str(r % cores) for r in range(ranks)
-        )
-    else:
-        os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = rank_binds(sorted(os.sched_getaffinity(0)), ranks)
     llm = open_offline_engine(
         model_dir,
         max_model_len=SHAPE["max_positions"],
@@ -95,7 +91,8 @@ def measure(model_dir: Path, tp: int, pp: int, args: argparse.Namespace) -> dict
                 keys.clear()
                 llm.generate(prompts, [make(f"{i}") for i in range(len(prompts))], use_tqdm=False)
                 for key in keys:
-                    take_probe_offline(llm, key)
+                    found = take_probe_offline(llm, key)
+                    assert found is not None and (found["captures"] or found["lens"]), f"{key}: nothing recorded"
 
             seconds[name] = timed_run(run, args.repeats)
         out: dict[str, Any] = {

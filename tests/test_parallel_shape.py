@@ -72,3 +72,32 @@ def test_the_launcher_refuses_a_shape_before_starting_anything(tmp_path: Path) -
                                                   "cpu_threads_bind": ["0|1|0|1|0|1"]})  # fmt: skip
     with pytest.raises(ValueError, match="2 layers cannot fill 3 pipeline stages"):
         LocalLauncher(cfg, "http://g", "s", tmp_path / "logs")
+
+
+def test_gpt2_and_falcon_spellings_of_heads_and_layers_are_read() -> None:
+    assert shape_problems({"n_head": 12, "n_layer": 12}, 5, 1), "GPT-2's n_head"
+    assert shape_problems({"num_attention_heads": 71, "num_kv_heads": 1, "num_hidden_layers": 32}, 2, 1)
+
+
+def test_stage_results_merge_into_one_trace_and_unreached_lens_positions_are_no_error() -> None:
+    import numpy as np
+
+    from tpmflow.engine.probe import ProbeState, add_deferred_lens, merge_worker_results
+
+    # A later position the request never reached (it stopped early): nothing kept, nothing raised.
+    state = ProbeState.from_spec({"key": "k", "lens": {"layers": [0], "positions": [40]}, "n_prompt": 3})
+    state.keep_lens_stream(0, np.arange(3), np.zeros((3, 4), np.float32))
+    assert state.results()["lens_streams"] == []
+    # Two stages: the first kept layer 0's stream for the lens, the second recorded layer 1.
+    first = ProbeState.from_spec({"key": "k", "lens": {"layers": [0, 1]}, "n_prompt": 2})
+    first.keep_lens_stream(0, np.arange(2), np.ones((2, 4), np.float32))
+    second = ProbeState.from_spec({"key": "k", "lens": {"layers": [0, 1]}, "n_prompt": 2})
+    second.lens[1] = {0: (np.array([5]), np.array([0.9])), 1: (np.array([6]), np.array([0.8]))}
+    per_worker = [{"k": first.results()}, {"k": None}, {"k": second.results()}, {}]
+    merged = merge_worker_results(per_worker, "k")
+    assert merged is not None and [e["layer"] for e in merged["lens"]] == [1]
+    assert [s["layer"] for s in merged["lens_streams"]] == [0] and merged["lens_streams"][0]["shape"] == [2, 4]
+    table = [{"layer": 0, "positions": [0, 1], "token_ids": [[1], [2]], "probs": [[0.5], [0.4]]}]
+    add_deferred_lens(merged, [None, table])
+    assert [e["layer"] for e in merged["lens"]] == [0, 1] and merged["lens_streams"] == []
+    assert merge_worker_results([{}, {"k": None}], "k") is None

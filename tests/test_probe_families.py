@@ -32,6 +32,8 @@ HF_PARTS: dict[str, tuple[str, str, str]] = {
     "mixtral": ("model.layers", "self_attn", "mlp"),
     "qwen2": ("model.layers", "self_attn", "mlp"),
     "gemma": ("model.layers", "self_attn", "mlp"),
+    # Gemma2's sites are its post-attention and post-feedforward norms' outputs (what the stream gets).
+    "gemma2": ("model.layers", "post_attention_layernorm", "post_feedforward_layernorm"),
     "mistral": ("model.layers", "self_attn", "mlp"),
     "qwen3": ("model.layers", "self_attn", "mlp"),
     "gpt-neox": ("gpt_neox.layers", "attention", "mlp"),
@@ -290,6 +292,11 @@ def test_qwen2_layout_equals_transformers() -> None:
 @pytest.mark.engine
 def test_gemma_layout_equals_transformers() -> None:
     print("gemma", _check_family("gemma"))
+
+
+@pytest.mark.engine
+def test_gemma2_post_norms_and_soft_capping_equal_transformers() -> None:
+    print("gemma2", _check_family("gemma2"))
 
 
 @pytest.mark.engine

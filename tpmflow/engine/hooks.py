@@ -156,7 +156,8 @@ class TpmflowWorkerExtension:
             info["num_layers"] = len(layers)
             # The heads this worker's attention holds (vLLM's own classes, MLA, Hugging Face's): hook_z
             # is the output projection's input split into them.
-            local = (getattr(attn, n, None) for n in ("num_heads", "num_local_heads"))
+            # num_local_heads first: DeepSeek's attention keeps the total in num_heads.
+            local = (getattr(attn, n, None) for n in ("num_local_heads", "num_heads"))
             self.tpmflow_heads = int(next((h for h in local if isinstance(h, int)), heads // self.tpmflow_tp_size))
             info["num_heads"] = self.tpmflow_heads * self.tpmflow_tp_size  # every rank's heads
             info["head_dim"] = int(getattr(attn, "head_dim", None) or getattr(attn, "v_head_dim", info["head_dim"]))
@@ -169,7 +170,7 @@ class TpmflowWorkerExtension:
         pp = get_pp_group()
         self.tpmflow_tp_rank = int(get_tensor_model_parallel_rank())
         self.tpmflow_tp_size = int(get_tensor_model_parallel_world_size())
-        self.tpmflow_pp_rank, self.tpmflow_pp_size = int(pp.rank_in_group), int(pp.world_size)
+        self.tpmflow_pp_size = int(pp.world_size)
         # Values all tensor ranks hold alike are recorded once, here (written to the store once,
         # metered once): tensor rank 0 of each pipeline stage.
         self.tpmflow_records = self.tpmflow_tp_rank == 0
@@ -431,14 +432,20 @@ class TpmflowWorkerExtension:
             return
         z = self.tpmflow_layout.tokens(args[0])  # type: ignore[union-attr]
         if self.tpmflow_tp_size > 1:
+            import torch
             from vllm.distributed import get_tp_group
 
-            z = get_tp_group().gather(z.contiguous(), dst=0, dim=-1)
+            # Only the probing requests' rows travel (the same rows on every rank, so the calls match).
+            z = get_tp_group().gather(torch.cat([z[row.lo : row.hi] for row in rows]), dst=0, dim=-1)
             if z is None:  # another rank's copy: rank 0 records
                 return
+            starts = np.cumsum([0] + [row.hi - row.lo for row in rows])
+            slices = [(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+        else:
+            slices = [(row.lo, row.hi) for row in rows]
         heads = self.tpmflow_heads * self.tpmflow_tp_size
-        for row in rows:
-            per_head = _to_numpy(z[row.lo : row.hi]).reshape(row.hi - row.lo, heads, -1)
+        for row, (lo, hi) in zip(rows, slices, strict=True):
+            per_head = _to_numpy(z[lo:hi]).reshape(hi - lo, heads, -1)
             row.state.capture(site, layer, row.positions, per_head)
 
     def _tpmflow_lens(self, state: Any, layer: int, positions: np.ndarray, stream: Any) -> None:
@@ -486,7 +493,7 @@ class TpmflowWorkerExtension:
         ``lens_streams``), on the stage with the final norm; None on other workers."""
         import torch
 
-        if self.tpmflow_norm is None or self.tpmflow_layout is None:
+        if self.tpmflow_layout is None or getattr(self, "tpmflow_norm", None) is None:
             return None
         device = next(self.model_runner.model.parameters()).device  # type: ignore[attr-defined]
         dtype = self.model_runner.model_config.dtype  # type: ignore[attr-defined]

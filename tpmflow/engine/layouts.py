@@ -49,6 +49,10 @@ class Layout:
     hidden_arg: int = 1  # where the hidden states are among the block's positional arguments
     batched: bool = False  # tensors are [1, tokens, hidden] (vLLM's Transformers backend)
     bias_apart: bool = False  # attention and MLP return (output, bias), the block adds the bias
+    # Where the block normalises a part's output before adding it to the stream (Gemma2's
+    # post-attention and post-feedforward norms), the site is that norm's output: what the stream gets.
+    attn_site: str | None = None  # the module whose output is hook_attn_out (None: ``attn``)
+    mlp_site: str | None = None  # the module whose output is hook_mlp_out (None: ``mlp``)
 
     def decoder_of(self, model: Any) -> Any:
         obj = model
@@ -62,9 +66,9 @@ class Layout:
             return layer
         attn = getattr(layer, self.attn, None)
         if part == "attn":
-            return attn
+            return getattr(layer, self.attn_site, None) if self.attn_site else attn
         if part == "mlp":
-            return getattr(layer, self.mlp, None)
+            return getattr(layer, self.mlp_site or self.mlp, None)
         if part == "out_proj_in":
             return getattr(attn, self.out_proj, None)
         raise ValueError(f"unknown part {part!r}")
@@ -119,6 +123,11 @@ LAYOUTS: dict[str, Layout] = {
     "Qwen2ForCausalLM": Layout("Qwen2", composition="fused", **_LLAMA),
     "Qwen3ForCausalLM": Layout("Qwen3", composition="fused", **_LLAMA),
     "GemmaForCausalLM": Layout("Gemma", composition="fused", **_LLAMA),
+    # Gemma2: norms after attention and MLP too; their outputs are what reaches the stream.
+    "Gemma2ForCausalLM": Layout(
+        "Gemma2", composition="fused", attn_site="post_attention_layernorm", mlp_site="post_feedforward_layernorm",
+        **_LLAMA,
+    ),  # fmt: skip
     # StableLM: Llama's names, but the block returns (stream, mid-block residual) and takes the stream.
     "StablelmForCausalLM": Layout("StableLM", composition="stream", **_LLAMA),
     "GPT2LMHeadModel": Layout(

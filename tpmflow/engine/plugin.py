@@ -143,7 +143,11 @@ def build_router() -> APIRouter:
     async def info(request: Request) -> JSONResponse:
         ctx: ReplicaContext = request.app.state.tpmflow
         stats = await ctx.engine.collective_rpc("tpmflow_stats")
-        return JSONResponse({**ctx.info().model_dump(), "hooks": stats[0]})
+        # Summed over the replica's workers: under PP each stage counts its own; under TP only
+        # tensor rank 0 records, the others add zeros.
+        hooks = {k: sum(int(w.get(k, 0)) for w in stats) for k in ("hook_calls", "pending")}
+        hooks["steps"] = max(int(w.get("steps", 0)) for w in stats)
+        return JSONResponse({**ctx.info().model_dump(), "hooks": hooks})
 
     for path, model, handler in POST_ROUTES:
         router.add_api_route(path, _endpoint(model, handler), methods=["POST"], name=handler.__name__)
@@ -209,7 +213,7 @@ async def _self_check(engine_client: Any, info: dict[str, Any]) -> dict[str, Any
     fails it disables probes, and so does a check that cannot run; serving never depends on it."""
     from tpmflow.engine.selfcheck import run_self_check
 
-    if info.get("layout") is None:
+    if info.get("layout") is None or info.get("probe_error"):
         log.warning("probes disabled: %s", info.get("probe_error"))
         return info
     try:
@@ -244,6 +248,11 @@ class TpmflowEndpoints:
     async def init_state(self, engine_client: Any, state: State, args: Namespace) -> None:
         if engine_client is None:
             raise RuntimeError("tpmflow's routes need an engine")
-        info = (await engine_client.collective_rpc("tpmflow_install"))[0]
+        installed = await engine_client.collective_rpc("tpmflow_install")
+        # Every worker's install counts: a later pipeline stage whose layers cannot be hooked
+        # switches probes off for the replica (its part of a trace would be missing).
+        info = {**installed[0], "probe_error": next((w["probe_error"] for w in installed if w["probe_error"]), None)}
+        if info["probe_error"] and info.get("layout"):
+            await engine_client.collective_rpc("tpmflow_set_probes", args=(info["probe_error"],))
         state.tpmflow = ReplicaContext(engine_client, args, await _self_check(engine_client, info), self.settings)
         state.tpmflow_heartbeat = asyncio.get_running_loop().create_task(heartbeat(state.tpmflow))

@@ -101,10 +101,9 @@ class ProbeState:
 
     def keep_lens_stream(self, layer: int, pos: np.ndarray, stream: np.ndarray) -> None:
         """Keep the stream rows the lens wants at ``layer`` (on a stage that cannot unembed them)."""
-        kept = self.lens_streams.setdefault(layer, {})
         for r, p in enumerate(pos):
             if self.lens_positions is None or int(p) in self.lens_positions:
-                kept[int(p)] = stream[r].copy()
+                self.lens_streams.setdefault(layer, {})[int(p)] = stream[r].copy()
 
     def results(self) -> dict[str, Any]:
         """Captured arrays (float32 bytes, positions), the lens table and the streams kept for a

@@ -128,6 +128,12 @@ def build_spec(ctx: ReplicaContext, body: ProbeRequest, principal: str, n_prompt
         positions = _positions(body.lens.positions, limit, "lens")
         n_pos = len(positions) if positions is not None else n_prompt
         expected += n_pos * len(layers) * body.lens.top_k * 8  # token id + probability per entry
+        if ctx.pipeline_parallel > 1:
+            # Layers on stages without the final norm send their stream to the last stage to be
+            # unembedded: hidden-size rows per position, counted against the limit too (a bound
+            # from above: all but the last stage's share of the layers).
+            earlier = sum(1 for x in layers if x < n_layers - n_layers // ctx.pipeline_parallel)
+            expected += n_pos * earlier * ctx.hidden_size * 4
         lens = {"layers": layers, "top_k": body.lens.top_k, "positions": positions}
     max_bytes = ctx.settings.max_activation_bytes
     if expected > max_bytes:

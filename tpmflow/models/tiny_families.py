@@ -198,6 +198,25 @@ def _gemma(vocab: int) -> Any:
     )
 
 
+def _gemma2(vocab: int) -> Any:
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    # Gemma2: norms after attention and MLP as well as before, logit soft-capping; alternating
+    # sliding-window layers (the window longer than any test prompt). head_dim 64, as for Gemma.
+    return Gemma2ForCausalLM(
+        Gemma2Config(
+            vocab_size=vocab,
+            num_key_value_heads=1,
+            head_dim=64,
+            query_pre_attn_scalar=64,
+            sliding_window=128,
+            hidden_activation="gelu_pytorch_tanh",
+            final_logit_softcapping=30.0,
+            **_common(),
+        )
+    )
+
+
 def _mixtral(vocab: int) -> Any:
     from transformers import MixtralConfig, MixtralForCausalLM
 
@@ -220,6 +239,7 @@ FAMILIES: dict[str, Callable[[int], Any]] = {
     "mixtral": _mixtral,
     "qwen2": _qwen2,
     "gemma": _gemma,
+    "gemma2": _gemma2,
 }
 
 

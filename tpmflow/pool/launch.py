@@ -93,7 +93,7 @@ class LocalLauncher:
         self.replicas: dict[str, ReplicaProcess] = {}
         self._slots = {s.replica_id: s for s in cfg.slots()}
         self._binds = cpu_binds(cfg)  # refuses a node without a core per rank
-        for slot in cfg.slots():  # refuses a shape the model cannot be split into, before any start
+        for slot in cfg.slots() if cfg.engine.ranks > 1 else ():  # a shape the model cannot take, before any start
             check_shape(
                 replica_model_dir(cfg, slot.index), cfg.engine.tensor_parallel_size, cfg.engine.pipeline_parallel_size
             )

@@ -43,6 +43,8 @@ def run_replica(
     try:
         bind = cpu_binds(cfg)[index]
     except ValueError:  # fewer cores here than ranks in the pool: only vLLM's CPU build reads the bind
+        if cfg.engine.cpu_threads_bind != "auto":
+            raise  # a bind the config names wrongly is an error, not a default
         bind = None
     replica_id = slot.replica_id
     port = free_port(host)

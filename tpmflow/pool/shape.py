@@ -12,9 +12,13 @@ from typing import Any
 def shape_problems(config: dict[str, Any], tensor_parallel: int, pipeline_parallel: int) -> list[str]:
     """Why a model with this Hugging Face ``config`` cannot be split so (empty: it can)."""
     text = config.get("text_config") or config
-    heads = int(text.get("num_attention_heads") or 0)
-    kv_heads = int(text.get("num_key_value_heads") or heads)
-    layers = int(text.get("num_hidden_layers") or 0)
+
+    def first(*names: str) -> int:  # Hugging Face configs spell these several ways (GPT-2, Falcon)
+        return next((int(text[n]) for n in names if text.get(n)), 0)
+
+    heads = first("num_attention_heads", "n_head", "num_heads")
+    kv_heads = first("num_key_value_heads", "num_kv_heads", "n_head_kv") or heads
+    layers = first("num_hidden_layers", "n_layer", "num_layers")
     problems = []
     if heads and heads % tensor_parallel:
         problems.append(f"its {heads} attention heads do not divide over tensor_parallel_size {tensor_parallel}")
