@@ -212,7 +212,7 @@ def _gemma2(vocab: int) -> Any:
             sliding_window=128,
             hidden_activation="gelu_pytorch_tanh",
             final_logit_softcapping=30.0,
-            **_common(),
+            **{**_common(), "tie_word_embeddings": True},  # vLLM's Gemma2 has no lm_head of its own
         )
     )
 
