@@ -21,11 +21,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from test_probe_families import IDS, SITES, TOL, _check_batched, _hf, _probe, _rel, _set_row
+from test_probe_families import IDS, SITES, TOL, _check_batched, _check_edits, _hf, _rel
 
 from tpmflow.engine.hooks import capture_array
 from tpmflow.engine.probe import merge_worker_results
 from tpmflow.engine.selfcheck import run_self_check_offline
+from tpmflow.pool.replica import rank_binds
 
 FAMILY = "llama-split"
 PROMPTS = [IDS, IDS[::-1], [1, 7, 9, 11, 3]]
@@ -35,7 +36,8 @@ def _engine(tp: int, pp: int) -> Any:
     from tpmflow.models.offline_engine import open_offline_engine
     from tpmflow.models.tiny_families import build_tiny_family
 
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(r % (os.cpu_count() or 1)) for r in range(tp * pp))
+    # One core set per rank, as the pool's launcher gives them.
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = rank_binds(sorted(os.sched_getaffinity(0)), tp * pp)
     try:
         return open_offline_engine(
             build_tiny_family(FAMILY),
@@ -174,26 +176,7 @@ def _check_split(tp: int, pp: int) -> dict[str, float]:
 
         # Edits on layers of both halves (under PP=2: of both stages), as a PyTorch hook does them.
         hidden = model.config.hidden_size
-        v = np.random.default_rng(1).normal(size=hidden).astype(np.float32)
-        edits = [
-            ({"op": "add", "site": "hook_resid_post", "layer": 0, "positions": None, "values": v.tobytes(),
-              "shape": [hidden], "scale": 1.0},
-             lambda s, i, t: t + torch.from_numpy(v) if (s, i) == ("hook_resid_post", 0) else t),
-            ({"op": "replace", "site": "hook_attn_out", "layer": 1, "positions": [3], "values": v.tobytes(),
-              "shape": [hidden]},
-             lambda s, i, t: _set_row(t, 3, torch.from_numpy(v)) if (s, i) == ("hook_attn_out", 1) else t),
-            ({"op": "zero", "site": "hook_mlp_out", "layer": 0, "positions": None},
-             lambda s, i, t: torch.zeros_like(t) if (s, i) == ("hook_mlp_out", 0) else t),
-            ({"op": "zero", "site": "hook_resid_post", "layer": 1, "positions": [2, 5]},
-             lambda s, i, t: _set_row(_set_row(t, 2, 0.0), 5, 0.0) if (s, i) == ("hook_resid_post", 1) else t),
-        ]  # fmt: skip
-        for spec_edit, hf_edit in edits:
-            out = _probe(llm, ["hook_resid_post"], [spec_edit])
-            edited = _hf(model, FAMILY, hf_edit)
-            assert out is not None
-            err = max(_rel(out[f"blocks.{i}.hook_resid_post"], edited[f"blocks.{i}.hook_resid_post"]) for i in (0, 1))
-            assert err < TOL, (spec_edit["op"], spec_edit["site"], err)
-            worst["edits"] = max(worst.get("edits", 0.0), err)
+        worst["edits"] = _check_edits(llm, model, FAMILY, hidden, TOL, zero_rows_layer=1)
         worst["batched"] = _check_batched(llm, hidden)
     finally:
         del llm

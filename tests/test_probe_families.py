@@ -228,38 +228,48 @@ def _check_family(
             np.testing.assert_allclose(lens["probs"][r], np.sort(probs[pos])[::-1][:5], atol=1e-5)
 
         hidden = ref["blocks.0.hook_resid_post"].shape[-1]
-        v = np.random.default_rng(1).normal(size=hidden).astype(np.float32)
-        edits: list[tuple[dict[str, Any], Edit]] = [
-            (
-                {"op": "add", "site": "hook_resid_post", "layer": 0, "positions": None, "values": v.tobytes(),
-                 "shape": [hidden], "scale": 1.0},
-                lambda s, i, t: t + torch.from_numpy(v) if (s, i) == ("hook_resid_post", 0) else t,
-            ),
-            (
-                {"op": "replace", "site": "hook_attn_out", "layer": 1, "positions": [3], "values": v.tobytes(),
-                 "shape": [hidden]},
-                lambda s, i, t: _set_row(t, 3, torch.from_numpy(v)) if (s, i) == ("hook_attn_out", 1) else t,
-            ),
-            (
-                {"op": "zero", "site": "hook_mlp_out", "layer": 0, "positions": None},
-                lambda s, i, t: torch.zeros_like(t) if (s, i) == ("hook_mlp_out", 0) else t,
-            ),
-            (
-                {"op": "zero", "site": "hook_resid_post", "layer": 0, "positions": [2, 5]},
-                lambda s, i, t: _set_row(_set_row(t, 2, 0.0), 5, 0.0) if (s, i) == ("hook_resid_post", 0) else t,
-            ),
-        ]  # fmt: skip
-        for spec, hf_edit in edits:
-            got = _probe(llm, ["hook_resid_post"], [spec])
-            ref = _hf(model, family, hf_edit)
-            assert got is not None
-            err = max(_rel(got[f"blocks.{i}.hook_resid_post"], ref[f"blocks.{i}.hook_resid_post"]) for i in (0, 1))
-            assert err < engine_tol, (spec["op"], spec["site"], err)
-            worst["edits"] = max(worst.get("edits", 0.0), err)
+        worst["edits"] = _check_edits(llm, model, family, hidden, engine_tol)
         if batched:
             worst["batched"] = _check_batched(llm, hidden, engine_tol)
     finally:
         del llm
+    return worst
+
+
+def _check_edits(llm: Any, model: Any, family: str, hidden: int, tol: float, zero_rows_layer: int = 0) -> float:
+    """Add at resid_post 0, Replace at attn_out 1 (one position), Zero at mlp_out 0 and Zero of two
+    positions at resid_post ``zero_rows_layer``, each against the same edit by a PyTorch hook in
+    transformers; returns the worst relative error of resid_post at every layer."""
+    v = np.random.default_rng(1).normal(size=hidden).astype(np.float32)
+    z = zero_rows_layer
+    edits: list[tuple[dict[str, Any], Edit]] = [
+        (
+            {"op": "add", "site": "hook_resid_post", "layer": 0, "positions": None, "values": v.tobytes(),
+             "shape": [hidden], "scale": 1.0},
+            lambda s, i, t: t + torch.from_numpy(v) if (s, i) == ("hook_resid_post", 0) else t,
+        ),
+        (
+            {"op": "replace", "site": "hook_attn_out", "layer": 1, "positions": [3], "values": v.tobytes(),
+             "shape": [hidden]},
+            lambda s, i, t: _set_row(t, 3, torch.from_numpy(v)) if (s, i) == ("hook_attn_out", 1) else t,
+        ),
+        (
+            {"op": "zero", "site": "hook_mlp_out", "layer": 0, "positions": None},
+            lambda s, i, t: torch.zeros_like(t) if (s, i) == ("hook_mlp_out", 0) else t,
+        ),
+        (
+            {"op": "zero", "site": "hook_resid_post", "layer": z, "positions": [2, 5]},
+            lambda s, i, t: _set_row(_set_row(t, 2, 0.0), 5, 0.0) if (s, i) == ("hook_resid_post", z) else t,
+        ),
+    ]  # fmt: skip
+    worst = 0.0
+    for spec, hf_edit in edits:
+        got = _probe(llm, ["hook_resid_post"], [spec])
+        ref = _hf(model, family, hf_edit)
+        assert got is not None
+        err = max(_rel(got[f"blocks.{i}.hook_resid_post"], ref[f"blocks.{i}.hook_resid_post"]) for i in (0, 1))
+        assert err < tol, (spec["op"], spec["site"], err)
+        worst = max(worst, err)
     return worst
 
 
