@@ -1,8 +1,9 @@
-"""A pool whose one replica is split over two tensor-parallel ranks (one core each), through the
-gateway as a campaign uses it: health names the shape, generation, streaming, embed and probe give
-the unsplit model's answers (transformers on the same weights), a big capture is written to the
-store once and metered once, provenance names the shape, and a rank's worker killed takes the
-replica down and back up without a hang.
+"""Pools whose one replica is split over two ranks (one core each): tensor parallel (TP=2) and
+pipeline parallel (PP=2), through the gateway as a campaign uses them. Every test runs on both
+shapes: health names the shape, generation, streaming, chat, embed, soft tokens, a head's
+predictions, a LoRA version pinned by id, and probe give the unsplit model's answers (transformers
+on the same weights); a big capture is written to the store once and metered once; provenance and
+the ledger name the shape; a rank's worker killed takes the replica down and back up without a hang.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tpmflow.schema import Capture, LogitLens
 
 pytestmark = pytest.mark.engine
 PROMPT = "CC(=O)OC1=CC=CC=C1C(=O)O"
+SHAPES = {"tp2": (2, 1), "pp2": (1, 2)}
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -29,24 +31,49 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def split_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from tpmflow.config import GatewayConfig, PoolConfig
+def versions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The split model committed to a model store, and a rank-8 LoRA of its projections on top."""
+    from safetensors.numpy import load_file
+    from test_versioned_pool import _lora_folder
+
     from tpmflow.models.tiny_families import build_tiny_family
+    from tpmflow.versioning import ModelStore
+
+    root = tmp_path_factory.mktemp("split-versions")
+    model = build_tiny_family("llama-split")
+    store = ModelStore(root / "models")
+    base = store.commit(model, "the split test model", "tests", tag="base")
+    factors = _lora_folder(root / "lora", load_file(str(model / "model.safetensors")))
+    lora = store.commit(None, "rank-8 LoRA", "tests", lora=factors, parent=base, tag="lora")
+    return {"store": store, "base": base, "lora": lora}
+
+
+@pytest.fixture(scope="module", params=list(SHAPES))
+def split_pool(
+    request: pytest.FixtureRequest, versions: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Any]:
+    from tpmflow.config import GatewayConfig, PoolConfig
     from tpmflow.payload import StoreConfig
     from tpmflow.pool import Pool
 
-    root = tmp_path_factory.mktemp("split-pool")
+    tp, pp = SHAPES[request.param]
+    root = tmp_path_factory.mktemp(f"split-pool-{request.param}")
     cfg = PoolConfig(
-        model=str(build_tiny_family("llama-split")),
+        model="split",
         served_model_name="split",
         replicas=1,
-        engine={"tensor_parallel_size": 2, "max_model_len": 256},
+        replica_versions=["base"],
+        lora_versions=["lora"],  # served as a vLLM adapter on the split base
+        model_store=str(versions["store"].root),
+        engine={"tensor_parallel_size": tp, "pipeline_parallel_size": pp, "max_model_len": 256},
         gateway=GatewayConfig(request_timeout_s=60),
         store=StoreConfig(path=str(root / "store"), inline_limit_bytes=4 << 10),
         database_url=f"sqlite:///{root / 'access.db'}",
+        parts_path=str(root / "parts"),
         max_activation_bytes=1 << 22,
     )
     with Pool(cfg) as running:
+        running.shape = (tp, pp)
         yield running
 
 
@@ -68,7 +95,7 @@ def _store_files(pool: Any) -> list[str]:
 def test_health_names_the_shape_and_probes_passed_their_self_check(split_pool: Any) -> None:
     with split_pool.client() as client:
         (replica,) = client.health()["replicas"]
-    assert (replica["tensor_parallel"], replica["pipeline_parallel"]) == (2, 1), replica
+    assert (replica["tensor_parallel"], replica["pipeline_parallel"]) == split_pool.shape, replica
     assert not str(replica["probes"]).startswith("disabled"), replica["probes"]
 
 
@@ -83,7 +110,11 @@ def test_generation_streaming_and_embed_are_the_unsplit_models(split_pool: Any, 
     with split_pool.client() as client:
         gen = client.generate(PROMPT, max_tokens=8, temperature=0.0, ignore_eos=True)
         assert gen.text == expected
-        assert "TP=2 PP=1" in gen.provenance["engine"], gen.provenance
+        tp, pp = split_pool.shape
+        assert f"TP={tp} PP={pp}" in gen.provenance["engine"], gen.provenance
+        split_pool.ledger.flush()
+        rows = split_pool.access.ledger_rows(correlation_id=gen.request_id)
+        assert [r.replica_shape for r in rows] == [f"TP={tp} PP={pp}"], "the ledger names the shape that served it"
         emb = client.embed([PROMPT], pooling="mean")
     from openai import OpenAI
 
@@ -133,6 +164,64 @@ def test_a_probe_gathers_every_head_and_writes_each_capture_once(split_pool: Any
     last = trace.lens[-1]
     for r, pos in enumerate(last["positions"]):
         assert last["token_ids"][r][0] == int(np.argmax(probs[pos]))
+
+
+def _hf_pooled(model_dir: Path, text: str) -> np.ndarray:
+    from test_versioned_pool import _transformers_pooled
+
+    return _transformers_pooled(model_dir, text)
+
+
+def test_a_lora_version_pinned_by_id_is_the_merged_weights(split_pool: Any) -> None:
+    """The LoRA's factors are split over the ranks as its base layers are (vLLM's LoRA layers);
+    the served states equal transformers on the store's merged weights."""
+    import httpx
+    from test_versioned_pool import _transformers_greedy
+
+    from tpmflow.versioning import materialise
+
+    lora = next(v for r in split_pool.gateway.registry.live() for v in r.info.lora_versions)
+    with split_pool.client(version=lora) as client:
+        served = client.embed([PROMPT])
+    assert served.provenance["content_hash"] == lora
+    merged = materialise(lora, split_pool.cfg.model_store)
+    reference = _hf_pooled(merged, PROMPT)
+    assert _rel(served.numpy()[0], reference) < 1e-4
+    base = _hf_pooled(materialise("base", split_pool.cfg.model_store), PROMPT)
+    assert _rel(reference, base) > 1e-2, "the adapter changes the outputs"
+    body = {"model": "split", "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "return_token_ids": True}
+    headers = {"Authorization": f"Bearer {split_pool.token}", "X-Tpmflow-Version": lora}
+    resp = httpx.post(f"{split_pool.url}/v1/completions", json=body, headers=headers, timeout=60)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["choices"][0]["token_ids"] == _transformers_greedy(merged, PROMPT, 8)
+
+
+def test_a_heads_predictions_are_the_head_on_the_unsplit_models_states(split_pool: Any) -> None:
+    """The adapters' text route (SMILES → prompt) and a ridge head on the pooled final states."""
+    from tpmflow.adapters import load_adapter
+    from tpmflow.adapters.heads import RidgeHead
+    from tpmflow.adapters.parts import PartCard, save_part
+    from tpmflow.versioning import materialise
+
+    molecules = ["CCO", "c1ccccc1O", "not a molecule"]
+    with split_pool.client() as client:
+        prov = client.embed(["a"]).provenance
+        hidden = split_pool.gateway.registry.live()[0].info.hidden_size
+        rng = np.random.default_rng(5)
+        head = RidgeHead(
+            np.zeros(hidden, np.float32), np.ones(hidden, np.float32), rng.normal(size=hidden).astype(np.float32), 0.5
+        )
+        card = PartCard(
+            adapter="smiles", name="probe-free", version="0.0.1", kind="ridge-regression", modality="smiles",
+            base_model=prov["model"], base_content_hash=prov["content_hash"], hidden_size=hidden,
+        )  # fmt: skip
+        save_part(head.tensors(), card, root=Path(split_pool.cfg.parts_path))
+        out = client.predict(molecules, adapter="smiles", head="probe-free@0.0.1")
+    assert out.ok == [0, 1], out.errors
+    texts = [e.text for e in load_adapter("smiles").encode(molecules[:2])]
+    model_dir = materialise("base", split_pool.cfg.model_store)
+    expected = head.predict(np.stack([_hf_pooled(model_dir, t) for t in texts]))
+    np.testing.assert_allclose(out.values[:2], expected, rtol=1e-4, atol=1e-4)
 
 
 def test_a_killed_rank_takes_the_replica_down_and_the_launcher_brings_it_back(split_pool: Any) -> None:

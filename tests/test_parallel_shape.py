@@ -72,6 +72,31 @@ def test_the_launcher_refuses_a_shape_before_starting_anything(tmp_path: Path) -
                                                   "cpu_threads_bind": ["0|1|0|1|0|1"]})  # fmt: skip
     with pytest.raises(ValueError, match="2 layers cannot fill 3 pipeline stages"):
         LocalLauncher(cfg, "http://g", "s", tmp_path / "logs")
+    from tpmflow.pool.parsl_launcher import ParslLauncher
+
+    parsl_cfg = cfg.model_copy(update={"launcher": cfg.launcher.model_copy(update={"kind": "parsl"})})
+    with pytest.raises(ValueError, match="2 layers cannot fill 3 pipeline stages"):
+        ParslLauncher(parsl_cfg, "http://g", "s", tmp_path / "logs")
+
+
+def test_a_block_that_reduces_attention_and_mlp_together_refuses_probes_under_tp() -> None:
+    """Falcon's parallel block under TP skips the output projection's all-reduce (one reduce of
+    attention + MLP): a rank's hook_attn_out would be a partial sum, so probes are refused by name."""
+    from torch import nn
+
+    from tpmflow.engine.hooks import partial_sum_reason
+    from tpmflow.engine.layouts import LAYOUTS
+
+    def falcon_block(reduce_results: bool) -> nn.Module:
+        block, attn, dense = nn.Module(), nn.Module(), nn.Linear(2, 2)
+        dense.reduce_results = reduce_results  # what vLLM's RowParallelLinear keeps
+        attn.dense, block.self_attention, block.mlp = dense, attn, nn.Identity()
+        return block
+
+    falcon = LAYOUTS["FalconForCausalLM"]
+    reason = partial_sum_reason(falcon, [falcon_block(False)])
+    assert reason is not None and "partial sums" in reason and "tensor_parallel_size 1" in reason
+    assert partial_sum_reason(falcon, [falcon_block(True)]) is None
 
 
 def test_gpt2_and_falcon_spellings_of_heads_and_layers_are_read() -> None:

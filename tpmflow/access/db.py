@@ -34,6 +34,7 @@ _ADDED_COLUMNS = (
     ("request_ledger", "latency_ms", "FLOAT"),
     ("request_ledger", "ttft_ms", "FLOAT"),
     ("request_ledger", "correlation_id", "VARCHAR(96)"),
+    ("request_ledger", "replica_shape", "VARCHAR(32)"),
 )
 
 

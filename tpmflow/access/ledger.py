@@ -56,6 +56,7 @@ class LedgerRow:
     latency_ms: float | None = None  # gateway end to end: request in to answer out / end of stream
     ttft_ms: float | None = None  # request in to first output relayed; None when none was
     correlation_id: str | None = None  # the client's X-Request-Id (its retries share it)
+    replica_shape: str | None = None  # "TP=2 PP=1": how the serving replica is split over ranks
 
 
 class LedgerWriter:

@@ -211,6 +211,9 @@ class TpmflowWorkerExtension:
         if not any(hasattr(layer, layout.attn) for layer in layers):
             self.tpmflow_probe_error = f"{model_class}: no decoder layer on this worker has {layout.attn!r}"
             return
+        if self.tpmflow_tp_size > 1 and (reason := partial_sum_reason(layout, layers)):
+            self.tpmflow_probe_error = f"{model_class} on {self.tpmflow_tp_size} tensor-parallel ranks: {reason}"
+            return
         # An earlier pipeline stage holds a placeholder for the final norm (the last stage has it).
         self.tpmflow_norm = None if _placeholder(norm) else norm
         self.tpmflow_layout, self.tpmflow_layers = layout, layers
@@ -554,6 +557,25 @@ class TpmflowWorkerExtension:
     def tpmflow_drop_probe(self, keys: list[str]) -> int:
         """Free the captures of aborted probing requests."""
         return sum(self.tpmflow_probes.pop(k, None) is not None for k in keys)
+
+
+def partial_sum_reason(layout: Layout, layers: Any) -> str | None:
+    """Why a tensor-parallel block's attention output is not the full value, or None when it is.
+
+    Blocks that add attention and MLP in parallel (Falcon, GPT-NeoX style) may skip the output
+    projection's all-reduce and reduce the sum once; each rank's attention and MLP outputs are then
+    partial sums that no hook can read apart. Refused rather than served wrong.
+    """
+    layer = next((x for x in layers if not _placeholder(x) and hasattr(x, layout.attn)), None)
+    out_proj = None if layer is None else layout.part(layer, "out_proj_in")
+    out_proj = getattr(out_proj, "base_layer", out_proj)  # under a LoRA wrapper, vLLM's own layer
+    if getattr(out_proj, "reduce_results", True) is False:
+        return (
+            "the block all-reduces its attention and MLP outputs together, so each rank holds partial sums "
+            "and hook_attn_out/hook_mlp_out cannot be read apart; serve probes on a replica with "
+            "tensor_parallel_size 1 (pipeline parallelism keeps them)"
+        )
+    return None
 
 
 def _placeholder(module: Any) -> bool:

@@ -157,6 +157,7 @@ class Billing:
             model=self.model_name,
             content_hash=served_version(call, replica) if replica else call.content_hash,
             replica_id=replica.info.replica_id if replica else None,
+            replica_shape=f"TP={replica.info.tensor_parallel} PP={replica.info.pipeline_parallel}" if replica else None,
             queue_ms=call.queue_ms,
             **counters,
         )

@@ -18,8 +18,7 @@ from typing import Protocol
 
 from tpmflow.config import PoolConfig, ReplicaSlot
 from tpmflow.pool.replica import ReplicaProcess, cpu_binds, process_cores, replica_command, replica_env
-from tpmflow.pool.shape import check_shape
-from tpmflow.versioning.checkout import replica_model_dir
+from tpmflow.pool.shape import check_pool_shape
 
 log = logging.getLogger("tpmflow.launch")
 
@@ -93,10 +92,7 @@ class LocalLauncher:
         self.replicas: dict[str, ReplicaProcess] = {}
         self._slots = {s.replica_id: s for s in cfg.slots()}
         self._binds = cpu_binds(cfg)  # refuses a node without a core per rank
-        for slot in cfg.slots() if cfg.engine.ranks > 1 else ():  # a shape the model cannot take, before any start
-            check_shape(
-                replica_model_dir(cfg, slot.index), cfg.engine.tensor_parallel_size, cfg.engine.pipeline_parallel_size
-            )
+        check_pool_shape(cfg)  # a shape the model cannot take is refused before any start
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._supervisor: threading.Thread | None = None

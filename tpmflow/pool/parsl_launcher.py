@@ -89,6 +89,9 @@ class ParslLauncher:
     ) -> None:
         from parsl import python_app
 
+        from tpmflow.pool.shape import check_pool_shape
+
+        check_pool_shape(cfg)  # a shape the model cannot take is refused here, not on every node
         self.cfg = cfg
         self.gateway_url = gateway_url
         self.secret = secret

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tpmflow.config import PoolConfig
 
 
 def shape_problems(config: dict[str, Any], tensor_parallel: int, pipeline_parallel: int) -> list[str]:
@@ -42,4 +45,17 @@ def check_shape(model_dir: Path, tensor_parallel: int, pipeline_parallel: int) -
         raise ValueError(
             f"engine shape TP={tensor_parallel} x PP={pipeline_parallel} does not fit {model_dir.name}: "
             + "; ".join(problems)
+        )
+
+
+def check_pool_shape(cfg: PoolConfig) -> None:
+    """Every replica's model against the pool's engine shape (both launchers call this before any
+    start); an unsplit pool has nothing to check."""
+    from tpmflow.versioning.checkout import replica_model_dir
+
+    if cfg.engine.ranks == 1:
+        return
+    for slot in cfg.slots():
+        check_shape(
+            replica_model_dir(cfg, slot.index), cfg.engine.tensor_parallel_size, cfg.engine.pipeline_parallel_size
         )
