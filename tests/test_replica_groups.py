@@ -108,7 +108,9 @@ def grouped_pool(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
             "batch": {"priority": 10},
             "probe": {"priority": 5, "replica_group": "probe"},
         },
-        gateway=GatewayConfig(request_timeout_s=120),
+        # Two engines and the test on 2 cores can starve a busy replica's heartbeats for seconds; a
+        # replica the gateway thought gone would hold the queued requests at the gateway, not in vLLM.
+        gateway=GatewayConfig(request_timeout_s=120, heartbeat_timeout_s=30),
         store=StoreConfig(path=str(root / "store")),
         database_url=f"sqlite:///{root / 'access.db'}",
     )

@@ -34,9 +34,10 @@ from tpmflow.engine.sites import LENS_SITE, RESID_POST, RESID_PRE, SITES
 SPEC_KEY = "tpmflow"
 # Captures nobody fetched (aborted or timed-out requests) are dropped after this many seconds.
 ORPHAN_TTL_S = 600.0
-# The logit lens unembeds as many positions at once as keep [rows, vocab] logits under this many
-# elements (64 MB in fp32): few calls for a small vocabulary, bounded memory for a large one. Under
-# tensor parallelism each call is an all-gather, so fewer calls matter.
+# The logit lens unembeds as many rows at once as keep [rows, vocab] logits under this many elements
+# (64 MB in fp32): few calls for a small vocabulary, bounded memory for a large one. Rows of every
+# probing request and every layer of a step wait for one call (up to that many), because under
+# tensor parallelism each call is an all-gather: one per step, not one per request and layer.
 LENS_LOGITS_ELEMENTS = 1 << 24
 
 REQUIRED_INTERNALS = (
@@ -126,6 +127,7 @@ class TpmflowWorkerExtension:
             self.tpmflow_step_rows = []
             self.tpmflow_steps = 0
             self.tpmflow_in_lens = False
+            self.tpmflow_lens_queue: list[Any] = []
             self.tpmflow_handles: list[Any] = []
             self.tpmflow_layout: Layout | None = None
             self.tpmflow_probe_error: str | None = None
@@ -243,9 +245,8 @@ class TpmflowWorkerExtension:
                     add(module.register_forward_pre_hook(partial(self._tpmflow_heads, site.name, layer_index)))
                 else:
                     add(module.register_forward_hook(partial(self._tpmflow_module_out, site.name, layer_index)))
-        self.tpmflow_first_layer = next(
-            i for i, layer in enumerate(layers) if not _placeholder(layer) and hasattr(layer, layout.attn)
-        )
+        own = [i for i, layer in enumerate(layers) if not _placeholder(layer) and hasattr(layer, layout.attn)]
+        self.tpmflow_first_layer, self.tpmflow_last_layer = own[0], own[-1]
 
     def tpmflow_set_probes(self, error: str | None) -> None:
         """Disable probes on this worker (``error`` says why; the self-check failed) or enable them again."""
@@ -346,6 +347,7 @@ class TpmflowWorkerExtension:
         from tpmflow.engine.probe import ProbeState, StepRow
 
         self.tpmflow_steps += 1
+        self.tpmflow_lens_queue = []  # a forward that raised part-way leaves nothing for the next
         runner = self.model_runner  # type: ignore[attr-defined]
         batch = runner.input_batch
         starts = runner.query_start_loc.np
@@ -378,6 +380,8 @@ class TpmflowWorkerExtension:
             return
         hidden, residual = self.tpmflow_layout.block_outputs(output)  # type: ignore[union-attr]
         self._tpmflow_stream_site(RESID_POST, layer, hidden, residual)
+        if layer == self.tpmflow_last_layer:
+            self._tpmflow_flush_lens()
 
     def _tpmflow_stream_site(self, site: str, layer: int, hidden: Any, residual: Any) -> None:
         """A residual-stream site (the stream is hidden + residual, or hidden alone): each probing
@@ -398,7 +402,10 @@ class TpmflowWorkerExtension:
             if self.tpmflow_records and (site, layer) in state.captures:  # no copy for an edit alone
                 state.capture(site, layer, row.positions, _to_numpy(stream))
             if lens and self.tpmflow_norm is not None:
-                self._tpmflow_lens(state, layer, row.positions, stream)  # every tensor rank: a collective
+                # A copy: the next block may overwrite a view in place (fused add + norm).
+                self._tpmflow_queue_lens(
+                    state, layer, row.positions, stream if residual is not None else stream.clone()
+                )
             elif lens and self.tpmflow_records:  # the last pipeline stage unembeds it later
                 state.keep_lens_stream(layer, row.positions, _to_numpy(stream))
 
@@ -451,16 +458,33 @@ class TpmflowWorkerExtension:
             per_head = _to_numpy(z[lo:hi]).reshape(hi - lo, heads, -1)
             row.state.capture(site, layer, row.positions, per_head)
 
-    def _tpmflow_lens(self, state: Any, layer: int, positions: np.ndarray, stream: Any) -> None:
-        """Final norm and unembedding of the residual stream at ``layer``: top-k per position."""
+    def _tpmflow_queue_lens(self, state: Any, layer: int, positions: np.ndarray, stream: Any) -> None:
+        """Queue the residual stream at ``layer`` for the lens (final norm and unembedding, top-k per
+        position); the queue is unembedded at the stage's last layer, or sooner once it fills a call."""
         keep = [r for r, p in enumerate(positions) if state.lens_positions is None or int(p) in state.lens_positions]
         if not keep:
             return
-        top = self._tpmflow_unembed(stream[keep], state.top_k)
-        if top is not None:
+        self.tpmflow_lens_queue.append((state, layer, positions[keep], stream[keep]))
+        vocab = int(self.model_runner.model_config.get_vocab_size())  # type: ignore[attr-defined]
+        if sum(len(q[2]) for q in self.tpmflow_lens_queue) * vocab >= LENS_LOGITS_ELEMENTS:
+            self._tpmflow_flush_lens()
+
+    def _tpmflow_flush_lens(self) -> None:
+        """Unembed every queued row together (every tensor rank: the same calls, a collective each)."""
+        import torch
+
+        queue, self.tpmflow_lens_queue = self.tpmflow_lens_queue, []
+        if not queue:
+            return
+        top = self._tpmflow_unembed(torch.cat([q[3] for q in queue]), max(q[0].top_k for q in queue))
+        if top is None:  # a tensor rank that does not record
+            return
+        start = 0
+        for state, layer, positions, _ in queue:
             by_pos = state.lens.setdefault(layer, {})
-            for j, r in enumerate(keep):
-                by_pos[int(positions[r])] = (top[0][j], top[1][j])
+            for j, pos in enumerate(positions, start=start):
+                by_pos[int(pos)] = (top[0][j][: state.top_k], top[1][j][: state.top_k])
+            start += len(positions)
 
     def _tpmflow_unembed(self, stream: Any, top_k: int) -> tuple[np.ndarray, np.ndarray] | None:
         """Top-k token ids and probabilities of the final norm and unembedding of ``stream`` rows
