@@ -447,6 +447,62 @@ def doctor(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
     raise typer.Exit(0 if ready else 1)
 
 
+@app.command()
+def plan(
+    hardware: Annotated[
+        str,
+        typer.Option(
+            "--hardware",
+            "-H",
+            help="a100-40gb (polaris), max1550-tile (aurora), h100-80gb, h200-141gb, "
+            "a100-80gb, mi250x-gcd (frontier), cpu-node, local.",
+        ),
+    ],
+    model: Annotated[str | None, typer.Option(help="A config.json, a model folder or a tpmflow model name.")] = None,
+    arch: Annotated[
+        str | None, typer.Option(help="Explicit numbers instead: 'layers=80,hidden=8192,heads=64,kv_heads=8,...'.")
+    ] = None,
+    config: Annotated[
+        str | None,
+        typer.Option("--config", help="A pool config: its model, settings, prices; warns if its shape fails."),
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="bf16, fp16, fp8, int8, int4, fp32 (default: the config's).")
+    ] = None,
+    context: Annotated[int | None, typer.Option(help="Tokens per sequence, vLLM's max_model_len.")] = None,
+    concurrent: Annotated[int, typer.Option(help="Full-context sequences the pool holds at once.")] = 1,
+    tokens_per_s: Annotated[float, typer.Option(help="Output tokens/s the pool must sustain.")] = 0.0,
+    replica_sequences: Annotated[int, typer.Option(help="Full-context sequences each replica must hold.")] = 1,
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt tokens per request (priced).")] = 0,
+    output_tokens: Annotated[int, typer.Option(help="Output tokens per request.")] = 256,
+    probe_layers: Annotated[int | None, typer.Option(help="Probe traffic: layers captured per request.")] = None,
+    probe_sites: Annotated[int, typer.Option(help="Probe traffic: sites per layer.")] = 1,
+    probe_positions: Annotated[int | None, typer.Option(help="Probe traffic: positions per request.")] = None,
+    probe_rate: Annotated[float, typer.Option(help="Probe traffic: requests per second.")] = 0.0,
+    gpu_memory_utilization: Annotated[float | None, typer.Option(help="vLLM's, default 0.9.")] = None,
+    kv_cache_dtype: Annotated[
+        str | None, typer.Option(help="vLLM's --kv-cache-dtype (default: compute dtype).")
+    ] = None,
+    max_nodes: Annotated[int, typer.Option(help="Largest replica considered, in nodes.")] = 16,
+    efficiency: Annotated[float | None, typer.Option(help="Fraction of peak bandwidth decode reaches.")] = None,
+    service_class: Annotated[str, typer.Option(help="Service class whose prices apply.")] = "interactive",
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Plan a pool for a large model: replica shape, replicas, decode throughput, probe traffic, SUs per hour."""
+    options = {k: v for k, v in locals().items() if k != "as_json"}
+    from tpmflow.planning import PlanRequest, render, run
+
+    try:
+        result = run(PlanRequest(**options))
+    except ValueError as exc:
+        Console(stderr=True).print(f"[red]plan:[/] {exc}")
+        raise typer.Exit(2) from None
+    if as_json:
+        print(result.to_json())
+    else:
+        render(result, console)
+
+
 @models_app.command("build-tiny")
 def build_tiny(
     force: Annotated[bool, typer.Option(help="Rebuild even if it exists.")] = False,
