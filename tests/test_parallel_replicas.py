@@ -32,15 +32,17 @@ FAMILY = "llama-split"
 PROMPTS = [IDS, IDS[::-1], [1, 7, 9, 11, 3]]
 
 
-def _engine(tp: int, pp: int) -> Any:
+def _engine(tp: int, pp: int, family: str = FAMILY) -> Any:
     from tpmflow.models.offline_engine import open_offline_engine
     from tpmflow.models.tiny_families import build_tiny_family
 
-    # One core set per rank, as the pool's launcher gives them.
+    # One core set per rank, as the pool's launcher gives them; lens calls of 3 rows (the tiny
+    # vocabulary is 101), so a step's lens queue fills and flushes part-way, in several chunks.
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = rank_binds(sorted(os.sched_getaffinity(0)), tp * pp)
+    os.environ["TPMFLOW_LENS_LOGITS_ELEMENTS"] = str(3 * 101)
     try:
         return open_offline_engine(
-            build_tiny_family(FAMILY),
+            build_tiny_family(family),
             max_model_len=64,
             enable_prefix_caching=False,
             worker_extension_cls="tpmflow.engine.hooks.TpmflowWorkerExtension",
@@ -49,7 +51,7 @@ def _engine(tp: int, pp: int) -> Any:
             distributed_executor_backend="mp",
         )
     finally:
-        del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
+        del os.environ["VLLM_CPU_OMP_THREADS_BIND"], os.environ["TPMFLOW_LENS_LOGITS_ELEMENTS"]
 
 
 def _hf_greedy(model: Any, ids: list[int], n: int) -> list[int]:
@@ -191,3 +193,26 @@ def test_a_tensor_parallel_replica_serves_every_probe_feature_as_the_unsplit_mod
 @pytest.mark.engine
 def test_a_pipeline_parallel_replica_serves_every_probe_feature_as_the_unsplit_model() -> None:
     print("PP=2", _check_split(1, 2))
+
+
+@pytest.mark.engine
+def test_falcon_under_tensor_parallelism_refuses_probes_by_name_and_still_embeds() -> None:
+    """vLLM's Falcon (parallel attention) all-reduces attention + MLP once: a rank's sites are partial
+    sums, so probes are refused with the reason; the final states (embed, heads) stay served."""
+    from test_probe_families import _probe
+    from transformers import AutoModelForCausalLM
+
+    from tpmflow.models.tiny_families import build_tiny_family
+
+    model = AutoModelForCausalLM.from_pretrained(str(build_tiny_family("falcon-split")), dtype=torch.float32).eval()
+    llm = _engine(2, 1, "falcon-split")
+    try:
+        info = llm.collective_rpc("tpmflow_install")[0]
+        assert info["layout"] == "Falcon" and "partial sums" in str(info["probe_error"]), info
+        assert "tensor_parallel_size 1" in info["probe_error"]
+        assert _probe(llm, ["hook_resid_post"]) is None, "no probe is served"
+        with torch.no_grad():
+            final = model.transformer(torch.tensor([IDS])).last_hidden_state[0].numpy()
+        assert _rel(_embed(llm, IDS), final) < TOL
+    finally:
+        del llm

@@ -66,14 +66,15 @@ def _probe(llm: Any, captures: list[str], edits: list[dict[str, Any]] | None = N
 
 
 def _probe_many(
-    llm: Any, requests: list[tuple[list[int], list[str], list[dict[str, Any]]]], max_tokens: int = 1
+    llm: Any, requests: list[tuple[Any, ...]], max_tokens: int = 1
 ) -> list[dict[str, Any] | None]:
-    """Several probing requests (prompt ids, capture sites, edits) in one ``generate`` call, so the
-    engine schedules them together; per request its captures, lens and engine steps (None: probes off)."""
+    """Several probing requests (prompt ids, capture sites, edits, and optionally the lens's top_k) in
+    one ``generate`` call, so the engine schedules them together; per request its captures, lens and
+    engine steps (None: probes off)."""
     from vllm import SamplingParams
 
     keys, prompts, params = [], [], []
-    for ids, captures, edits in requests:
+    for ids, captures, edits, *top_k in requests:
         key = uuid.uuid4().hex
         spec = {
             "key": key,
@@ -81,7 +82,7 @@ def _probe_many(
                 {"site": s, "layers": [0, 1], "positions": None, "generated": max_tokens > 1} for s in captures
             ],
             "edits": edits,
-            "lens": {"layers": [1], "top_k": 5, "positions": None},
+            "lens": {"layers": [1], "top_k": top_k[0] if top_k else 5, "positions": None},
             "n_prompt": len(ids),
         }
         keys.append(key)
@@ -111,9 +112,9 @@ def _probe_many(
 
 
 def _check_batched(llm: Any, hidden: int, tol: float = TOL) -> float:
-    """Two requests with different prompts, captures and edits in one engine step each get what they
-    get alone (greedy, 6 tokens, generated positions captured too: the two share decode steps even
-    when vLLM's engine core prefills them apart); returns the worst relative difference."""
+    """Two requests with different prompts, captures, edits and lens top_k in one engine step each
+    get what they get alone (greedy, 6 tokens, generated positions captured too: the two share decode
+    steps even when vLLM's engine core prefills them apart); returns the worst relative difference."""
     rng = np.random.default_rng(3)
     v, w = (rng.normal(size=hidden).astype(np.float32) for _ in range(2))
     a = (IDS, ["hook_resid_post", "hook_mlp_out"], [
@@ -124,7 +125,7 @@ def _check_batched(llm: Any, hidden: int, tol: float = TOL) -> float:
         {"op": "zero", "site": "hook_mlp_out", "layer": 0, "positions": [2]},
         {"op": "add", "site": "hook_attn_out", "layer": 1, "positions": None, "values": w.tobytes(),
          "shape": [hidden], "scale": 0.5},
-    ])  # fmt: skip
+    ], 3)  # fmt: skip
     alone = [_probe_many(llm, [r], max_tokens=6)[0] for r in (a, b)]
     for _ in range(3):  # the isolation check needs them in one step; the scheduler decides that
         together = _probe_many(llm, [a, b], max_tokens=6)
@@ -133,6 +134,8 @@ def _check_batched(llm: Any, hidden: int, tol: float = TOL) -> float:
         if set(ta["steps"]) & set(tb["steps"]):  # type: ignore[index]
             break
     assert set(ta["steps"]) & set(tb["steps"]), "the two requests did not share an engine step"  # type: ignore[index]
+    assert {len(ids) for ids in ta["lens"][0]["token_ids"]} == {5}, "each request gets its own top_k"  # type: ignore[index]
+    assert {len(ids) for ids in tb["lens"][0]["token_ids"]} == {3}  # type: ignore[index]
     worst = 0.0
     for one, both in zip(alone, together, strict=True):
         assert one is not None and both is not None

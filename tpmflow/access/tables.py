@@ -79,7 +79,7 @@ class LedgerEntry(Base):
     latency_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     ttft_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     correlation_id: Mapped[str | None] = mapped_column(String(96), nullable=True, index=True)
-    # The serving replica's split, "TP=2 PP=1": a split replica's engine time costs its ranks' devices.
+    # The serving replica's split, "TP=2 PP=1" (informational: prices do not read it).
     replica_shape: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
 

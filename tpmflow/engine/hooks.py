@@ -22,6 +22,7 @@ and the lens of a layer on a stage without the final norm is computed by the las
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,9 +37,9 @@ SPEC_KEY = "tpmflow"
 ORPHAN_TTL_S = 600.0
 # The logit lens unembeds as many rows at once as keep [rows, vocab] logits under this many elements
 # (64 MB in fp32): few calls for a small vocabulary, bounded memory for a large one. Rows of every
-# probing request and every layer of a step wait for one call (up to that many), because under
-# tensor parallelism each call is an all-gather: one per step, not one per request and layer.
-LENS_LOGITS_ELEMENTS = 1 << 24
+# probing request and every layer of a step wait until they fill a call (or the step's last layer),
+# because under tensor parallelism each call is an all-gather. TPMFLOW_LENS_LOGITS_ELEMENTS changes it.
+LENS_LOGITS_ELEMENTS = int(os.environ.get("TPMFLOW_LENS_LOGITS_ELEMENTS", 1 << 24))
 
 REQUIRED_INTERNALS = (
     "model_runner.model",
@@ -128,6 +129,7 @@ class TpmflowWorkerExtension:
             self.tpmflow_steps = 0
             self.tpmflow_in_lens = False
             self.tpmflow_lens_queue: list[Any] = []
+            self.tpmflow_lens_rows = 0
             self.tpmflow_handles: list[Any] = []
             self.tpmflow_layout: Layout | None = None
             self.tpmflow_probe_error: str | None = None
@@ -213,13 +215,13 @@ class TpmflowWorkerExtension:
         if not any(hasattr(layer, layout.attn) for layer in layers):
             self.tpmflow_probe_error = f"{model_class}: no decoder layer on this worker has {layout.attn!r}"
             return
-        if self.tpmflow_tp_size > 1 and (reason := partial_sum_reason(layout, layers)):
-            self.tpmflow_probe_error = f"{model_class} on {self.tpmflow_tp_size} tensor-parallel ranks: {reason}"
-            return
         # An earlier pipeline stage holds a placeholder for the final norm (the last stage has it).
         self.tpmflow_norm = None if _placeholder(norm) else norm
         self.tpmflow_layout, self.tpmflow_layers = layout, layers
         self.tpmflow_probe_error = None
+        if self.tpmflow_tp_size > 1 and (reason := partial_sum_reason(layout, layers, self._tpmflow_parallel_config())):
+            # Probes only: the final-norm hook below still serves embeddings, heads and soft tokens.
+            self.tpmflow_probe_error = f"{model_class} on {self.tpmflow_tp_size} tensor-parallel ranks: {reason}"
         if self.tpmflow_norm is not None:
             self.tpmflow_handles.append(norm.register_forward_hook(self._tpmflow_on_final_norm))
         self._tpmflow_install_layer_hooks(layout, layers)
@@ -247,6 +249,10 @@ class TpmflowWorkerExtension:
                     add(module.register_forward_hook(partial(self._tpmflow_module_out, site.name, layer_index)))
         own = [i for i, layer in enumerate(layers) if not _placeholder(layer) and hasattr(layer, layout.attn)]
         self.tpmflow_first_layer, self.tpmflow_last_layer = own[0], own[-1]
+
+    def _tpmflow_parallel_config(self) -> Any:
+        runner = self.model_runner  # type: ignore[attr-defined]
+        return getattr(getattr(runner, "vllm_config", None), "parallel_config", None)
 
     def tpmflow_set_probes(self, error: str | None) -> None:
         """Disable probes on this worker (``error`` says why; the self-check failed) or enable them again."""
@@ -347,7 +353,7 @@ class TpmflowWorkerExtension:
         from tpmflow.engine.probe import ProbeState, StepRow
 
         self.tpmflow_steps += 1
-        self.tpmflow_lens_queue = []  # a forward that raised part-way leaves nothing for the next
+        self.tpmflow_lens_queue, self.tpmflow_lens_rows = [], 0  # a forward that raised part-way leaves nothing
         runner = self.model_runner  # type: ignore[attr-defined]
         batch = runner.input_batch
         starts = runner.query_start_loc.np
@@ -402,10 +408,7 @@ class TpmflowWorkerExtension:
             if self.tpmflow_records and (site, layer) in state.captures:  # no copy for an edit alone
                 state.capture(site, layer, row.positions, _to_numpy(stream))
             if lens and self.tpmflow_norm is not None:
-                # A copy: the next block may overwrite a view in place (fused add + norm).
-                self._tpmflow_queue_lens(
-                    state, layer, row.positions, stream if residual is not None else stream.clone()
-                )
+                self._tpmflow_queue_lens(state, layer, row.positions, stream)
             elif lens and self.tpmflow_records:  # the last pipeline stage unembeds it later
                 state.keep_lens_stream(layer, row.positions, _to_numpy(stream))
 
@@ -464,16 +467,22 @@ class TpmflowWorkerExtension:
         keep = [r for r, p in enumerate(positions) if state.lens_positions is None or int(p) in state.lens_positions]
         if not keep:
             return
+        # Indexing with a list copies: the next block may overwrite the stream in place (fused add + norm).
         self.tpmflow_lens_queue.append((state, layer, positions[keep], stream[keep]))
-        vocab = int(self.model_runner.model_config.get_vocab_size())  # type: ignore[attr-defined]
-        if sum(len(q[2]) for q in self.tpmflow_lens_queue) * vocab >= LENS_LOGITS_ELEMENTS:
+        self.tpmflow_lens_rows += len(keep)
+        if self.tpmflow_lens_rows >= self._tpmflow_lens_chunk():
             self._tpmflow_flush_lens()
+
+    def _tpmflow_lens_chunk(self) -> int:
+        """Rows per unembedding call: [rows, vocab] logits under LENS_LOGITS_ELEMENTS."""
+        vocab = int(self.model_runner.model_config.get_vocab_size())  # type: ignore[attr-defined]
+        return max(1, LENS_LOGITS_ELEMENTS // max(vocab, 1))
 
     def _tpmflow_flush_lens(self) -> None:
         """Unembed every queued row together (every tensor rank: the same calls, a collective each)."""
         import torch
 
-        queue, self.tpmflow_lens_queue = self.tpmflow_lens_queue, []
+        queue, self.tpmflow_lens_queue, self.tpmflow_lens_rows = self.tpmflow_lens_queue, [], 0
         if not queue:
             return
         top = self._tpmflow_unembed(torch.cat([q[3] for q in queue]), max(q[0].top_k for q in queue))
@@ -494,7 +503,7 @@ class TpmflowWorkerExtension:
 
         model = self.model_runner.model  # type: ignore[attr-defined]
         vocab = int(self.model_runner.model_config.get_vocab_size())  # type: ignore[attr-defined]
-        chunk = max(1, LENS_LOGITS_ELEMENTS // max(vocab, 1))
+        chunk, top_k = self._tpmflow_lens_chunk(), min(top_k, vocab)
         ids_out, probs_out = [], []
         self.tpmflow_in_lens = True  # the final-norm hook must not take these rows for an embed
         try:
@@ -583,22 +592,27 @@ class TpmflowWorkerExtension:
         return sum(self.tpmflow_probes.pop(k, None) is not None for k in keys)
 
 
-def partial_sum_reason(layout: Layout, layers: Any) -> str | None:
-    """Why a tensor-parallel block's attention output is not the full value, or None when it is.
+def partial_sum_reason(layout: Layout, layers: Any, parallel_config: Any = None) -> str | None:
+    """Why a tensor-parallel replica's sites would not hold full values, or None when they do.
 
-    Blocks that add attention and MLP in parallel (Falcon, GPT-NeoX style) may skip the output
-    projection's all-reduce and reduce the sum once; each rank's attention and MLP outputs are then
-    partial sums that no hook can read apart. Refused rather than served wrong.
+    vLLM's Falcon (``parallel_attn`` or ``new_decoder_architecture``) skips the attention and MLP
+    output projections' all-reduce and reduces their sum once, so each rank holds partial sums no
+    hook can read apart (and an edit applied on every rank would count once per rank). DeepSeek's
+    sequence-parallel MoE shards the stream by token between ranks. Refused rather than served wrong.
     """
-    layer = next((x for x in layers if not _placeholder(x) and hasattr(x, layout.attn)), None)
-    out_proj = None if layer is None else layout.part(layer, "out_proj_in")
-    out_proj = getattr(out_proj, "base_layer", out_proj)  # under a LoRA wrapper, vLLM's own layer
-    if getattr(out_proj, "reduce_results", True) is False:
-        return (
-            "the block all-reduces its attention and MLP outputs together, so each rank holds partial sums "
-            "and hook_attn_out/hook_mlp_out cannot be read apart; serve probes on a replica with "
-            "tensor_parallel_size 1 (pipeline parallelism keeps them)"
-        )
+    if getattr(parallel_config, "use_sequence_parallel_moe", False):
+        return "sequence-parallel MoE shards the residual stream by token across ranks"
+    for layer in layers:
+        if _placeholder(layer) or not hasattr(layer, layout.attn):
+            continue
+        out_proj = layout.part(layer, "out_proj_in")
+        out_proj = getattr(out_proj, "base_layer", out_proj)  # under a LoRA wrapper, vLLM's own layer
+        if getattr(out_proj, "reduce_results", True) is False:
+            return (
+                "the block all-reduces its attention and MLP outputs together, so each rank holds partial sums "
+                "and hook_attn_out/hook_mlp_out cannot be read apart; serve probes on a replica with "
+                "tensor_parallel_size 1 (pipeline parallelism keeps them)"
+            )
     return None
 
 

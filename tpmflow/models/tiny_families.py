@@ -93,16 +93,16 @@ def _phi(vocab: int) -> Any:
     return PhiForCausalLM(PhiConfig(vocab_size=vocab, num_key_value_heads=1, partial_rotary_factor=0.5, **_common()))
 
 
-def _falcon(vocab: int) -> Any:
+def _falcon(vocab: int, hidden: int | None = None, heads: int | None = None) -> Any:
     from transformers import FalconConfig, FalconForCausalLM
 
     c = _common()
     # Falcon-7B's layout: parallel attention + MLP from one layer norm, multi-query attention, biases.
     config = FalconConfig(
         vocab_size=vocab,
-        hidden_size=c["hidden_size"],
+        hidden_size=hidden or c["hidden_size"],
         num_hidden_layers=c["num_hidden_layers"],
-        num_attention_heads=c["num_attention_heads"],
+        num_attention_heads=heads or c["num_attention_heads"],
         parallel_attn=True,
         new_decoder_architecture=False,
         multi_query=True,
@@ -233,6 +233,8 @@ FAMILIES: dict[str, Callable[[int], Any]] = {
     "phi": _phi,
     "gpt-j": _gpt_j,
     "falcon": _falcon,
+    # Two heads of 64 (the one key/value head copied to both ranks): Falcon cut in two by TP.
+    "falcon-split": lambda vocab: _falcon(vocab, hidden=128, heads=2),
     "mistral": _mistral,
     "qwen3": _qwen3,
     "deepseek-v3": _deepseek_v3,
