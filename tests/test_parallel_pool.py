@@ -232,6 +232,9 @@ def test_a_heads_predictions_are_the_head_on_the_unsplit_models_states(split_poo
 def test_a_killed_rank_takes_the_replica_down_and_the_launcher_brings_it_back(split_pool: Any) -> None:
     import psutil
 
+    if split_pool.shape != (2, 1):  # a restart costs a minute of the suite: the TP pool's rank shows it
+        pytest.skip("a killed rank is checked on the TP=2 pool (the same launcher path restarts a PP replica)")
+
     server = psutil.Process(split_pool.launcher.replicas["replica-0"].pid)
     workers = [p for p in server.children(recursive=True) if "Worker" in " ".join(p.cmdline()) or "Worker" in p.name()]
     assert len(workers) >= 2, [(p.name(), p.cmdline()) for p in server.children(recursive=True)]

@@ -198,8 +198,8 @@ def test_a_scaled_down_replica_drains_without_failing_requests(grouped_pool: Any
         with lock:
             out.append((resp.status_code, resp.headers.get("X-Tpmflow-Replica", "")))
 
-    # 1000 tokens each, one sequence at a time per engine: each replica stays busy for seconds
-    first = [threading.Thread(target=run, args=(1000, results)) for _ in range(6)]
+    # 400 tokens each, one sequence at a time per engine: each replica stays busy for seconds
+    first = [threading.Thread(target=run, args=(400, results)) for _ in range(6)]
     for t in first:
         t.start()
     _wait(lambda: all(registry.replicas[r].inflight > 0 for r in ("replica-0", "replica-1")), 30, "load on both")
