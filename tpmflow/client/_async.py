@@ -26,7 +26,7 @@ class AsyncClient(BaseClient):
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         token: str | None = None,
         timeout: float = 150.0,
         retries: int = 4,

@@ -40,6 +40,9 @@ T = TypeVar("T")
 # Raw array bytes one request carries inline at most (base64 adds a third; the gateway's body limit
 # is 8 MiB): past it, the rest of a request's arrays go by reference.
 INLINE_BUDGET_BYTES = 4 << 20
+# Transport failures after which a request is sent to the pool's next gateway: it never got there
+# (refused, unroutable) or its gateway dropped the connection without an answer (killed).
+GATEWAY_GONE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 # Idle connections are dropped before the gateway's server drops them (uvicorn: after 5 s), so a
 # request never goes out on a connection the server is closing.
 KEEPALIVE_S = 2.0
@@ -345,9 +348,19 @@ class BaseClient:
     _http: httpx.Client | httpx.AsyncClient
 
     def __init__(
-        self, url: str, token: str | None, timeout: float, retries: int, backoff_s: float, version: str | None = None
+        self,
+        url: str | Sequence[str],
+        token: str | None,
+        timeout: float,
+        retries: int,
+        backoff_s: float,
+        version: str | None = None,
     ) -> None:
-        self.url = url.rstrip("/")
+        # Several gateways of one pool: requests go to the first that answers (``self.url``).
+        self.urls = [u.rstrip("/") for u in ([url] if isinstance(url, str) else url)]
+        if not self.urls:
+            raise ValueError("a client needs at least one gateway URL")
+        self.url = self.urls[0]
         self.token = token
         # Pinned: only replicas serving this model version (content hash or prefix) answer.
         self.version = version
@@ -395,6 +408,29 @@ class BaseClient:
             raise ReplicaFailed(f"cannot reach the pool at {self.url}: {exc}") from exc
         return response
 
+    def _fail_over(self, error: ReplicaFailed, tried: int) -> bool:
+        """Move to the next gateway after ``error``, if another is left to try and the request is safe
+        to send again: never reached its gateway, or the gateway dropped it (died) before answering.
+        A read timeout is not failed over: the request may still be running there."""
+        if tried >= len(self.urls) or not isinstance(error.__cause__, GATEWAY_GONE):
+            return False
+        self.url = self.urls[(self.urls.index(self.url) + 1) % len(self.urls)]
+        return True
+
+    def _exchange(
+        self, method: str, path: str, request_id: str, json: Any = None, params: dict[str, Any] | None = None
+    ) -> Flow[httpx.Response]:
+        """One answer, from the first of the pool's gateways that gives one (see ``_fail_over``)."""
+        tried = 0
+        while True:
+            tried += 1
+            try:
+                request = self._build_request(method, path, request_id, json=json, params=params)
+                return (yield from self._transport(request))
+            except ReplicaFailed as exc:
+                if not self._fail_over(exc, tried):
+                    raise
+
     def _call(
         self,
         method: str,
@@ -403,11 +439,12 @@ class BaseClient:
         params: dict[str, Any] | None = None,
         request_id: str | None = None,
     ) -> Flow[dict[str, Any]]:
-        """A JSON call with retries; every attempt carries the same request id (the ledger's key)."""
+        """A JSON call with retries; every attempt carries the same request id (the ledger's key).
+        With several gateways, a gateway that cannot be reached or dies mid-request is failed over."""
         rid = request_id or uuid.uuid4().hex
         attempt = 0
         while True:
-            resp = yield from self._transport(self._build_request(method, path, rid, json=json, params=params))
+            resp = yield from self._exchange(method, path, rid, json=json, params=params)
             error = error_from_response(resp)
             if error is None:
                 return _with_provenance(resp)
@@ -482,7 +519,7 @@ class BaseClient:
     # -- the calls (public methods of Client and AsyncClient run these) -------------------------------
 
     def _health(self) -> Flow[dict[str, Any]]:
-        resp = yield from self._transport(self._build_request("GET", Routes.HEALTH, uuid.uuid4().hex))
+        resp = yield from self._exchange("GET", Routes.HEALTH, uuid.uuid4().hex)
         return dict(resp.json())
 
     def _models(self) -> Flow[list[str]]:

@@ -27,13 +27,16 @@ class Client(BaseClient):
     limit (429 ``QuotaExceeded`` with ``retry_after``) are retried up to ``retries`` times, waiting
     the server's ``Retry-After`` or an exponential backoff from ``backoff_s``, whichever is longer;
     a spent allocation (``QuotaExceeded`` without ``retry_after``) is raised at once.
+
+    ``url`` may list several gateways of one pool: a gateway that cannot be reached, or that drops a
+    request without answering (killed), is failed over to the next, with the same request id.
     """
 
     _http: httpx.Client
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         token: str | None = None,
         timeout: float = 150.0,
         retries: int = 4,
