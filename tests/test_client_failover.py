@@ -41,6 +41,10 @@ class _Gateway(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.do_GET()
+
     def log_message(self, *args: object) -> None:
         pass
 
@@ -76,6 +80,26 @@ def test_a_gateway_dying_mid_request_sends_it_to_the_next_with_the_same_request_
         assert client.models() == ["tiny"]
     assert len(dropped) == 1 and len(served) == 1
     assert dropped[0][1] == served[0][1], "the same request id: the ledger sees two attempts of one request"
+
+
+def test_a_post_its_gateway_dropped_is_not_sent_again(gateways: dict) -> None:
+    """It may have run there (a generation, a charge): raised, not repeated on the next gateway."""
+    (dying, dropped), (live, served) = gateways["dying"], gateways["live"]
+    with Client([dying, live], retries=0) as client, pytest.raises(ReplicaFailed, match=dying):
+        client.generate("CCO", max_tokens=2)
+    assert len(dropped) == 1 and served == []
+
+
+def test_concurrent_requests_each_try_every_gateway(gateways: dict) -> None:
+    """A request fails over from the gateway it tried, not from one another request moved to."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    live, _ = gateways["live"]
+    with Client([_dead_url(), _dead_url(), live, live + "/"], retries=0) as client:
+        assert len(client.urls) == 3, "the same gateway given twice is tried once"
+        with ThreadPoolExecutor(8) as threads:
+            answers = list(threads.map(lambda _: client.models(), range(16)))
+    assert answers == [["tiny"]] * 16
 
 
 def test_the_async_client_fails_over_too(gateways: dict) -> None:

@@ -292,3 +292,19 @@ def test_a_pool_config_whose_shape_cannot_hold_the_model_is_warned_about(tmp_pat
     pool.write_text(pool.read_text().replace("tensor_parallel_size: 12", "tensor_parallel_size: 8"))
     out = invoke("--config", str(pool), "--hardware", "aurora")
     assert out.exit_code == 0 and "needs" in out.output and "GiB per device" in out.output
+
+
+def test_impossible_architecture_numbers_are_refused_by_name() -> None:
+    from tpmflow.planning.model import ModelSpec
+
+    base = {"layers": 2, "hidden": 64, "heads": 8, "vocab": 100, "intermediate": 128}
+    with pytest.raises(ValueError, match="kv_heads must be positive"):
+        ModelSpec.from_params({**base, "kv_heads": 0})
+    with pytest.raises(ValueError, match=r"heads \(8\) must be a multiple of kv_heads \(3\)"):
+        ModelSpec.from_params({**base, "kv_heads": 3})
+    with pytest.raises(ValueError, match="intermediate='abc' is not a whole number"):
+        ModelSpec.from_params({**base, "intermediate": "abc"})
+    with pytest.raises(ValueError, match="needs experts_per_token and expert_intermediate"):
+        ModelSpec.from_params({**base, "experts": 8})
+    with pytest.raises(ValueError, match="layers must not be negative|layers must be positive"):
+        ModelSpec.from_params({**base, "layers": -2})

@@ -11,7 +11,19 @@ import httpx
 import numpy as np
 
 from tpmflow.adapters.base import Adapter
-from tpmflow.client._base import KEEPALIVE_S, BaseClient, Blocking, Decodings, Done, Flow, Op, Send, Sleep, resume
+from tpmflow.client._base import (
+    CONNECT_TIMEOUT_S,
+    KEEPALIVE_S,
+    BaseClient,
+    Blocking,
+    Decodings,
+    Done,
+    Flow,
+    Op,
+    Send,
+    Sleep,
+    resume,
+)
 from tpmflow.client.results import Embeddings, Generation, Predictions, Trace
 from tpmflow.payload import Reference
 
@@ -35,7 +47,8 @@ class AsyncClient(BaseClient):
     ) -> None:
         super().__init__(url, token, timeout, retries, backoff_s, version)
         self._http = httpx.AsyncClient(
-            timeout=timeout, limits=httpx.Limits(max_connections=512, keepalive_expiry=KEEPALIVE_S)
+            timeout=httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT_S)),
+            limits=httpx.Limits(max_connections=512, keepalive_expiry=KEEPALIVE_S),
         )
 
     async def __aenter__(self) -> AsyncClient:

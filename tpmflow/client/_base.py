@@ -40,9 +40,12 @@ T = TypeVar("T")
 # Raw array bytes one request carries inline at most (base64 adds a third; the gateway's body limit
 # is 8 MiB): past it, the rest of a request's arrays go by reference.
 INLINE_BUDGET_BYTES = 4 << 20
-# Transport failures after which a request is sent to the pool's next gateway: it never got there
-# (refused, unroutable) or its gateway dropped the connection without an answer (killed).
-GATEWAY_GONE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+# A gateway that does not accept a connection within this is taken as gone (the next is tried).
+CONNECT_TIMEOUT_S = 10.0
+# Transport failures after which a request goes to the pool's next gateway: it never got there
+# (refused, unroutable), or, for a GET only, its gateway dropped the connection unanswered (killed).
+NEVER_ARRIVED: tuple[type[Exception], ...] = (httpx.ConnectError, httpx.ConnectTimeout)
+DROPPED: tuple[type[Exception], ...] = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 # Idle connections are dropped before the gateway's server drops them (uvicorn: after 5 s), so a
 # request never goes out on a connection the server is closing.
 KEEPALIVE_S = 2.0
@@ -357,7 +360,7 @@ class BaseClient:
         version: str | None = None,
     ) -> None:
         # Several gateways of one pool: requests go to the first that answers (``self.url``).
-        self.urls = [u.rstrip("/") for u in ([url] if isinstance(url, str) else url)]
+        self.urls = list(dict.fromkeys(u.rstrip("/") for u in ([url] if isinstance(url, str) else url)))
         if not self.urls:
             raise ValueError("a client needs at least one gateway URL")
         self.url = self.urls[0]
@@ -380,13 +383,6 @@ class BaseClient:
             headers[Headers.VERSION] = self.version
         return headers
 
-    def _build_request(
-        self, method: str, path: str, request_id: str, json: Any = None, params: dict[str, Any] | None = None
-    ) -> httpx.Request:
-        return self._http.build_request(
-            method, self.url + path, json=json, params=params, headers=self._headers(request_id)
-        )
-
     def _retry_delay(self, attempt: int, error: TpmflowError) -> float | None:
         """Seconds to wait before retrying after failed attempt ``attempt`` (from 0), or ``None`` to
         raise ``error`` now. A full admission queue (503 ``Overloaded``) and a rate limit (429
@@ -400,36 +396,38 @@ class BaseClient:
 
     def _transport(self, request: httpx.Request) -> Flow[httpx.Response]:
         """One HTTP exchange; a pool that cannot be reached or does not answer is ``ReplicaFailed``."""
+        gateway = f"{request.url.scheme}://{request.url.netloc.decode()}"
         try:
             response: httpx.Response = yield Send(request)
         except httpx.TimeoutException as exc:
-            raise ReplicaFailed(f"no answer from {self.url} within {self.timeout} s") from exc
+            raise ReplicaFailed(f"no answer from {gateway} within {self.timeout} s") from exc
         except httpx.TransportError as exc:
-            raise ReplicaFailed(f"cannot reach the pool at {self.url}: {exc}") from exc
+            raise ReplicaFailed(f"cannot reach the pool at {gateway}: {exc}") from exc
         return response
-
-    def _fail_over(self, error: ReplicaFailed, tried: int) -> bool:
-        """Move to the next gateway after ``error``, if another is left to try and the request is safe
-        to send again: never reached its gateway, or the gateway dropped it (died) before answering.
-        A read timeout is not failed over: the request may still be running there."""
-        if tried >= len(self.urls) or not isinstance(error.__cause__, GATEWAY_GONE):
-            return False
-        self.url = self.urls[(self.urls.index(self.url) + 1) % len(self.urls)]
-        return True
 
     def _exchange(
         self, method: str, path: str, request_id: str, json: Any = None, params: dict[str, Any] | None = None
     ) -> Flow[httpx.Response]:
-        """One answer, from the first of the pool's gateways that gives one (see ``_fail_over``)."""
-        tried = 0
-        while True:
-            tried += 1
+        """One answer, from the first of the pool's gateways that gives one, starting at the one that
+        answered last (``self.url``). A request goes on to the next gateway when it never reached its
+        own (refused, unroutable); a GET also when its gateway dropped it unanswered (killed). A POST
+        that may have run is not sent again, nor is anything after a read timeout (it may still run)."""
+        start = self.urls.index(self.url) if self.url in self.urls else 0
+        for k in range(len(self.urls)):
+            url = self.urls[(start + k) % len(self.urls)]
+            request = self._http.build_request(
+                method, url + path, json=json, params=params, headers=self._headers(request_id)
+            )
             try:
-                request = self._build_request(method, path, request_id, json=json, params=params)
-                return (yield from self._transport(request))
+                response = yield from self._transport(request)
             except ReplicaFailed as exc:
-                if not self._fail_over(exc, tried):
+                gone = NEVER_ARRIVED if method != "GET" else NEVER_ARRIVED + DROPPED
+                if k + 1 == len(self.urls) or not isinstance(exc.__cause__, gone):
                     raise
+                continue
+            self.url = url  # later calls start here (a racing write stores a gateway that answered too)
+            return response
+        raise AssertionError("unreachable: the loop returns or raises")
 
     def _call(
         self,
@@ -440,7 +438,7 @@ class BaseClient:
         request_id: str | None = None,
     ) -> Flow[dict[str, Any]]:
         """A JSON call with retries; every attempt carries the same request id (the ledger's key).
-        With several gateways, a gateway that cannot be reached or dies mid-request is failed over."""
+        With several gateways, one that cannot be reached is failed over (``_exchange``)."""
         rid = request_id or uuid.uuid4().hex
         attempt = 0
         while True:

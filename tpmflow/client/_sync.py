@@ -12,7 +12,19 @@ import httpx
 import numpy as np
 
 from tpmflow.adapters.base import Adapter
-from tpmflow.client._base import KEEPALIVE_S, BaseClient, Blocking, Decodings, Done, Flow, Op, Send, Sleep, resume
+from tpmflow.client._base import (
+    CONNECT_TIMEOUT_S,
+    KEEPALIVE_S,
+    BaseClient,
+    Blocking,
+    Decodings,
+    Done,
+    Flow,
+    Op,
+    Send,
+    Sleep,
+    resume,
+)
 from tpmflow.client.results import Embeddings, Generation, Predictions, Trace
 from tpmflow.payload import Reference
 
@@ -28,8 +40,8 @@ class Client(BaseClient):
     the server's ``Retry-After`` or an exponential backoff from ``backoff_s``, whichever is longer;
     a spent allocation (``QuotaExceeded`` without ``retry_after``) is raised at once.
 
-    ``url`` may list several gateways of one pool: a gateway that cannot be reached, or that drops a
-    request without answering (killed), is failed over to the next, with the same request id.
+    ``url`` may list several gateways of one pool: a request that cannot reach its gateway goes to
+    the next, with the same request id (a GET also when its gateway dropped it unanswered).
     """
 
     _http: httpx.Client
@@ -45,7 +57,10 @@ class Client(BaseClient):
         version: str | None = None,
     ) -> None:
         super().__init__(url, token, timeout, retries, backoff_s, version)
-        self._http = httpx.Client(timeout=timeout, limits=httpx.Limits(keepalive_expiry=KEEPALIVE_S))
+        self._http = httpx.Client(
+            timeout=httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT_S)),
+            limits=httpx.Limits(keepalive_expiry=KEEPALIVE_S),
+        )
         self._pool: ThreadPoolExecutor | None = None
         self._max_workers = max_workers
 

@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 # Bytes per value of each storage type (int4 / mxfp4 packs two values a byte; scales are ignored).
 DTYPE_BYTES: dict[str, float] = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1, "int4": 0.5}
@@ -81,6 +81,22 @@ class ModelSpec(BaseModel):
     dtype: str = "bf16"  # storage of the decoder blocks' linear weights
     compute_dtype: str = "bf16"  # embeddings, norms, routers, activations, KV cache by default
     unquantized: tuple[str, ...] = ()  # blocks a quantised checkpoint keeps in compute_dtype: "attention", "mlp"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelSpec:
+        """Numbers a real decoder can have (a ValueError naming each one that cannot be)."""
+        problems = [f"{k} must be positive" for k in ("hidden", "layers", "heads", "kv_heads", "head_dim", "vocab")
+                    if getattr(self, k) <= 0]  # fmt: skip
+        problems += [f"{k} must not be negative" for k, v in self if isinstance(v, int) and v < 0]
+        if self.kv_heads > 0 and self.heads % self.kv_heads:
+            problems.append(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+        if self.experts and not (self.experts_per_token and self.expert_intermediate):
+            problems.append("an MoE needs experts_per_token and expert_intermediate with experts")
+        if self.experts_per_token > self.experts:
+            problems.append(f"experts_per_token ({self.experts_per_token}) exceeds experts ({self.experts})")
+        if problems:
+            raise ValueError("; ".join(dict.fromkeys(problems)))
+        return self
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -170,9 +186,16 @@ class ModelSpec(BaseModel):
         missing = [k for k in needed if not params.get(k)]
         if missing:
             raise ValueError(f"model parameters lack {', '.join(missing)}")
-        values: dict[str, Any] = {k: _flag(v) if k == "gated_mlp" else int(v) for k, v in params.items() if k in known}
+        values: dict[str, Any] = {}
+        for k, v in params.items():
+            if k not in known:
+                continue
+            try:
+                values[k] = _flag(v) if k == "gated_mlp" else int(v)
+            except ValueError:
+                raise ValueError(f"model parameter {k}={v!r} is not a whole number") from None
         values.setdefault("kv_heads", values["heads"])
-        values.setdefault("head_dim", values["hidden"] // values["heads"])
+        values.setdefault("head_dim", values["hidden"] // values["heads"] if values["heads"] > 0 else 0)
         storage = dtype_name(dtype or "bf16")
         compute = "bf16" if DTYPE_BYTES[storage] < 2 else storage
         tied = _flag(params.get("tied", False))

@@ -120,7 +120,7 @@ def render(plan: Plan, console: Console) -> None:
         table.add_row("  per device", _memory(plan.shape))
     table.add_row(
         "sequences / replica",
-        f"holds {plan.shape.max_sequences} of {w['context']} tokens; runs {plan.batch_per_replica} at once",
+        f"holds {plan.shape.max_sequences} sequences of {w['context']} tokens; runs {plan.batch_per_replica} at once",
     )
     table.add_row("replicas", f"{plan.replicas} ({plan.total_nodes} node(s) in all)")
     one = f"; batch 1: {plan.decode_one.tokens_per_s:,.1f} tok/s" if plan.decode.batch > 1 else ""
