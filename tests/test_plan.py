@@ -83,11 +83,16 @@ def test_llama_405b_fp8_fits_one_node_of_8_h100() -> None:
     assert model.dtype == "fp8" and model.compute_dtype == "bf16"
     shape = plan(model, lookup("h100-80gb"), Workload(context=8192)).smallest
     assert (shape.tp, shape.pp, shape.nodes) == (8, 1, 1)
-    # Meta's FP8 checkpoint keeps attention in bf16 (fbgemm_fp8, modules_to_not_convert): still one node.
-    meta = {**LLAMA_405B, "quantization_config": {"quant_method": "fbgemm_fp8", "modules_to_not_convert": [
-        "model.layers.0.self_attn.q_proj", "lm_head"]}}  # fmt: skip
+    # Meta's FP8 checkpoint keeps attention in bf16 in every layer, and the MLPs of its first and
+    # last layers (fbgemm_fp8, modules_to_not_convert, as it ships): still one node.
+    attention = [f"model.layers.{i}.self_attn.{p}_proj" for i in range(126) for p in "qkvo"]
+    mlps = [f"model.layers.{i}.mlp.{p}_proj" for i in (0, 125) for p in ("gate", "up", "down")]
+    meta = {**LLAMA_405B, "quantization_config": {"quant_method": "fbgemm_fp8",
+                                                  "modules_to_not_convert": [*attention, *mlps, "lm_head"]}}  # fmt: skip
     meta_model = spec(meta, "llama-3.1-405b-instruct-fp8")
-    assert meta_model.unquantized == ("attention",)
+    assert meta_model.unquantized == ("attention",), "two layers' MLPs are not every layer's"
+    routers = {"quant_method": "compressed-tensors", "ignore": ["lm_head", "re:.*mlp.gate$"]}
+    assert spec({**KIMI_K2, "quantization_config": routers}, "k2-ct").unquantized == ()
     assert meta_model.weight_bytes() > model.weight_bytes() * 1.1
     shape = plan(meta_model, lookup("h100"), Workload(context=8192)).smallest
     assert (shape.tp, shape.pp, shape.nodes) == (8, 1, 1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -337,7 +338,7 @@ def _storage(config: dict[str, Any], text: dict[str, Any], dtype: str | None) ->
     raw = text.get("torch_dtype") or text.get("dtype") or config.get("torch_dtype") or "bfloat16"
     compute = dtype_name(raw)
     quant = config.get("quantization_config") or text.get("quantization_config")
-    storage, unquantized = _quantised(quant) if quant else (None, ())
+    storage, unquantized = _quantised(quant, int(text.get("num_hidden_layers") or 0)) if quant else (None, ())
     if dtype not in (None, "auto"):
         chosen = dtype_name(dtype)
         if DTYPE_BYTES[chosen] >= 2:
@@ -349,11 +350,29 @@ def _storage(config: dict[str, Any], text: dict[str, Any], dtype: str | None) ->
     return {"dtype": storage or compute, "compute_dtype": compute, "unquantized": unquantized}
 
 
-def _quantised(quant: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
+def _kept_blocks(keep: list[str], layers: int) -> tuple[str, ...]:
+    """The blocks (``attention``, ``mlp``) a checkpoint keeps unquantised in most layers.
+
+    Ignore lists name modules per layer (Meta's FP8 405B: every layer's attention, the MLP of its
+    first and last layers only) or by pattern; routers (``mlp.gate``) and ``lm_head`` are small and
+    stay in the compute dtype anyway. A block counts when a pattern without a layer index names it
+    or when over half of the layers keep it: the rest is a rounding error in a plan.
+    """
+    kept = []
+    for part, key in (("attention", "attn"), ("mlp", "mlp")):
+        names = [m for m in keep if key in m and not re.search(r"(mlp\.gate|router)\W*$", m)]
+        indexed = {int(found.group(1)) for m in names if (found := re.search(r"layers\.(\d+)\.", m))}
+        everywhere = any(not re.search(r"layers\.\d+\.", m) for m in names)
+        if everywhere or (layers and 2 * len(indexed) > layers):
+            kept.append(part)
+    return tuple(kept)
+
+
+def _quantised(quant: dict[str, Any], layers: int = 0) -> tuple[str, tuple[str, ...]]:
     """Storage dtype of a ``quantization_config`` and the blocks it leaves unquantised."""
     method = str(quant.get("quant_method", "")).lower()
     keep = [str(m) for m in quant.get("modules_to_not_convert") or quant.get("ignore") or []]
-    unquantized = tuple(part for part, key in (("attention", "attn"), ("mlp", "mlp")) if any(key in m for m in keep))
+    unquantized = _kept_blocks(keep, layers)
     if method in ("fp8", "fbgemm_fp8"):
         return "fp8", unquantized
     if method in ("awq", "gptq", "marlin", "gptq_marlin", "awq_marlin"):
