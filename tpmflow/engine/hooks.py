@@ -129,6 +129,7 @@ class TpmflowWorkerExtension:
             self.tpmflow_steps = 0
             self.tpmflow_in_lens = False
             self.tpmflow_lens_queue: list[Any] = []
+            self.tpmflow_vocab = int(self.model_runner.model_config.get_vocab_size())  # type: ignore[attr-defined]
             self.tpmflow_lens_rows = 0
             self.tpmflow_handles: list[Any] = []
             self.tpmflow_layout: Layout | None = None
@@ -475,25 +476,31 @@ class TpmflowWorkerExtension:
 
     def _tpmflow_lens_chunk(self) -> int:
         """Rows per unembedding call: [rows, vocab] logits under LENS_LOGITS_ELEMENTS."""
-        vocab = int(self.model_runner.model_config.get_vocab_size())  # type: ignore[attr-defined]
-        return max(1, LENS_LOGITS_ELEMENTS // max(vocab, 1))
+        return max(1, LENS_LOGITS_ELEMENTS // max(self.tpmflow_vocab, 1))
 
     def _tpmflow_flush_lens(self) -> None:
         """Unembed every queued row together (every tensor rank: the same calls, a collective each)."""
-        import torch
 
         queue, self.tpmflow_lens_queue, self.tpmflow_lens_rows = self.tpmflow_lens_queue, [], 0
         if not queue:
             return
-        top = self._tpmflow_unembed(torch.cat([q[3] for q in queue]), max(q[0].top_k for q in queue))
-        if top is None:  # a tensor rank that does not record
+        tops = self._tpmflow_unembed_groups([q[3] for q in queue], max(q[0].top_k for q in queue))
+        if tops is None:  # a tensor rank that does not record
             return
-        start = 0
-        for state, layer, positions, _ in queue:
+        for (state, layer, positions, _), (ids, probs) in zip(queue, tops, strict=True):
             by_pos = state.lens.setdefault(layer, {})
-            for j, pos in enumerate(positions, start=start):
-                by_pos[int(pos)] = (top[0][j][: state.top_k], top[1][j][: state.top_k])
-            start += len(positions)
+            for j, pos in enumerate(positions):
+                by_pos[int(pos)] = (ids[j][: state.top_k], probs[j][: state.top_k])
+
+    def _tpmflow_unembed_groups(self, groups: list[Any], top_k: int) -> list[tuple[np.ndarray, np.ndarray]] | None:
+        """``_tpmflow_unembed`` of several groups of rows in the fewest calls; per group its (ids, probs)."""
+        import torch
+
+        top = self._tpmflow_unembed(torch.cat(groups), top_k)
+        if top is None:
+            return None
+        ends = np.cumsum([len(g) for g in groups])
+        return [(top[0][a:b], top[1][a:b]) for a, b in zip([0, *ends[:-1]], ends, strict=True)]
 
     def _tpmflow_unembed(self, stream: Any, top_k: int) -> tuple[np.ndarray, np.ndarray] | None:
         """Top-k token ids and probabilities of the final norm and unembedding of ``stream`` rows
@@ -502,8 +509,7 @@ class TpmflowWorkerExtension:
         import torch
 
         model = self.model_runner.model  # type: ignore[attr-defined]
-        vocab = int(self.model_runner.model_config.get_vocab_size())  # type: ignore[attr-defined]
-        chunk, top_k = self._tpmflow_lens_chunk(), min(top_k, vocab)
+        chunk, top_k = self._tpmflow_lens_chunk(), min(top_k, self.tpmflow_vocab)
         ids_out, probs_out = [], []
         self.tpmflow_in_lens = True  # the final-norm hook must not take these rows for an embed
         try:
@@ -531,22 +537,21 @@ class TpmflowWorkerExtension:
 
         if self.tpmflow_layout is None or getattr(self, "tpmflow_norm", None) is None:
             return None
+        if not streams:
+            return [] if self.tpmflow_records else None
         device = next(self.model_runner.model.parameters()).device  # type: ignore[attr-defined]
         dtype = self.model_runner.model_config.dtype  # type: ignore[attr-defined]
-        out = []
-        for entry in streams:
-            rows = np.frombuffer(entry["bytes"], dtype=np.float32).reshape(entry["shape"])
-            top = self._tpmflow_unembed(torch.from_numpy(rows.copy()).to(device, dtype), top_k)
-            if top is not None:
-                out.append(
-                    {
-                        "layer": entry["layer"],
-                        "positions": entry["positions"],
-                        "token_ids": top[0].tolist(),
-                        "probs": top[1].tolist(),
-                    }
-                )
-        return out if self.tpmflow_records else None
+        groups = [
+            torch.from_numpy(np.frombuffer(e["bytes"], dtype=np.float32).reshape(e["shape"]).copy()).to(device, dtype)
+            for e in streams
+        ]
+        tops = self._tpmflow_unembed_groups(groups, top_k)  # every layer's rows in the fewest calls
+        if tops is None:
+            return None
+        return [
+            {"layer": e["layer"], "positions": e["positions"], "token_ids": ids.tolist(), "probs": probs.tolist()}
+            for e, (ids, probs) in zip(streams, tops, strict=True)
+        ]
 
     # -- hooks ---------------------------------------------------------------------------------
 
