@@ -142,6 +142,12 @@ def _postgres_or_fail() -> str:
     return POSTGRES_URL
 
 
+@pytest.fixture()
+def postgres_url() -> str:
+    """The facility's PostgreSQL (CI has it; elsewhere a loud skip)."""
+    return _postgres_or_fail()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def access(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
     """An access database (principals, tokens, ledger, allocations) on SQLite and on PostgreSQL."""

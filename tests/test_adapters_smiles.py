@@ -80,6 +80,14 @@ def test_decode_gives_valid_unique_canonical_molecules_with_reasons(smiles: Adap
     assert out[0].ok and not out[1].ok
 
 
+def test_retrieved_molecules_are_written_one_a_line_with_their_properties(smiles: Adapter) -> None:
+    """The context retrieve= puts before a generation prefix: canonical SMILES and scalar properties;
+    what does not parse is left out, nested metadata is not dumped into the prompt."""
+    entries = [("OCC", {"score": 0.71234, "tags": ["a"]}), ("C1CC(", {}), ("c1ccccc1", {"name": "benzene", "n": 6})]
+    assert smiles.retrieval_context(entries) == "CCO score=0.7123\nc1ccccc1 n=6 name=benzene\n"  # type: ignore[attr-defined]
+    assert smiles.retrieval_context([]) == ""  # type: ignore[attr-defined]
+
+
 def test_adapters_built_for_another_model_are_refused(smiles: Adapter) -> None:
     check_fits(smiles, hidden_size=128, content_hash="blake3:abc")  # the text route fits any model
 

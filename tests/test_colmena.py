@@ -21,7 +21,7 @@ import pytest
 from colmena.models.results import Result
 from colmena.thinker import agent, result_processor
 
-from tpmflow.colmena import SafePipeQueues, TPMThinker, _plain, split_site, tpm_methods
+from tpmflow.colmena import SafePipeQueues, TPMThinker, plain, split_site, tpm_methods
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,9 +88,9 @@ def test_colmena_proxies_become_plain_values_before_the_pool(tmp_path: Path) -> 
     array = np.arange(12, dtype=np.float32).reshape(3, 4)
     with Store("colmena-test", FileConnector(str(tmp_path))) as store:
         proxy = store.proxy(array)
-        plain = _plain({"items": [proxy, b"raw"], "n": 2})
-    assert type(plain["items"][0]) is np.ndarray and np.array_equal(plain["items"][0], array)
-    assert plain["items"][1] == b"raw" and plain["n"] == 2
+        resolved = plain({"items": [proxy, b"raw"], "n": 2})
+    assert type(resolved["items"][0]) is np.ndarray and np.array_equal(resolved["items"][0], array)
+    assert resolved["items"][1] == b"raw" and resolved["n"] == 2
 
 
 def test_one_site_file_splits_into_the_pool_and_the_task_server_configs() -> None:
@@ -116,12 +116,14 @@ def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
 def test_tpm_agent_does_not_block_the_simulation_agent(demo_model_dir: Path) -> None:
     proc = _run(["examples/colmena_thinker.py"], timeout=400)
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["during_generation"] >= 3, proc.stdout
+    # The model is kept busy until the simulations end, so all but a simulation finishing in the
+    # instant between two batches overlap it; an agent that waited for the other would see none.
+    assert summary["batches"] >= 1 and summary["during_generation"] >= 6, proc.stdout
 
 
 @pytest.fixture(scope="module")
 def campaign(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A short real campaign: 4 arms x 1 seed x 10 simulations, 2 replicas, one killed mid-way."""
+    """A short real campaign: 5 arms x 1 seed x 10 simulations, 2 replicas, one killed mid-way."""
     out = tmp_path_factory.mktemp("campaign")
     args = ["-m", "apps.molecular_design.campaign", "--out", str(out), "--seeds", "0", "--budget", "10"]
     args += ["--retrain-every", "4", "--library-size", "300", "--replicas", "2", "--kill-replica-after", "6"]
@@ -133,14 +135,15 @@ def campaign(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def test_short_campaign_writes_every_simulation_a_plot_and_a_record(campaign: dict[str, Any]) -> None:
     rows, record = campaign["rows"], campaign["record"]
-    arms = ["tpm+proposals", "tpm", "fingerprint", "random"]
+    arms = ["tpm+proposals", "tpm", "fingerprint", "random", "tpm+knowledge"]
     assert sorted({r["arm"] for r in rows}) == sorted(arms)
     for arm in arms:
         mine = [r for r in rows if r["arm"] == arm]
         assert len(mine) == 10 and sorted(int(r["index"]) for r in mine) == list(range(10))
         assert all(r["error"] or np.isfinite(float(r["objective"])) for r in mine), "a failure says why"
-    first = {arm: {r["smiles"] for r in rows if r["arm"] == arm and int(r["index"]) < 4} for arm in arms}
-    assert len({frozenset(s) for s in first.values()}) == 1, "every arm starts from the same random molecules"
+    cold = arms[:4]
+    first = {arm: {r["smiles"] for r in rows if r["arm"] == arm and int(r["index"]) < 4} for arm in cold}
+    assert len({frozenset(s) for s in first.values()}) == 1, "every cold arm starts from the same random molecules"
     png = (campaign["out"] / "best_found.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     assert record["model"]["content_hash"].startswith("blake3:") and record["adapter"]["version"]
@@ -151,13 +154,44 @@ def test_short_campaign_writes_every_simulation_a_plot_and_a_record(campaign: di
     assert "winner over 1 seeds" in campaign["stdout"]
 
 
+def test_the_campaign_remembers_and_a_second_campaign_starts_warm(campaign: dict[str, Any]) -> None:
+    """Every simulation is recorded in the campaign's knowledge collection as it arrives; the
+    "tpm+knowledge" arm retrieves the "tpm" arm's results before simulating anything, never
+    simulates those again, and conditions its proposals on retrieved molecules."""
+    import sqlalchemy as sa
+
+    rows, record = campaign["rows"], campaign["record"]
+    warm = record["results"]["tpm+knowledge"]
+    assert warm["memory_retrieved"][0] > 0 and warm["memory_best"][0] is not None
+    remembered = {r["smiles"] for r in rows if r["arm"] == "tpm"}
+    assert not remembered & {r["smiles"] for r in rows if r["arm"] == "tpm+knowledge"}, "known results not redone"
+    engine = sa.create_engine(f"sqlite:///{campaign['out'] / 'ledger.db'}")
+    with engine.connect() as conn:
+        items = conn.execute(
+            sa.text(
+                "SELECT i.item, i.meta FROM knowledge_items i JOIN knowledge_collections c ON c.id = i.collection_id "
+                "WHERE c.name = :name"
+            ),
+            {"name": record["memory_collection"]},
+        ).all()
+        retrievals = conn.execute(
+            sa.text("SELECT count(*) FROM request_ledger WHERE endpoint = 'knowledge/retrieve' AND status = 200")
+        ).scalar()
+    assert len(items) == len(rows), "every simulation, failures too, is in the collection"
+    by_arm = {}
+    for item, meta in items:
+        by_arm.setdefault(json.loads(meta)["arm"], set()).add(json.loads(item))
+    assert by_arm["tpm"] == remembered
+    assert retrievals and retrievals >= 1, "the warm arm's proposals retrieved remembered molecules"
+
+
 def test_campaign_survives_a_replica_killed_mid_way(campaign: dict[str, Any]) -> None:
     import sqlalchemy as sa
 
     record = campaign["record"]
     assert len(record["replicas_killed"]) == 1, "a replica was killed while it served a TPM call"
     assert all(r["tpm_failures"] == 0 for r in record["results"].values()), "every TPM call was answered"
-    assert len(campaign["rows"]) == 40, "every simulation is in the CSV"
+    assert len(campaign["rows"]) == 50, "every simulation is in the CSV"
     engine = sa.create_engine(f"sqlite:///{campaign['out'] / 'ledger.db'}")
     with engine.connect() as conn:
         rows = conn.execute(sa.text("SELECT request_id, status, retry_of FROM request_ledger")).mappings().all()

@@ -148,3 +148,29 @@ def test_replica_settings_round_trip_through_replica_env(monkeypatch: pytest.Mon
         str(tmp_path / "pool-parts"),
     )
     assert got.replica_group == "default" and got.store["inline_limit_bytes"] == 7
+
+
+def test_the_text_embedder_runs_vllm_s_pooling_runner_with_only_the_pooling_plugin(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from pydantic import ValidationError
+
+    from tpmflow.config import PoolConfig, TextEmbedderConfig
+    from tpmflow.pool.replica import embedder_command, embedder_env
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")  # the model's binding is not the embedder's
+    folder = tmp_path / "my-encoder"
+    cfg = PoolConfig(model="m", text_embedder=TextEmbedderConfig(model=str(folder), max_model_len=128))
+    assert [s.replica_id for s in cfg.embedder_slots()] == ["text-embedder-0"] and len(cfg.slots()) == 1
+    cmd = embedder_command(cfg, 9001)
+    assert cmd[cmd.index("--runner") + 1] == "pooling" and cmd[cmd.index("--model") + 1] == str(folder)
+    assert cmd[cmd.index("--served-model-name") + 1] == "my-encoder" and "128" in cmd
+    assert "--enable-prompt-embeds" not in cmd and "--worker-extension-cls" not in cmd, "an encoder takes no hooks"
+    env = embedder_env(cfg, "text-embedder-0", "http://127.0.0.1:9001", "http://gw", "s3cret")
+    assert env["VLLM_PLUGINS"] == "tpmflow-pooling" and "VLLM_CPU_OMP_THREADS_BIND" not in env
+    assert env["TPMFLOW_REPLICA_GROUP"] == "text-embedder" and env["VLLM_API_KEY"] == "s3cret"
+    assert PoolConfig(model="m", text_embedder={}).text_embedder.model == "all-minilm-l6-v2"  # type: ignore[arg-type, union-attr]
+    with pytest.raises(ValidationError, match="local launcher"):
+        PoolConfig(model="m", text_embedder={}, launcher={"kind": "parsl"})  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="text embedder's group"):
+        PoolConfig(model="m", replica_groups={"text-embedder": {}})  # type: ignore[arg-type]

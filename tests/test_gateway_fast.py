@@ -440,3 +440,101 @@ def test_a_workers_share_of_a_small_rate_limit_still_admits() -> None:
     limiter.admit(who)  # one request fits the bucket at once
     with pytest.raises(Exception, match="rate limited"):
         limiter.admit(who)
+
+
+def test_a_text_embedder_alone_is_no_service_but_health_lists_it(tmp_path: Path) -> None:
+    """The text embedder's replica (task embed) serves only knowledge embeddings: with no model
+    replica up the pool is unavailable, and no completion is ever sent to it."""
+    from tpmflow.schema import ReplicaInfo
+
+    with rig(tmp_path, n_replicas=0) as r:
+        embedder = ReplicaInfo(
+            replica_id="text-embedder-0",
+            url="http://127.0.0.1:9",  # nothing listens: a request routed here would fail loudly
+            model="all-minilm-l6-v2",
+            content_hash="blake3:" + "e" * 64,
+            engine="fake",
+            hidden_size=384,
+            max_model_len=256,
+            group="text-embedder",
+            task="embed",
+        )
+        beat = httpx.post(
+            r.url + Routes.HEARTBEAT, json=embedder.model_dump(), headers={"Authorization": f"Bearer {SECRET}"}
+        )
+        assert beat.status_code == 200, beat.text
+        health = httpx.get(r.url + Routes.HEALTH)
+        assert health.status_code == 503 and health.json()["status"] == "unavailable"
+        assert [(x["id"], x["task"]) for x in health.json()["replicas"]] == [("text-embedder-0", "embed")]
+        with FakeReplica(gateway_url=r.url, secret=SECRET, replica_id="replica-0", heartbeat_s=0.2) as fake:
+            deadline = time.monotonic() + 10
+            while httpx.get(r.url + Routes.HEALTH).status_code != 200:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            for _ in range(4):
+                assert r.post(Routes.COMPLETIONS, {"prompt": "x", "max_tokens": 1}).status_code == 200
+            assert fake.served == 4
+
+
+def test_workbench_session_cookie_csrf_and_admin_refusal_over_http(two: Rig) -> None:
+    """The workbench's security without a browser (tests/test_workbench.py drives Chromium): the
+    sign-in form's nonce, the cookie's flags, the CSRF header the API needs beside the cookie, the
+    escaped page, and the admin page refused by the server."""
+    import re
+
+    from tpmflow.errors import Unauthorized
+
+    with httpx.Client(base_url=two.url) as browser:
+        for path in ("/ui", "/ui/generate", "/ui/inside", "/ui/usage", "/ui/service", "/ui/admin"):
+            signed_out = browser.get(path)
+            assert signed_out.status_code == 303 and signed_out.headers["location"] == "/ui/signin", path
+        page = browser.get("/ui/signin")
+        assert page.status_code == 200 and "script-src 'self'" in page.headers["content-security-policy"]
+        def nonce(form: httpx.Response) -> str:  # each form rendered has a fresh one
+            return re.search(r'name="nonce" value="([^"]+)"', form.text).group(1)  # type: ignore[union-attr]
+
+        refused = browser.post("/ui/signin", data={"token": two.token})
+        assert refused.status_code == 400, "no nonce: refused"
+        stale = browser.post("/ui/signin", data={"token": two.token, "nonce": nonce(page)})
+        assert stale.status_code == 400, "a form rendered before the last one: refused"
+        bad = browser.post("/ui/signin", data={"token": "tpm_x", "nonce": nonce(stale)})
+        assert bad.status_code == 401
+        signed = browser.post("/ui/signin", data={"token": two.token, "nonce": nonce(bad)})
+        assert signed.status_code == 303 and signed.headers["location"] == "/ui/generate"
+        port = two.url.rsplit(":", 1)[1]
+        flags = signed.headers["set-cookie"].lower()
+        assert f"tpmflow_session_{port}=tpm_ui_" in flags and "httponly" in flags and "samesite=strict" in flags
+        assert "secure" not in flags, "plain HTTP on loopback: a Secure cookie would never come back"
+        session = browser.cookies[f"tpmflow_session_{port}"]
+        assert session != two.token and two.access.authenticate(session).name == "alice", "a session of its own"
+        generate = browser.get("/ui/generate")
+        csrf = re.search(r'data-csrf="([0-9a-f]+)"', generate.text).group(1)  # type: ignore[union-attr]
+        body = {"prompt": "x", "max_tokens": 1}
+        assert browser.post(Routes.COMPLETIONS, json=body).status_code == 401, "the cookie alone is not enough"
+        assert browser.post(Routes.COMPLETIONS, json=body, headers={"X-Tpmflow-CSRF": csrf}).status_code == 200
+        assert browser.get("/ui/admin").status_code == 403, "alice is no admin"
+        forged = browser.post("/ui/admin/tokens", data={"csrf": csrf, "principal": "alice"})
+        assert forged.status_code == 403
+        assert browser.post("/ui/signout", data={}).status_code == 403, "sign-out needs the page's token"
+        out = browser.post("/ui/signout", data={"csrf": csrf})
+        assert out.status_code == 303 and f'tpmflow_session_{port}=""' in out.headers["set-cookie"]
+        with pytest.raises(Unauthorized, match="revoked"):
+            two.access.authenticate(session)  # signed out: the session token is dead everywhere
+    # Revoking the token signed in with ends its sessions too.
+    with httpx.Client(base_url=two.url) as again:
+        page = again.get("/ui/signin")
+        signed = again.post("/ui/signin", data={"token": two.token, "nonce": nonce(page)})
+        session = again.cookies[f"tpmflow_session_{port}"]
+        assert two.access.revoke(two.token) == 1
+        with pytest.raises(Unauthorized):
+            two.access.authenticate(session)
+        gone = again.get("/ui/generate")
+        assert gone.status_code == 303 and gone.headers["location"] == "/ui/signin"
+    # Reached by another name than loopback (a TLS proxy keeping the Host): Secure cookies.
+    proxied = httpx.get(two.url + "/ui/signin", headers={"Host": "pool.example.org"})
+    assert "secure" in proxied.headers["set-cookie"].lower()
+    two.access.ensure_principal("<b>eve</b>", "chem", {"generate"})
+    token = two.access.create_token("<b>eve</b>")
+    with httpx.Client(base_url=two.url, cookies={f"tpmflow_session_{port}": token}) as eve:
+        html = eve.get("/ui/generate").text
+        assert "<b>eve</b>" not in html and "&lt;b&gt;eve&lt;/b&gt;" in html, "names are escaped"

@@ -224,3 +224,18 @@ def test_declared_size_must_match_the_stored_payload(pool: Any, client: Client, 
         json={"key": ref.key, "kind": "ndarray", "nbytes": 1, "digest": ref.digest},
     )
     assert resp.status_code == 400 and "declared" in resp.json()["error"]["message"]
+
+
+def test_seeded_requests_through_a_chunked_prefill_keep_the_engine_up(client: Client, still_serving: None) -> None:
+    """vLLM's CPU build rewinds a seeded generator with a CUDA-only offset call when a step prefills
+    only part of a prompt: the engine died (tpmflow.engine.seeded_chunks restores the state instead).
+    A batch of seeded prompts larger than one step (2048 tokens) is prefilled in parts; sent again,
+    its prompts come from the prefix cache in one step, and the samples are the same."""
+    base = "the pool answers every request it admits " * 12
+    tokens = client.generate(base, max_tokens=1, temperature=0.0).usage["prompt_tokens"]
+    prompts = [f"{i} {base}" for i in range(2048 // tokens + 3)]
+    chunked = client.generate(prompts, max_tokens=6, temperature=1.0, seed=11)
+    assert chunked[0].usage["prompt_tokens"] > 2048, "more than one step's tokens: some prefill is chunked"
+    again = client.generate(prompts, max_tokens=6, temperature=1.0, seed=11)
+    same = sum(a.text == b.text for a, b in zip(chunked, again, strict=True))
+    assert same >= 0.75 * len(prompts), [(a.text, b.text) for a, b in zip(chunked, again, strict=True)]

@@ -188,3 +188,50 @@ def test_a_checkout_that_no_longer_holds_its_version_is_checked_out_again(versio
     (folder / "tpmflow-card.json").write_text(json.dumps({**card, "content_hash": "blake3:" + "f" * 64}))
     again = materialise("a", versions["store"].root)
     assert again == folder and json.loads((again / "tpmflow-card.json").read_text())["content_hash"] == versions["a"]
+
+
+def test_a_collection_is_reembedded_for_another_version(ab_pool: Any, versions: dict[str, Any]) -> None:
+    """A collection made on version A moves to B in steps: until the last step its embedder (and
+    every search) is A's; an item added meanwhile is moved too; afterwards the stored vectors are B's
+    own embeddings and searches work on them. The CLI moves it back with a progress bar."""
+    from sqlalchemy import select
+    from typer.testing import CliRunner
+
+    from tpmflow.cli import app
+    from tpmflow.errors import InvalidRequest
+    from tpmflow.knowledge.tables import CollectionRow, KnowledgeItemRow
+
+    texts = [f"CC{'C' * i}O" for i in range(7)]
+    name = "moving-" + versions["a"][7:15]
+    with ab_pool.client(version=versions["a"]) as on_a:
+        on_a.knowledge(name).create()
+        on_a.knowledge(name).add(texts)
+        assert on_a.knowledge(name).info()["embedder"]["model"] == versions["a"]
+    with ab_pool.client() as client:
+        docs = client.knowledge(name)
+        steps: list[dict[str, Any]] = []
+        first = client._run(client._knowledge("reembed", {"name": name, "version": versions["b"][:20], "batch": 3}))
+        assert (first["complete"], first["embedded"], first["remaining"]) == (False, 3, 4)
+        assert docs.info()["embedder"]["model"] == versions["a"], "A's until the move is complete"
+        assert docs.search([texts[5]], k=1)[0][0].item == texts[5]
+        docs.add(["late arrival"])  # by A's replica: the move embeds it too before the swap
+        done = docs.reembed(versions["b"][:20], batch=3, progress=steps.append)
+        assert done["complete"] and [s["embedded"] for s in steps] == [3, 2], steps
+        assert docs.info()["embedder"]["model"] == versions["b"] and docs.info()["items"] == 8
+        assert docs.search(["late arrival"], k=1)[0][0].item == "late arrival"
+        with pytest.raises(VersionNotFound, match="no live replica serves version"):
+            docs.reembed("blake3:" + "0" * 20)
+        with pytest.raises(InvalidRequest, match="give the version"):
+            client._run(client._knowledge("reembed", {"name": name}))
+    with ab_pool.client(version=versions["b"]) as on_b:
+        expected = on_b.embed([*texts, "late arrival"]).numpy()
+    with ab_pool.access.engine.connect() as conn:
+        cid = conn.execute(select(CollectionRow.id).where(CollectionRow.name == name)).scalar_one()
+        stored = conn.execute(
+            select(KnowledgeItemRow.vector).where(KnowledgeItemRow.collection_id == cid).order_by(KnowledgeItemRow.id)
+        ).scalars()
+        vectors = np.stack([np.frombuffer(v, dtype=np.float32) for v in stored])
+    np.testing.assert_allclose(vectors, expected, rtol=1e-4, atol=1e-4)  # B's norm is 1.5x A's: not A's vectors
+    env = {"TPMFLOW_URL": ab_pool.url, "TPMFLOW_TOKEN": ab_pool.token}
+    out = CliRunner().invoke(app, ["knowledge", "reembed", name, "--version", versions["a"], "--batch", "4"], env=env)
+    assert out.exit_code == 0 and f"8 items now embedded by {versions['a'][:19]}" in out.output, out.output

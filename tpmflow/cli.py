@@ -32,6 +32,13 @@ allocations_app = typer.Typer(
     help="Projects' allocations of service units (SU) for a period, and per-principal caps.", no_args_is_help=True
 )
 app.add_typer(allocations_app, name="allocations")
+knowledge_app = typer.Typer(
+    help="Knowledge collections in a running pool (items embedded by the pool, searched by similarity).",
+    no_args_is_help=True,
+)
+app.add_typer(knowledge_app, name="knowledge")
+site_app = typer.Typer(help="Cluster site configs: what they make Parsl and vLLM run.", no_args_is_help=True)
+app.add_typer(site_app, name="site")
 slo_app = typer.Typer(
     help="Service-level objectives: service classes' targets against the ledger.", no_args_is_help=True
 )
@@ -55,6 +62,9 @@ def _access(config: str | None, database_url: str | None):  # type: ignore[no-un
 @app.command()
 def serve(
     config: Annotated[str, typer.Option("--config", help="Pool config YAML.")] = "configs/local.yaml",
+    layout: Annotated[
+        str | None, typer.Option(help="One of the config's layouts (e.g. `big`: one replica over several nodes).")
+    ] = None,
     replicas: Annotated[int | None, typer.Option(help="Override the number of replicas.")] = None,
     show_internals: Annotated[
         bool, typer.Option(help="Also print replica URLs and the pool secret (operators' debugging and benchmarks).")
@@ -67,9 +77,16 @@ def serve(
     from tpmflow.config import PoolConfig
     from tpmflow.pool import Pool
 
-    cfg = PoolConfig.from_yaml(config)
+    cfg = PoolConfig.from_yaml(config, layout)
     if replicas is not None:
         cfg.replicas = replicas
+    if cfg.launcher.kind == "parsl":  # replicas are Parsl apps: submit the replica executor's blocks first
+        import parsl
+
+        from tpmflow.colmena import split_site
+
+        pool_parsl, _ = split_site(config, layout=layout)  # the simulations' executors are the campaign's
+        parsl.load(pool_parsl)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with console.status(f"starting {cfg.replicas} replica(s) of {cfg.model_name()}…"):
@@ -80,6 +97,7 @@ def serve(
             f"[bold green]tpmflow pool ready[/] at {pool.url}  (model {cfg.model_name()}, {cfg.replicas} replica(s))"
         )
         console.print(f"admin token (shown once): {pool.token}")
+        console.print(f"workbench: {pool.url}/ui  (sign in with a token)")
         console.print(
             f"try: curl -s {pool.url}/v1/completions -H 'Authorization: Bearer {pool.token}' "
             f'-H \'Content-Type: application/json\' -d \'{{"prompt": "C", "max_tokens": 16}}\''
@@ -87,7 +105,7 @@ def serve(
         print(f"TPMFLOW_URL={pool.url}", flush=True)
         print(f"TPMFLOW_TOKEN={pool.token}", flush=True)
         if show_internals:
-            urls = ",".join(r.info.url for r in pool.gateway.registry.live())
+            urls = ",".join(r.info.url for r in pool.gateway.registry.live() if r.info.task == "generate")
             print(f"TPMFLOW_REPLICA_URLS={urls}", flush=True)
             print(f"TPMFLOW_POOL_SECRET={pool.secret}", flush=True)
         while not stop.wait(0.5):
@@ -97,6 +115,248 @@ def serve(
     finally:
         console.print("stopping the pool…")
         pool.stop()
+
+
+@app.command()
+def gateway(
+    config: Annotated[str, typer.Option("--config", help="The pool's config YAML (the same file as `tpmflow serve`).")],
+    layout: Annotated[
+        str | None, typer.Option(help="One of the config's layouts (e.g. `big`: one replica over several nodes).")
+    ] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Interface to listen on (default: the config's gateway.host).")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: the config's gateway.port).")] = None,
+    workers: Annotated[int, typer.Option(help="Gateway processes on this port.")] = 1,
+) -> None:
+    """Serve one more gateway of a running pool (no replicas): it shares the pool's database and secret
+    (TPMFLOW_POOL_SECRET), and the replicas heartbeat to it when the pool's `gateway.peers` lists it."""
+    import os
+
+    from tpmflow.config import PoolConfig
+    from tpmflow.gateway.serve import CONFIG_ENV, WORKERS_ENV, main
+    from tpmflow.protocol import SECRET_ENV
+
+    if not os.environ.get(SECRET_ENV):
+        console.print(f"[red]{SECRET_ENV} is not set[/]: give every gateway of the pool the same secret")
+        raise typer.Exit(2)
+    cfg = PoolConfig.from_yaml(config, layout)
+    if not (port or cfg.gateway.port):
+        console.print("[red]give the gateway a fixed port[/] (--port or gateway.port): clients and replicas need it")
+        raise typer.Exit(2)
+    if cfg.database_url is None or cfg.database_url.startswith("sqlite"):
+        console.print("[yellow]warning:[/] gateways on several hosts need one shared database (PostgreSQL)")
+    os.environ[CONFIG_ENV] = cfg.model_dump_json()
+    os.environ[WORKERS_ENV] = str(workers)
+    bind = host or cfg.gateway.host
+    main(["--host", bind, "--port", str(port or cfg.gateway.port), "--workers", str(workers)])
+
+
+UrlOption = Annotated[str | None, typer.Option("--url", envvar="TPMFLOW_URL", help="The pool's gateway.")]
+TokenOption = Annotated[str | None, typer.Option("--token", envvar="TPMFLOW_TOKEN", help="Your token.")]
+
+
+@contextmanager
+def _pool_client(url: str | None, token: str | None) -> Iterator[Any]:
+    from tpmflow.client import Client
+    from tpmflow.errors import TpmflowError
+
+    if not url or not token:
+        Console(stderr=True).print("[red]give the pool:[/] --url and --token, or TPMFLOW_URL and TPMFLOW_TOKEN")
+        raise typer.Exit(2)
+    try:
+        with Client(url, token) as client:
+            yield client
+    except TpmflowError as exc:
+        Console(stderr=True).print(f"[red]{type(exc).__name__}:[/] {exc}")
+        raise typer.Exit(1) from None
+
+
+def _collection_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table("collection", "project", "visibility", "items", "embedder", "stored")
+    for c in rows:
+        e = c["embedder"]
+        what = e["adapter"] or ("text, text embedder" if e.get("served_by") == "text-embedder" else "text")
+        source = f"{what}, {e['pooling']}, {e['model'][:19]}, dim {e['dim']}"
+        table.add_row(c["name"], c["project"], c["visibility"], str(c["items"]), source, f"{c['stored_bytes']:,} B")
+    return table
+
+
+@knowledge_app.command("list")
+def knowledge_list(url: UrlOption = None, token: TokenOption = None) -> None:
+    """The collections you may read."""
+    with _pool_client(url, token) as client:
+        console.print(_collection_table(client.collections()))
+
+
+@knowledge_app.command("show")
+def knowledge_show(name: str, url: UrlOption = None, token: TokenOption = None) -> None:
+    """One collection: owner, sharing, embedder, size, metadata fields."""
+    with _pool_client(url, token) as client:
+        info = client.knowledge(name).info()
+    console.print(_collection_table([info]))
+    console.print(f"shared with: {', '.join(info['shared_with']) or '-'}; fields: {', '.join(info['fields']) or '-'}")
+
+
+@knowledge_app.command("create")
+def knowledge_create(
+    name: str,
+    adapter: Annotated[str | None, typer.Option(help="The adapter its items go through (none: text).")] = None,
+    pooling: Annotated[str, typer.Option(help="mean or last.")] = "mean",
+    visibility: Annotated[str, typer.Option(help="private, shared or public.")] = "private",
+    via: Annotated[
+        str | None,
+        typer.Option(help="model or text-embedder (default: text goes to the pool's text embedder if it has one)."),
+    ] = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Make a collection embedded by the model version the pool serves now (or its text embedder)."""
+    with _pool_client(url, token) as client:
+        console.print(_collection_table([client.knowledge(name).create(adapter, pooling, visibility, via=via)]))
+
+
+@knowledge_app.command("add")
+def knowledge_add(
+    name: str,
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="A CSV with an `item` column (other columns: metadata), a Markdown file (one item a section), "
+            "or one item a line."
+        ),
+    ],
+    batch: Annotated[int, typer.Option(help="Items per request.")] = 128,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Add the items of a file, embedded by the pool; an item the adapter refuses is reported, the rest added."""
+    import csv
+
+    from tqdm import tqdm
+
+    from tpmflow.knowledge.sources import markdown_sections, number
+
+    text = path.read_text()
+    if path.suffix == ".csv":
+        rows = list(csv.DictReader(text.splitlines()))
+        if rows and "item" not in rows[0]:
+            Console(stderr=True).print(f"[red]{path}[/] has no `item` column")
+            raise typer.Exit(2)
+        items = [r.pop("item") for r in rows]
+        metadata: list[dict[str, Any]] | None = [{k: number(v) for k, v in r.items()} for r in rows]
+    elif path.suffix in (".md", ".markdown"):
+        sections = list(markdown_sections(path))
+        items, metadata = [item for item, _ in sections], [meta for _, meta in sections]
+    else:
+        items, metadata = [line for line in text.splitlines() if line.strip()], None
+    added = refused = 0
+    with _pool_client(url, token) as client, tqdm(total=len(items), unit="item", desc=f"adding to {name}") as bar:
+        collection = client.knowledge(name)
+        for start in range(0, len(items), batch):
+            chunk = slice(start, start + batch)
+            result = collection.add(items[chunk], metadata[chunk] if metadata is not None else None)
+            for error in result.errors:
+                bar.write(f"item {start + (error.item or 0)} refused: {error}")
+            refused += len(result.errors)
+            added += len(result.ids) - len(result.errors)
+            bar.update(len(result.ids))
+    console.print(f"added {added}, refused {refused}")
+
+
+@knowledge_app.command("reembed")
+def knowledge_reembed(
+    name: str,
+    version: Annotated[str, typer.Option(help="The model version to re-embed for: a content hash or a prefix.")] = "",
+    batch: Annotated[int, typer.Option(help="Items per step.")] = 256,
+    cancel: Annotated[bool, typer.Option(help="Stop a re-embedding under way and drop its new vectors.")] = False,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Re-embed a collection for another model version the pool serves; searches use the old
+    vectors until every item has its new one, then the new ones are swapped in at once."""
+    from tqdm import tqdm
+
+    with _pool_client(url, token) as client:
+        collection = client.knowledge(name)
+        if cancel:
+            console.print("cancelled" if collection.cancel_reembed() else f"{name} was not being re-embedded")
+            return
+        if not version:
+            Console(stderr=True).print("give --version (a content hash or a prefix of one the pool serves)")
+            raise typer.Exit(2)
+        with tqdm(unit="item", desc=f"re-embedding {name}") as bar:
+
+            def step(answer: dict[str, Any]) -> None:
+                bar.total = answer["embedded"] + answer["remaining"] + bar.n
+                bar.update(answer["embedded"])
+
+            done = collection.reembed(version, batch=batch, progress=step)
+    console.print(f"{name}: {done['items']} items now embedded by {done['embedder']['model'][:19]}")
+
+
+@knowledge_app.command("search")
+def knowledge_search(
+    name: str,
+    queries: Annotated[list[str], typer.Argument(help="Items to find neighbours of.")],
+    k: Annotated[int, typer.Option(help="Neighbours per query.")] = 5,
+    where: Annotated[list[str] | None, typer.Option("--filter", help="field=value (repeatable).")] = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """The nearest items of each query, by cosine similarity of the pool's embeddings."""
+    from tpmflow.knowledge.sources import number
+
+    filters = {f.split("=", 1)[0]: number(f.split("=", 1)[1]) for f in where or [] if "=" in f} or None
+    with _pool_client(url, token) as client:
+        results = client.knowledge(name).search(queries, k=k, filter=filters)
+    for query, hits in zip(queries, results, strict=True):
+        table = Table("id", "score", "item", "metadata", title=f"nearest to {query}")
+        for h in hits:
+            table.add_row(str(h.id), f"{h.score:.3f}", str(h.item), json.dumps(h.metadata))
+        console.print(table)
+
+
+@knowledge_app.command("share")
+def knowledge_share(
+    name: str,
+    project: Annotated[list[str] | None, typer.Option("--project", help="Share read-only with (repeatable).")] = None,
+    public: Annotated[bool | None, typer.Option("--public/--private", help="Open to every principal, or not.")] = None,
+    revoke: Annotated[list[str] | None, typer.Option("--revoke", help="Stop sharing with (repeatable).")] = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Share a collection read-only with other projects, stop sharing, or make it public (or not)."""
+    with _pool_client(url, token) as client:
+        console.print(_collection_table([client.knowledge(name).share(project, public, revoke)]))
+
+
+@knowledge_app.command("drop")
+def knowledge_drop(name: str, url: UrlOption = None, token: TokenOption = None) -> None:
+    """Delete a collection and every item in it."""
+    with _pool_client(url, token) as client:
+        client.knowledge(name).drop()
+    console.print(f"dropped {name}")
+
+
+@site_app.command("render")
+def site_render(
+    config: Annotated[str, typer.Argument(help="A site config (a pool config with a parsl: section).")],
+    layout: Annotated[str | None, typer.Option(help="One of its layouts, e.g. big.")] = None,
+    nodes: Annotated[
+        str, typer.Option(help="Host names of one block, comma-separated, as the scheduler would list them.")
+    ] = "127.0.0.1,127.0.0.2",
+) -> None:
+    """Print the batch scripts a site submits and each replica's node commands, submitting nothing."""
+    from tpmflow.parsl import load_site
+    from tpmflow.parsl.render import describe, render_site
+
+    try:
+        rendered = render_site(load_site(config, layout), [n.strip() for n in nodes.split(",") if n.strip()])
+    except ValueError as exc:
+        Console(stderr=True).print(f"[red]site render:[/] {exc}")
+        raise typer.Exit(2) from None
+    print(describe(rendered))
 
 
 @tokens_app.command("create")
@@ -465,6 +725,9 @@ def plan(
     config: Annotated[
         str | None,
         typer.Option("--config", help="A pool config: its model, settings, prices; warns if its shape fails."),
+    ] = None,
+    layout: Annotated[
+        str | None, typer.Option(help="One of the config's layouts (e.g. `big`: one replica over several nodes).")
     ] = None,
     dtype: Annotated[
         str | None, typer.Option(help="bf16, fp16, fp8, int8, int4, fp32 (default: the config's).")

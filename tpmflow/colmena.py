@@ -37,6 +37,8 @@ from colmena.queue.python import PipeQueues
 from colmena.thinker import BaseThinker
 
 from tpmflow.client import Client, Embeddings, Trace
+from tpmflow.client.knowledge import Writer
+from tpmflow.knowledge.sources import result_pair
 
 
 class SafePipeQueues(PipeQueues):
@@ -95,9 +97,12 @@ class TPMThinker(BaseThinker):
         token: str | None = None,
         tpm_concurrency: int = 8,
         client_kwargs: dict[str, Any] | None = None,
+        memory_batch: int = 32,
+        memory_flush_s: float = 2.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(queues, **kwargs)
+        self.memory_batch, self.memory_flush_s = memory_batch, memory_flush_s
         url = url or os.environ.get("TPMFLOW_URL")
         token = token or os.environ.get("TPMFLOW_TOKEN")
         if not url or not token:
@@ -107,6 +112,38 @@ class TPMThinker(BaseThinker):
         self._tpm_calls = ThreadPoolExecutor(tpm_concurrency, thread_name_prefix="tpm-call")
         # Several threads may deliver at once; a pipe must get whole messages.
         self._deliver_lock = threading.Lock()
+        self._writers: dict[str, Writer] = {}  # knowledge collections this thinker records into
+        self._writers_lock = threading.Lock()
+
+    # -- campaign memory --------------------------------------------------------------------------
+
+    def remember(self, collection: str, item: Any, metadata: dict[str, Any] | None = None) -> None:
+        """Add ``item`` to the knowledge collection without waiting: a background ``Writer`` per
+        collection batches the embed calls; per-item refusals collect in ``memory_errors``."""
+        self._writer(collection).put(item, metadata)
+
+    def remember_result(
+        self,
+        collection: str,
+        result: Result,
+        item: Callable[[Result], Any] | None = None,
+        metadata: Callable[[Result], dict[str, Any]] | None = None,
+    ) -> None:
+        """Record a Colmena ``Result`` as it arrives (in a result processor): by default its first
+        argument is the item and its value, method and task id the metadata (``result_pair``)."""
+        self.remember(collection, *result_pair(result, item, metadata))
+
+    def memory_errors(self) -> dict[str, list[Any]]:
+        """Per collection, the items the pool refused so far (``AdapterInputError`` with their place)."""
+        return {name: list(w.errors) for name, w in self._writers.items()}
+
+    def _writer(self, collection: str) -> Writer:
+        with self._writers_lock:
+            if collection not in self._writers:
+                self._writers[collection] = self.tpm.knowledge(collection).writer(
+                    self.memory_batch, self.memory_flush_s
+                )
+            return self._writers[collection]
 
     def tpm_future(self, method: str, *args: Any, **kwargs: Any) -> Future[Any]:
         """``self.tpm.<method>(*args, **kwargs)`` in the background, as a future."""
@@ -172,7 +209,17 @@ class TPMThinker(BaseThinker):
             super().run()
         finally:
             self._tpm_calls.shutdown(wait=True)
-            self.tpm.close()
+            try:
+                failures = []
+                for writer in self._writers.values():  # what is still queued goes in before the client closes
+                    try:
+                        writer.close()
+                    except Exception as exc:  # noqa: BLE001 - the other writers still close
+                        failures.append(exc)
+                for exc in failures:
+                    self.logger.error(f"recording into the knowledge store failed: {exc!r}")
+            finally:
+                self.tpm.close()
 
 
 def _self_contained(answer: Any) -> Any:
@@ -205,13 +252,13 @@ def run_tpm_call(url: str, token: str, method: str, *args: Any, **kwargs: Any) -
     """Body of the ``tpm_*`` task methods, on a Parsl worker: one client call, proxies resolved."""
     from tpmflow.client import Client
 
-    args = tuple(_plain(a) for a in args)
-    kwargs = {k: _plain(v) for k, v in kwargs.items()}
+    args = tuple(plain(a) for a in args)
+    kwargs = {k: plain(v) for k, v in kwargs.items()}
     with Client(url, token=token) as client:
         return _self_contained(getattr(client, method)(*args, **kwargs))
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """Resolve ProxyStore proxies (also inside lists and dicts) into the objects they stand for.
 
     The client then sends them as the pool's own payloads: bytes and large arrays by signed
@@ -222,9 +269,9 @@ def _plain(value: Any) -> Any:
     if isinstance(value, Proxy):
         return extract(value)
     if isinstance(value, list | tuple):
-        return type(value)(_plain(v) for v in value)
+        return type(value)(plain(v) for v in value)
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
     return value
 
 
@@ -252,17 +299,17 @@ def tpm_methods(
     ]
 
 
-def split_site(path: str | Path, run_dir: str | None = None) -> tuple[Any | None, Any]:
+def split_site(path: str | Path, run_dir: str | None = None, layout: str | None = None) -> tuple[Any | None, Any]:
     """From one site file, (the pool's Parsl config, the task server's Parsl config).
 
     The first holds only the replicas' executor (``launcher.parsl_executor``): load it in the
     thinker's process before ``Pool.start``; it is ``None`` when the site's replicas are local
     processes. The second holds every other executor: give it to ``ParslTaskServer``, which
-    loads it in its own process.
+    loads it in its own process. ``layout``: one of the site's layouts (``load_site``).
     """
     from tpmflow.parsl.sites import build_parsl_config, load_site
 
-    site = load_site(path)
+    site = load_site(path, layout)
     if site.parsl is None:
         raise ValueError(f"{path}: the site has no parsl section to split")
     on_parsl = site.pool.launcher.kind == "parsl"

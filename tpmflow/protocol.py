@@ -34,6 +34,7 @@ class Headers:
     CONTENT_HASH = "X-Tpmflow-Content-Hash"
     REPLICA = "X-Tpmflow-Replica"
     ENGINE = "X-Tpmflow-Engine"
+    RETRIEVED = "X-Tpmflow-Retrieved"  # what ``retrieve=`` put into the prompts (JSON)
     RETRY_AFTER = "Retry-After"
     AUTHORIZATION = "Authorization"
 
@@ -58,6 +59,7 @@ class Routes:
     CHAT = "/v1/chat/completions"
     TPMFLOW = "/v1/tpmflow"
     EMBED = "/v1/tpmflow/embed"
+    OPENAI_EMBEDDINGS = "/v1/embeddings"  # vLLM's own, called on the text embedder's replica only
     GENERATE_EMBEDS = "/v1/tpmflow/generate_embeds"
     ADAPTER_EMBED = "/v1/tpmflow/adapters/embed"
     ADAPTER_PREDICT = "/v1/tpmflow/adapters/predict"
@@ -67,6 +69,7 @@ class Routes:
     STORE = "/v1/tpmflow/store"
     SIGN = "/v1/tpmflow/payloads/sign"
     USAGE = "/v1/tpmflow/usage"
+    KNOWLEDGE = "/v1/tpmflow/knowledge"  # GET: the collections one may read; POST .../<operation>
     INFO = "/v1/tpmflow/info"  # replica only
 
     @staticmethod
@@ -77,6 +80,8 @@ class Routes:
 
 
 _ENV_PREFIX = "TPMFLOW_"
+# The pool secret: what replicas take from the gateway (bearer), and what every gateway of one pool shares.
+SECRET_ENV = "TPMFLOW_POOL_SECRET"
 
 
 class ReplicaSettings(BaseModel):
@@ -88,13 +93,20 @@ class ReplicaSettings(BaseModel):
     replica_id: str = Field(default_factory=lambda: f"replica-{os.getpid()}")
     replica_group: str = "default"
     replica_url: str = ""  # how the gateway reaches this replica (empty: from vLLM's host and port)
-    gateway_url: str = ""  # where heartbeats go (empty: no gateway, e.g. a replica under test)
+    # Where heartbeats go: every gateway of the pool, comma-separated (empty: no gateway, e.g. a
+    # replica under test). Each gateway learns the replica itself, so none depends on another.
+    gateway_url: str = ""
     pool_secret: str = ""
     store: dict[str, Any] = Field(default_factory=dict)  # tpmflow.payload.StoreConfig as a dict
     parts: str = ""  # trained adapter parts (the pool's parts_path); empty: $TPMFLOW_HOME/parts
     max_activation_bytes: int = 256 * 1024 * 1024
-    orphan_grace_s: float = 60.0  # stop after this long without a gateway answering heartbeats
+    orphan_grace_s: float = 60.0  # stop after this long without the pool's own gateway (the first) answering
     heartbeat_s: float = 1.0
+
+    @property
+    def gateway_urls(self) -> list[str]:
+        """The pool's gateways, in order (``gateway_url`` split at commas)."""
+        return gateway_urls(self.gateway_url)
 
     def to_env(self) -> dict[str, str]:
         """``TPMFLOW_<FIELD>`` variables; dicts as JSON, empty strings left out."""
@@ -116,3 +128,9 @@ class ReplicaSettings(BaseModel):
                 continue
             values[name] = json.loads(raw) if field.annotation in (dict[str, Any], "dict[str, Any]") else raw
         return cls.model_validate(values)
+
+
+def gateway_urls(joined: str) -> list[str]:
+    """``"http://a:1,http://b:2"`` as ``["http://a:1", "http://b:2"]``: blanks, trailing slashes and
+    repeats dropped (a pool's peers may list its own gateway)."""
+    return list(dict.fromkeys(u.strip().rstrip("/") for u in joined.split(",") if u.strip()))

@@ -7,7 +7,7 @@ import math
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tpmflow.engine.sites import SITE_NAMES
 from tpmflow.errors import InvalidRequest
@@ -175,8 +175,17 @@ class AdapterPredictResponse(BaseModel):
     provenance: Provenance
 
 
+class ContextEntry(Spec):
+    """One retrieved item that goes into a prompt's context (the gateway fills these in for
+    ``retrieve=``)."""
+
+    item: Any
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
 class AdapterGenerateRequest(Spec):
-    """Prompts as domain items (e.g. SMILES prefixes); completions decoded by the adapter."""
+    """Prompts as domain items (e.g. SMILES prefixes); completions decoded by the adapter. With
+    ``context`` (one list per item) the adapter writes those entries before each item's prompt."""
 
     adapter: str = Field(min_length=1, max_length=64)
     items: list[Any] = Field(min_length=1, max_length=MAX_BATCH)
@@ -185,6 +194,13 @@ class AdapterGenerateRequest(Spec):
     temperature: float = Field(1.0, ge=0.0, le=10.0)
     seed: Seed | None = None
     config: dict[str, Any] | None = None
+    context: list[list[ContextEntry]] | None = None
+
+    @model_validator(mode="after")
+    def _one_context_per_item(self) -> AdapterGenerateRequest:
+        if self.context is not None and len(self.context) != len(self.items):
+            raise ValueError(f"{len(self.items)} items but {len(self.context)} contexts")
+        return self
 
 
 class DecodedOutput(BaseModel):
@@ -261,6 +277,9 @@ class ReplicaInfo(BaseModel):
     probes: str | None = Field(None, description="probe status: the layout and its start self-check, or why off")
     tensor_parallel: int = Field(1, description="ranks each layer is split over")
     pipeline_parallel: int = Field(1, description="pipeline stages (tensor_parallel x pipeline_parallel ranks in all)")
+    task: Literal["generate", "embed"] = Field(
+        "generate", description="generate: the pool's model (every tpmflow route); embed: a text embedder's /v1/embeddings"
+    )
 
 
 # -- intermediary access (probe) ------------------------------------------------------------------

@@ -18,7 +18,8 @@ import os
 import sys
 import threading
 import time
-from dataclasses import asdict
+import uuid
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,12 @@ def run_campaign(
     from tpmflow.versioning.checkout import replica_model_dir
 
     console = console or Console()
+    names = [a.name for a in arms]
+    for arm in arms:
+        if arm.memory_from is not None and (
+            arm.memory_from not in names or names.index(arm.memory_from) > names.index(arm.name)
+        ):
+            raise ValueError(f"arm {arm.name} starts warm from arm {arm.memory_from}'s results: run that arm before it")
     out.mkdir(parents=True, exist_ok=True)
     # HTEX workers import apps.molecular_design.simulate by name.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
@@ -130,6 +137,9 @@ def run_campaign(
         server = ParslTaskServer([(simulate, {"executors": ["sim"]}), *tpm_tasks], queues, task_server_config(out))
         server.start()
         with pool.client() as client, _progress(console) as progress:
+            # Campaign memory: every simulated molecule and its objective, recorded as results arrive.
+            settings = replace(settings, memory=f"molecular-design-{uuid.uuid4().hex[:8]}")
+            client.knowledge(settings.memory).create(adapter="smiles")
             tpm_features = embed_library(client, library, progress) if any(a.features == "tpm" for a in arms) else {}
             fp_features = dict(zip(library, fingerprints(library), strict=True))
             usable = [s for s in library if s in tpm_features or not tpm_features]
@@ -237,6 +247,13 @@ def _record(
                 key: sum(t.proposal_counts[key] for t in thinkers if t.arm.name == arm.name)
                 for key in ("completions", "new_valid", "candidates")
             },
+            # a warm start's retrieved results, per seed (they are not among its own simulations)
+            "memory_retrieved": [len(t.memory) for t in thinkers if t.arm.name == arm.name],
+            "memory_best": [
+                max((m["objective"] for m in t.memory if np.isfinite(m["objective"])), default=None)
+                for t in thinkers
+                if t.arm.name == arm.name
+            ],
         }
     record = {
         "model": {"name": card.name, "content_hash": card.content_hash, "parameters": card.parameters},
@@ -251,6 +268,7 @@ def _record(
             "size": len(library),
         },
         "results": per_arm,
+        "memory_collection": settings.memory,
         "ledger_usage": usage,
         "replicas_killed": killed,
         "seconds": round(seconds, 1),
@@ -302,6 +320,13 @@ def print_summary(console: Console, record: dict[str, Any]) -> None:
             str(r["tpm_failures"]),
         )
     console.print(table)
+    for name, r in ranked:
+        if r["memory_retrieved"] and any(r["memory_retrieved"]):
+            bests = ", ".join("-" if b is None else f"{b:.3f}" for b in r["memory_best"])
+            console.print(
+                f"{name} started warm from {r['memory_retrieved']} results retrieved per seed (best among them: "
+                f"{bests}); its own {record['settings']['budget']} simulations are all new molecules"
+            )
     tokens = sum(int(u.get("prompt_tokens", 0)) + int(u.get("output_tokens", 0)) for u in record["ledger_usage"])
     console.print(
         f"winner over {len(record['seeds'])} seeds: [bold]{ranked[0][0]}[/]; model {record['model']['content_hash']}; "

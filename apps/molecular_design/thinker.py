@@ -37,6 +37,9 @@ class Arm:
     name: str
     features: Literal["tpm", "fingerprint", "none"]
     proposals: bool
+    # Warm start: the arm whose results (same seed, in the campaign's knowledge collection) this
+    # one retrieves before it simulates anything; it never simulates those again.
+    memory_from: str | None = None
 
 
 ARMS = (
@@ -44,6 +47,7 @@ ARMS = (
     Arm("tpm", "tpm", False),
     Arm("fingerprint", "fingerprint", False),
     Arm("random", "none", False),
+    Arm("tpm+knowledge", "tpm", True, memory_from="tpm"),
 )
 
 #: One pick in this many comes from the model's proposals, while any wait to be simulated.
@@ -61,6 +65,9 @@ class Settings:
     completions: int = 8
     max_tokens: int = 80
     kappa: float = 1.0
+    memory: str | None = None  # the knowledge collection every simulated molecule is recorded in
+    memory_k: int = 16  # neighbours of each first-batch molecule a warm start retrieves
+    context_k: int = 4  # retrieved molecules in the context of each proposal prompt
 
 
 def _keeps_steering(handler: Callable[[DesignThinker, Result], None]) -> Callable[[DesignThinker, Result], None]:
@@ -112,6 +119,40 @@ class DesignThinker(TPMThinker):
         self.proposal_rounds = 0
         # completions asked for, valid and new molecules among them, and those embedded as candidates
         self.proposal_counts = {"completions": 0, "new_valid": 0, "candidates": 0}
+        self.memory: list[dict[str, Any]] = []  # results retrieved from an earlier campaign (warm start)
+
+    # -- campaign memory ------------------------------------------------------------------------
+
+    def _remember(self, collection: str, item: str, metadata: dict[str, Any]) -> None:
+        """Record without ever stopping the campaign: a failed write is noted, not raised (a dead
+        result processor would leave the thinker waiting forever)."""
+        try:
+            self.remember(collection, item, metadata)
+        except Exception as exc:  # noqa: BLE001 - the simulation result is kept in the CSV either way
+            self.tpm_failures.append(f"memory: {type(exc).__name__}: {exc}")
+
+    def _memory_filter(self) -> dict[str, Any]:
+        return {"arm": self.arm.memory_from, "seed": self.seed}
+
+    def _warm_start(self) -> None:
+        """Retrieve the earlier campaign's results nearest this campaign's first batch, train the
+        surrogate on them and rank: the first batch is chosen by what is known, not at random."""
+        assert self.settings.memory is not None
+        first = self.ranking[: self.settings.retrain_every]
+        hits = self.tpm.knowledge(self.settings.memory).search(
+            first, k=self.settings.memory_k, filter=self._memory_filter()
+        )
+        seen: set[str] = set()
+        for hit in (h for row in hits for h in row):
+            if hit.item in seen or hit.item not in self.features:
+                continue
+            seen.add(hit.item)
+            objective = hit.metadata.get("objective")
+            self.memory.append({"smiles": hit.item, "objective": float("nan") if objective is None else objective})
+        with self.lock:
+            self.submitted |= seen  # known already: never simulated again
+        self._fit([])
+        self._rank()
 
     # -- agents ---------------------------------------------------------------------------------
 
@@ -120,6 +161,12 @@ class DesignThinker(TPMThinker):
         """Batch k+1 is chosen by the surrogate trained on batches 1..k (and, in the proposing
         arm, among the model's proposals of that round), so every arm gets the same number of
         decisions for its budget however fast the simulations or the model are."""
+        if self.arm.memory_from is not None:
+            try:
+                self._warm_start()
+            except Exception as exc:  # noqa: BLE001 - no memory: the campaign goes on cold, and says so
+                self.logger.exception("the warm start failed; starting cold")
+                self.tpm_failures.append(f"warm start: {type(exc).__name__}: {exc}")
         for start in range(0, self.settings.budget, self.settings.retrain_every):
             batch = start // self.settings.retrain_every
             if self.arm.features != "none":
@@ -151,6 +198,19 @@ class DesignThinker(TPMThinker):
             self.results.append(row)
             done = len(self.results)
         self.on_result(row)
+        if self.settings.memory is not None:  # every simulation becomes campaign memory, without waiting
+            objective = row.get("objective")
+            finite = isinstance(objective, float | int) and np.isfinite(objective)
+            self._remember(
+                self.settings.memory,
+                row["smiles"],
+                {
+                    "arm": self.arm.name,
+                    "seed": self.seed,
+                    "objective": objective if finite else None,
+                    "source": row["source"],
+                },
+            )
         if self.arm.features != "none" and done % self.settings.retrain_every == 0 and done < self.settings.budget:
             self.retrain_needed.set()
 
@@ -158,6 +218,16 @@ class DesignThinker(TPMThinker):
     def retrain(self) -> None:
         with self.lock:
             tried = list(self.results)
+        known = self._fit(tried)
+        if self.arm.proposals and known:
+            self._propose(known)  # ranked once the proposals are embedded (or refused)
+        else:
+            self._rank()
+
+    def _fit(self, tried: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Fit the surrogate on this campaign's results and any retrieved from memory; returns the
+        results with a finite objective."""
+        tried = self.memory + tried
         known = [r for r in tried if np.isfinite(r.get("objective", np.nan))]
         if known:
             # A failed simulation counts as the worst result seen, so the surrogate learns to avoid
@@ -167,10 +237,7 @@ class DesignThinker(TPMThinker):
             self.model = BootstrapRidge(seed=int(self.rng.integers(1 << 31))).fit(
                 np.stack([self.features[r["smiles"]] for r in tried]), y
             )
-        if self.arm.proposals and known:
-            self._propose(known)  # ranked once the proposals are embedded (or refused)
-        else:
-            self._rank()
+        return known
 
     def _rank(self) -> None:
         """Order the candidates not yet simulated by UCB; one pick in PROPOSAL_EVERY is a proposal."""
@@ -195,6 +262,19 @@ class DesignThinker(TPMThinker):
         best = sorted(known, key=lambda r: -r["objective"])[: self.settings.top_k_prompts]
         prompts = sorted({p for r in best for p in prefixes_of(r["smiles"])})
         self.proposal_rounds += 1
+        extra: dict[str, Any] = {}
+        if self.arm.memory_from is not None and self.settings.memory is not None:
+            # Each prompt after the remembered molecules nearest the best one (the demo model knows
+            # only SMILES: molecules without their property text).
+            extra = {
+                "retrieve": {
+                    "collection": self.settings.memory,
+                    "k": self.settings.context_k,
+                    "query": [best[0]["smiles"]],
+                    "filter": self._memory_filter(),
+                },
+                "adapter_config": {"context_properties": False},
+            }
         self.submit_tpm(
             "generate",
             prompts,
@@ -205,6 +285,7 @@ class DesignThinker(TPMThinker):
             seed=self.seed * 1000 + self.proposal_rounds,
             topic="tpm",
             task_info={"prompts": prompts},
+            **extra,
         )
 
     @result_processor(topic="tpm")

@@ -25,7 +25,7 @@ _FALLBACK_HIDDEN = 16384
 # Output-token defaults of tpmflow's own routes when the body gives no max_tokens (tpmflow.schema).
 _DEFAULT_MAX_TOKENS = {"adapters/generate": 64, "generate_embeds": 16, "probe": 1}
 # Routes that return arrays (possibly into the store: payload bytes out).
-_ARRAY_OUTPUTS = ("embed", "adapters/embed")
+_ARRAY_OUTPUTS = ("embed", "adapters/embed", "knowledge/add", "knowledge/search", "knowledge/retrieve")
 
 
 class CostModel(BaseModel):
@@ -43,6 +43,8 @@ class CostModel(BaseModel):
         ge=0,
         description="per second from forwarding to answer; priced, it makes every reservation cover the request timeout",
     )
+    su_per_query: float = Field(0.0005, ge=0, description="per knowledge search query (retrievals too)")
+    su_per_mb_day: float = Field(0.01, ge=0, description="per MB a knowledge collection stores, per day")
     class_multipliers: dict[str, float] = Field(
         default_factory=dict, description="service class -> price multiplier (e.g. batch: 0.5)"
     )
@@ -60,6 +62,8 @@ class CostModel(BaseModel):
         payload_bytes_out: int = 0,
         activation_bytes: int = 0,
         engine_ms: float = 0.0,
+        queries: int = 0,
+        stored_mb_days: float = 0.0,
     ) -> float:
         """SUs of these counters in this service class."""
         base = (
@@ -69,6 +73,8 @@ class CostModel(BaseModel):
             + payload_bytes_out / MB * self.su_per_mb_out
             + activation_bytes / MB * self.su_per_mb_activations
             + engine_ms / 1000.0 * self.su_per_engine_second
+            + queries * self.su_per_query
+            + stored_mb_days * self.su_per_mb_day
         )
         return base * self.multiplier(service_class)
 
@@ -82,6 +88,8 @@ class CostModel(BaseModel):
             payload_bytes_out=row.payload_bytes_out,
             activation_bytes=row.activation_bytes,
             engine_ms=row.engine_ms,
+            queries=row.queries or 0,
+            stored_mb_days=row.stored_mb_days or 0.0,
         )
 
 
@@ -139,6 +147,7 @@ def max_counters(endpoint: str, body: dict[str, Any] | None, body_bytes: int, li
         "payload_bytes_out": out_bytes,
         "activation_bytes": limits.max_activation_bytes if body.get("captures") else 0,
         "engine_ms": limits.request_timeout_s * 1000.0,
+        "queries": prompts if endpoint in ("knowledge/search", "knowledge/retrieve") else 0,
     }
 
 
@@ -168,8 +177,8 @@ def _prompt_count(endpoint: str, body: dict[str, Any]) -> int:
     if endpoint in ("embed",):
         items = body.get("input")
         return len(items) if isinstance(items, list) else 1
-    if endpoint.startswith("adapters/"):
-        items = body.get("items")
+    if endpoint.startswith(("adapters/", "knowledge/")):  # knowledge: the embed body it sends a replica
+        items = body.get("items", body.get("input"))
         return len(items) if isinstance(items, list) else 1
     if endpoint in ("chat", "generate_embeds", "probe"):
         return 1

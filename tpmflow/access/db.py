@@ -18,6 +18,7 @@ from tpmflow.access.tables import Base, LedgerEntry, PayloadRow, PrincipalRow, T
 from tpmflow.errors import InvalidRequest, QuotaExceeded, Unauthorized
 
 TOKEN_PREFIX = "tpm_"
+SESSION_PREFIX = "tpm_ui_"  # a workbench session's token (AccessDB.create_session)
 # The totals ``usage()`` reports per principal or project, in order.
 USAGE_COLUMNS = (
     "requests",
@@ -35,7 +36,28 @@ _ADDED_COLUMNS = (
     ("request_ledger", "ttft_ms", "FLOAT"),
     ("request_ledger", "correlation_id", "VARCHAR(96)"),
     ("request_ledger", "replica_shape", "VARCHAR(32)"),
+    ("request_ledger", "queries", "INTEGER DEFAULT 0 NOT NULL"),
+    ("request_ledger", "stored_mb_days", "FLOAT DEFAULT 0 NOT NULL"),
+    ("tokens", "expires", "FLOAT"),
+    ("tokens", "parent_id", "INTEGER"),
 )
+
+
+def add_columns(engine: Engine, added: tuple[tuple[str, str, str], ...]) -> None:
+    """Add the ``(table, column, SQL type and default)`` columns a database made by an older
+    tpmflow lacks (idempotent; another process doing the same at the same moment is fine: the loser
+    sees the column and moves on). ``BLOB`` is written ``BYTEA`` on PostgreSQL."""
+    for table, column, decl in added:
+        if engine.dialect.name == "postgresql":
+            decl = decl.replace("BLOB", "BYTEA")
+        if column in {c["name"] for c in inspect(engine).get_columns(table)}:
+            continue
+        try:
+            with engine.begin() as conn:
+                conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {decl}"))
+        except Exception:
+            if column not in {c["name"] for c in inspect(engine).get_columns(table)}:
+                raise
 
 
 def default_database_url() -> str:
@@ -86,17 +108,7 @@ class AccessDB:
             Base.metadata.create_all(self.engine)
 
     def _migrate(self) -> None:
-        """Add the columns a database made by an older tpmflow lacks (idempotent; another process
-        doing the same at the same moment is fine: the loser sees the column and moves on)."""
-        for table, column, decl in _ADDED_COLUMNS:
-            if column in {c["name"] for c in inspect(self.engine).get_columns(table)}:
-                continue
-            try:
-                with self.engine.begin() as conn:
-                    conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {decl}"))
-            except Exception:
-                if column not in {c["name"] for c in inspect(self.engine).get_columns(table)}:
-                    raise
+        add_columns(self.engine, _ADDED_COLUMNS)
 
     # -- principals and tokens ---------------------------------------------------------------
 
@@ -147,6 +159,25 @@ class AccessDB:
             s.add(TokenRow(principal=principal, token_hash=hash_token(token), prefix=token[:10], created=time.time()))
         return token
 
+    def create_session(self, token: str, ttl_s: float) -> str:
+        """A workbench session: a new token of ``token``'s principal that expires after ``ttl_s``
+        and is revoked with ``token`` (so the cookie never holds the long-lived token)."""
+        self.authenticate(token)  # a revoked or unknown token opens no session
+        session = SESSION_PREFIX + secrets.token_urlsafe(32)
+        with Session(self.engine) as s, s.begin():
+            parent = s.scalars(select(TokenRow).where(TokenRow.token_hash == hash_token(token))).one()
+            s.add(
+                TokenRow(
+                    principal=parent.principal,
+                    token_hash=hash_token(session),
+                    prefix=session[:10],
+                    created=time.time(),
+                    expires=time.time() + ttl_s,
+                    parent_id=parent.id,
+                )
+            )
+        return session
+
     def cached(self, token: str) -> Principal | None:
         """The principal of a token checked less than ``auth_cache_s`` ago; raises for a token found
         unknown or revoked that recently (so spraying bad tokens costs no database queries)."""
@@ -173,8 +204,10 @@ class AccessDB:
             ).first()
         if len(self._auth_cache) > 10_000:
             self._auth_cache.clear()
-        if found is None or found[0].revoked is not None:
-            error = Unauthorized("unknown token" if found is None else "token has been revoked")
+        expired = found is not None and found[0].expires is not None and found[0].expires <= time.time()
+        if found is None or found[0].revoked is not None or expired:
+            why = "unknown token" if found is None else ("session expired" if expired else "token has been revoked")
+            error = Unauthorized(why)
             self._auth_cache[digest] = (error, now + self.auth_cache_s)
             raise error
         principal = _principal(found[1])
@@ -191,6 +224,10 @@ class AccessDB:
             ).all()
             for row in rows:
                 row.revoked = row.revoked or time.time()
+            if rows:  # and the workbench sessions opened with them
+                children = s.scalars(select(TokenRow).where(TokenRow.parent_id.in_([r.id for r in rows]))).all()
+                for child in children:
+                    child.revoked = child.revoked or time.time()
         self._auth_cache.clear()
         return len(rows)
 
@@ -292,6 +329,20 @@ class AccessDB:
                 entry["charge_su"] = float(r[-1] or 0.0)
             out.append(entry)
         return out
+
+    def principals(self) -> list[Principal]:
+        """Every principal, by name (the workbench's admin page)."""
+        with Session(self.engine) as s:
+            return [_principal(row) for row in s.scalars(select(PrincipalRow).order_by(PrincipalRow.name))]
+
+    def recent_rows(self, principal: str | None, limit: int) -> list[LedgerEntry]:
+        """The newest ``limit`` finished ledger rows (of ``principal``, when given), oldest first."""
+        query = select(LedgerEntry).where(LedgerEntry.status != UNFINISHED)
+        if principal is not None:
+            query = query.where(LedgerEntry.principal == principal)
+        with Session(self.engine) as s:
+            rows = list(s.scalars(query.order_by(LedgerEntry.created.desc()).limit(limit)).all())
+        return rows[::-1]
 
     def ledger_rows(self, **where: Any) -> list[LedgerEntry]:
         with Session(self.engine) as s:

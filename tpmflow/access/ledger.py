@@ -57,6 +57,8 @@ class LedgerRow:
     ttft_ms: float | None = None  # request in to first output relayed; None when none was
     correlation_id: str | None = None  # the client's X-Request-Id (its retries share it)
     replica_shape: str | None = None  # "TP=2 PP=1": how the serving replica is split over ranks
+    queries: int = 0  # knowledge searches this attempt made (one per query item)
+    stored_mb_days: float = 0.0  # knowledge storage this row bills
 
 
 class LedgerWriter:

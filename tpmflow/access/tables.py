@@ -31,6 +31,10 @@ class TokenRow(Base):
     prefix: Mapped[str] = mapped_column(String(16))
     created: Mapped[float] = mapped_column(Float)
     revoked: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # A workbench session is a token of its own, made at sign-in from the token signed in with:
+    # it expires, and revoking its parent revokes it (the parent never goes into a cookie).
+    expires: Mapped[float | None] = mapped_column(Float, nullable=True)
+    parent_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
 
 
 class PayloadRow(Base):
@@ -81,6 +85,9 @@ class LedgerEntry(Base):
     correlation_id: Mapped[str | None] = mapped_column(String(96), nullable=True, index=True)
     # The serving replica's split, "TP=2 PP=1" (informational: prices do not read it).
     replica_shape: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # Knowledge store: searches made (each query item once) and storage billed (MB x days).
+    queries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    stored_mb_days: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
 
 
 class AllocationRow(Base):

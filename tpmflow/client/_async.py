@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from contextlib import closing
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import httpx
 import numpy as np
@@ -26,6 +26,9 @@ from tpmflow.client._base import (
 )
 from tpmflow.client.results import Embeddings, Generation, Predictions, Trace
 from tpmflow.payload import Reference
+
+if TYPE_CHECKING:
+    from tpmflow.client.knowledge import AsyncCollection
 
 T = TypeVar("T")
 
@@ -87,6 +90,15 @@ class AsyncClient(BaseClient):
 
     async def models(self) -> list[str]:
         return await self._run(self._models())
+
+    def knowledge(self, name: str) -> AsyncCollection:
+        """A handle on the knowledge collection ``name`` (``tpmflow.client.knowledge``)."""
+        from tpmflow.client.knowledge import AsyncCollection
+
+        return AsyncCollection(self, name)
+
+    async def collections(self) -> list[dict[str, Any]]:
+        return await self._run(self._collections())
 
     async def usage(self, by: str = "principal") -> list[dict[str, Any]]:
         return await self._run(self._usage(by))

@@ -11,6 +11,7 @@ flow with blocking I/O and ``AsyncClient`` with ``await``, so the two cannot dri
 from __future__ import annotations
 
 import inspect
+import json
 import uuid
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
@@ -43,15 +44,24 @@ INLINE_BUDGET_BYTES = 4 << 20
 # A gateway that does not accept a connection within this is taken as gone (the next is tried).
 CONNECT_TIMEOUT_S = 10.0
 # Transport failures after which a request goes to the pool's next gateway: it never got there
-# (refused, unroutable), or, for a GET only, its gateway dropped the connection unanswered (killed).
+# (refused, unroutable), or its gateway dropped the connection unanswered (killed mid-request).
+# Every tpmflow route only computes: a dropped request sent again, with the same request id, costs
+# compute but is charged once (the dead gateway never settled its reservation; README, "Running across nodes").
 NEVER_ARRIVED: tuple[type[Exception], ...] = (httpx.ConnectError, httpx.ConnectTimeout)
 DROPPED: tuple[type[Exception], ...] = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 # Idle connections are dropped before the gateway's server drops them (uvicorn: after 5 s), so a
 # request never goes out on a connection the server is closing.
 KEEPALIVE_S = 2.0
 
-# What adapter routes answer per item: its decoded outputs, or why the item was refused.
-Decodings = list[list[Decoded] | AdapterInputError]
+
+class Decodings(list[list[Decoded] | AdapterInputError]):
+    """Per item of an adapter's generate: its decoded outputs, or its ``AdapterInputError``.
+    ``retrieved``: with ``retrieve=``, what went into each item's context (collection, embedder, ids
+    and scores per item); None otherwise."""
+
+    def __init__(self, items: Any = (), retrieved: dict[str, Any] | None = None) -> None:
+        super().__init__(items)
+        self.retrieved = retrieved
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -280,6 +290,8 @@ def _with_provenance(resp: httpx.Response) -> dict[str, Any]:
     """The JSON body, plus the gateway's provenance headers under ``_provenance``."""
     data = dict(resp.json())
     data["_provenance"] = {k: resp.headers[h] for k, h in PROVENANCE_HEADERS.items() if h in resp.headers}
+    if Headers.RETRIEVED in resp.headers:  # what retrieve= put into the prompts
+        data["_provenance"]["retrieved"] = json.loads(resp.headers[Headers.RETRIEVED])
     return data
 
 
@@ -292,7 +304,7 @@ def _generations(data: dict[str, Any], request_id: str, body: dict[str, Any]) ->
 
 
 def _decoded(data: dict[str, Any]) -> Decodings:
-    out: Decodings = []
+    out = Decodings(retrieved=data.get("_provenance", {}).get("retrieved"))
     for d in sorted(data["data"], key=lambda d: d["index"]):
         if d.get("error"):
             out.append(AdapterInputError(d["error"]["message"], item=d["index"]))
@@ -410,8 +422,8 @@ class BaseClient:
     ) -> Flow[httpx.Response]:
         """One answer, from the first of the pool's gateways that gives one, starting at the one that
         answered last (``self.url``). A request goes on to the next gateway when it never reached its
-        own (refused, unroutable); a GET also when its gateway dropped it unanswered (killed). A POST
-        that may have run is not sent again, nor is anything after a read timeout (it may still run)."""
+        own (refused, unroutable) or its gateway dropped it unanswered (killed). Nothing is sent to
+        the same gateway again, nor after a read timeout (the request may still be running there)."""
         start = self.urls.index(self.url) if self.url in self.urls else 0
         for k in range(len(self.urls)):
             url = self.urls[(start + k) % len(self.urls)]
@@ -421,8 +433,7 @@ class BaseClient:
             try:
                 response = yield from self._transport(request)
             except ReplicaFailed as exc:
-                gone = NEVER_ARRIVED if method != "GET" else NEVER_ARRIVED + DROPPED
-                if k + 1 == len(self.urls) or not isinstance(exc.__cause__, gone):
+                if k + 1 == len(self.urls) or not isinstance(exc.__cause__, NEVER_ARRIVED + DROPPED):
                     raise
                 continue
             self.url = url  # later calls start here (a racing write stores a gateway that answered too)
@@ -522,6 +533,13 @@ class BaseClient:
 
     def _models(self) -> Flow[list[str]]:
         return [m["id"] for m in (yield from self._call("GET", Routes.MODELS))["data"]]
+
+    def _knowledge(self, operation: str, body: dict[str, Any]) -> Flow[dict[str, Any]]:
+        """One knowledge-store operation (``tpmflow.client.knowledge``)."""
+        return (yield from self._call("POST", f"{Routes.KNOWLEDGE}/{operation}", json=body))
+
+    def _collections(self) -> Flow[list[dict[str, Any]]]:
+        return list((yield from self._call("GET", Routes.KNOWLEDGE))["collections"])
 
     def _usage(self, by: str) -> Flow[list[dict[str, Any]]]:
         return list((yield from self._call("GET", Routes.USAGE, params={"by": by}))["usage"])

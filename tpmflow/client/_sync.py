@@ -6,7 +6,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import httpx
 import numpy as np
@@ -27,6 +27,9 @@ from tpmflow.client._base import (
 )
 from tpmflow.client.results import Embeddings, Generation, Predictions, Trace
 from tpmflow.payload import Reference
+
+if TYPE_CHECKING:
+    from tpmflow.client.knowledge import Collection
 
 T = TypeVar("T")
 
@@ -105,6 +108,16 @@ class Client(BaseClient):
         """Ids of the models the pool serves."""
         return self._run(self._models())
 
+    def knowledge(self, name: str) -> Collection:
+        """A handle on the knowledge collection ``name`` (``tpmflow.client.knowledge``)."""
+        from tpmflow.client.knowledge import Collection
+
+        return Collection(self, name)
+
+    def collections(self) -> list[dict[str, Any]]:
+        """The knowledge collections this principal may read."""
+        return self._run(self._collections())
+
     def usage(self, by: str = "principal") -> list[dict[str, Any]]:
         """Ledger totals for this principal (``by`` principal, project, endpoint…)."""
         return self._run(self._usage(by))
@@ -177,7 +190,13 @@ class Client(BaseClient):
 
         With ``adapter=`` the prompts are domain items (e.g. SMILES prefixes, "" for none) and the
         answer is, per item, a list of ``Decoded`` (value, or the reason it was rejected) — or the
-        item's ``AdapterInputError``. ``n`` asks for several completions per item."""
+        item's ``AdapterInputError``. ``n`` asks for several completions per item.
+
+        ``retrieve={"collection": name, "k": 4}`` brings the k items of a knowledge collection
+        nearest each prompt (or nearest ``"query": [...]``) into it: a ``Context:`` block before a
+        text prompt, or the adapter's own (SMILES: the molecules and their properties before the
+        prefix). What was retrieved is in ``provenance["retrieved"]`` (``Decodings.retrieved`` with
+        an adapter): collection, embedder, and ids and scores per prompt."""
         return self._run(
             self._generate(
                 prompt, max_tokens, temperature, seed, prompt_embeds, adapter, adapter_config, request_id, extra

@@ -31,6 +31,7 @@ from tpmflow.engine.ops import (
     splice_soft_tokens,
 )
 from tpmflow.errors import InvalidRequest, TpmflowError
+from tpmflow.knowledge.context import adapter_context
 from tpmflow.payload import Reference
 from tpmflow.schema import (
     AdapterEmbedItem,
@@ -116,11 +117,19 @@ def _encode_isolated(encode: Any, items: list[Any]) -> list[Any]:
 
 
 async def adapter_prompts(
-    ctx: ReplicaContext, adapter: Any, encode: Any, items: list[Any], principal: str, reserve: int = 0
+    ctx: ReplicaContext,
+    adapter: Any,
+    encode: Any,
+    items: list[Any],
+    principal: str,
+    reserve: int = 0,
+    contexts: dict[int, str] | None = None,
 ) -> tuple[dict[int, Prompt], dict[int, str], dict[int, str], int]:
     """Encode items with the adapter into engine prompts: token ids (text route) or prompt
-    embeddings (soft tokens spliced with their text). Returns the prompts, each text-route item's
-    text (generation continues it), per-item errors, and the payload bytes that came in."""
+    embeddings (soft tokens spliced with their text), each after its retrieved ``contexts`` text.
+    Returns the prompts, each text-route item's text (generation continues it, not the context),
+    per-item errors, and the payload bytes that came in."""
+    contexts = contexts or {}
     from tpmflow.adapters import EncodedEmbeds, EncodedText, ItemError
 
     resolved, errors, bytes_in = await asyncio.to_thread(resolve_items, ctx, items, principal)
@@ -134,10 +143,11 @@ async def adapter_prompts(
         if isinstance(enc, ItemError):
             errors[i] = enc.reason
         elif isinstance(enc, EncodedEmbeds):
-            soft[i] = (enc.embeds, enc.prefix, enc.suffix)
+            soft[i] = (enc.embeds, contexts.get(i, "") + enc.prefix, enc.suffix)
         elif isinstance(enc, EncodedText):
+            text = contexts.get(i, "") + enc.text
             try:
-                ids = prompt_tokens(ctx, tokenizer, i, enc.text) if enc.text else [int(tokenizer.bos_token_id)]
+                ids = prompt_tokens(ctx, tokenizer, i, text) if text else [int(tokenizer.bos_token_id)]
                 if len(ids) + max(reserve, 1) > ctx.max_model_len:
                     raise InvalidRequest(f"{len(ids)} prompt tokens + max_tokens exceed max_model_len")
             except InvalidRequest as exc:
@@ -264,6 +274,17 @@ async def adapter_predict(
     )
 
 
+def _contexts(adapter: Any, context: list[list[Any]]) -> dict[int, str]:
+    """Each item's retrieved entries as the adapter writes them before its prompt."""
+    out: dict[int, str] = {}
+    for i, entries in enumerate(context):
+        try:
+            out[i] = adapter_context(adapter, [(e.item, e.metadata) for e in entries])
+        except Exception as exc:  # noqa: BLE001 - an adapter's bug is the request's error, not the replica's
+            raise InvalidRequest(f"adapter {adapter.name} could not write item {i}'s retrieved context: {exc}") from None
+    return out
+
+
 async def adapter_generate(
     ctx: ReplicaContext, body: AdapterGenerateRequest, principal: str, request_id: str, priority: int, salt: str | None
 ) -> AdapterGenerateResponse:
@@ -275,8 +296,9 @@ async def adapter_generate(
     started = time.time()
     adapter = await asyncio.to_thread(_loaded, ctx, body.adapter, body.config)
     encode = getattr(adapter, "encode_prefix", adapter.encode)
+    contexts = await asyncio.to_thread(_contexts, adapter, body.context) if body.context is not None else {}
     prompts, texts, errors, bytes_in = await adapter_prompts(
-        ctx, adapter, encode, body.items, principal, reserve=body.max_tokens
+        ctx, adapter, encode, body.items, principal, reserve=body.max_tokens, contexts=contexts
     )
     usage = Usage(payload_bytes_in=bytes_in)
     results: dict[int, AdapterGenerateItem] = {
@@ -305,7 +327,7 @@ async def adapter_generate(
     async with asyncio.TaskGroup() as group:
         for i, prompt in prompts.items():
             group.create_task(one(i, prompt))
-    sampling = _sampling(adapter, **body.model_dump(exclude={"items", "adapter", "config"}))
+    sampling = _sampling(adapter, **body.model_dump(exclude={"items", "adapter", "config", "context"}))
     return AdapterGenerateResponse(
         data=[results[i] for i in range(len(body.items))],
         usage=usage,

@@ -63,11 +63,11 @@ class ReplicaContext:
         self.vocab_size = int(engine.model_config.get_vocab_size())
         self.replica_id = settings.replica_id
         self.url = settings.replica_url or f"http://{args.host or '127.0.0.1'}:{args.port}"
-        self.content_hash = _content_hash(Path(self.model_dir))
+        self.content_hash = served_version(Path(self.model_dir))
         # Versions served as vLLM LoRA adapters: `--lora-modules <version id>=<folder>`.
         self.lora_versions = [m.name for m in getattr(args, "lora_modules", None) or []]
         # Provenance names the shape too: a split replica's numbers may differ in the last bits.
-        self.engine_build = f"vllm {_vllm_version()} TP={self.tensor_parallel} PP={self.pipeline_parallel}"
+        self.engine_build = f"vllm {vllm_version()} TP={self.tensor_parallel} PP={self.pipeline_parallel}"
         self.store = PayloadStore(StoreConfig.model_validate(settings.store))
         self.signer = Signer(settings.pool_secret)
         self._adapters: OrderedDict[tuple[str, str], Any] = OrderedDict()
@@ -107,7 +107,7 @@ class ReplicaContext:
             raise InvalidRequest(f"unknown model {model!r}; this pool serves {self.model_name!r}")
 
     def info(self) -> ReplicaInfo:
-        running, waiting = _engine_load()
+        running, waiting = engine_load()
         return ReplicaInfo(
             running=running,
             waiting=waiting,
@@ -161,7 +161,7 @@ class ReplicaContext:
         return ref, ref.nbytes
 
 
-def _content_hash(model_dir: Path) -> str:
+def served_version(model_dir: Path) -> str:
     """The served weights' version id (the card's, else hashed), as the pool and the model store name it."""
     from tpmflow.models.card import version_of
 
@@ -171,7 +171,7 @@ def _content_hash(model_dir: Path) -> str:
         return "unknown"
 
 
-def _engine_load() -> tuple[int, int]:
+def engine_load() -> tuple[int, int]:
     """Requests running and waiting in this engine, from vLLM's own Prometheus gauges."""
     from prometheus_client import REGISTRY
 
@@ -183,7 +183,7 @@ def _engine_load() -> tuple[int, int]:
     return int(totals["vllm:num_requests_running"]), int(totals["vllm:num_requests_waiting"])
 
 
-def _vllm_version() -> str:
+def vllm_version() -> str:
     import vllm
 
     return str(vllm.__version__)

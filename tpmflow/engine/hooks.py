@@ -22,6 +22,7 @@ and the lens of a layer on a stage without the final norm is computed by the las
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -47,6 +48,11 @@ REQUIRED_INTERNALS = (
     "model_runner.input_batch.num_computed_tokens_cpu",
     "model_runner.query_start_loc.np",
     "model_runner.requests",
+    # tpmflow.engine.seeded_chunks (CPU): the step's discarded samples and the seeded generators
+    "model_runner.discard_request_mask.np",
+    "model_runner.input_batch.generators",
+    "model_runner._sample",
+    "model_runner._bookkeeping_sync",
 )
 
 
@@ -328,7 +334,12 @@ class TpmflowWorkerExtension:
                 cap["shape"], cap["nbytes"] = list(array.shape), int(array.nbytes)
                 store = None if inline else self._tpmflow_store()  # the self-check has no store
                 if store is not None and array.nbytes > store.config.inline_limit_bytes:
-                    cap["reference"] = store.put(principal, array).model_dump()
+                    try:
+                        cap["reference"] = store.put(principal, array).model_dump()
+                    except Exception as exc:  # noqa: BLE001 - a store that refuses must not kill the engine
+                        # The user sees the kind of failure; the details (hosts, paths) stay in this log.
+                        logging.getLogger("tpmflow.engine").exception("writing a capture to the payload store")
+                        cap["store_error"] = type(exc).__name__
                 else:
                     cap["bytes"] = array.tobytes()
             out[key] = result
@@ -643,13 +654,17 @@ PINNED_VLLM = "0.32.0"
 def register() -> None:
     """The ``vllm.general_plugins`` entry point, run in every vLLM process (maybe several times).
 
-    The worker extension itself is named by ``--worker-extension-cls``; this only warns when the
-    running vLLM is not the release whose internals ``REQUIRED_INTERNALS`` was checked against.
+    The worker extension itself is named by ``--worker-extension-cls``; this installs the CPU fix
+    of ``tpmflow.engine.seeded_chunks`` and warns when the running vLLM is not the release whose
+    internals ``REQUIRED_INTERNALS`` was checked against.
     """
     import logging
 
     import vllm
 
+    from tpmflow.engine import seeded_chunks
+
+    seeded_chunks.install()  # CPU only: seeded requests through a chunked prefill killed the engine
     if str(vllm.__version__) != PINNED_VLLM:
         logging.getLogger("tpmflow.engine").warning(
             "tpmflow's hooks were written against vLLM %s; this is %s", PINNED_VLLM, vllm.__version__

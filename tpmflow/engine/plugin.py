@@ -20,7 +20,7 @@ import time
 import uuid
 from argparse import Namespace
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -39,6 +39,7 @@ from tpmflow.schema import (
     EmbedRequest,
     EmbedsGenerateRequest,
     ProbeRequest,
+    ReplicaInfo,
 )
 
 log = logging.getLogger("tpmflow.replica")
@@ -154,33 +155,55 @@ def build_router() -> APIRouter:
     return router
 
 
-async def heartbeat(ctx: ReplicaContext) -> None:
-    """Register with the gateway and keep telling it we are alive (replicas may live on other nodes)."""
+class Registers(Protocol):
+    """What the heartbeat needs of a replica: its settings and what it reports."""
+
+    settings: ReplicaSettings
+
+    def info(self) -> ReplicaInfo: ...
+
+
+async def heartbeat(ctx: Registers) -> None:
+    """Register with every gateway of the pool and keep telling them we are alive (replicas may live
+    on other nodes). The first gateway is the one whose launcher started this replica: when it has
+    not answered for ``orphan_grace_s`` the replica stops (no process outlives its pool, and a
+    restarted pool never finds an old generation serving under the same ids); the other gateways
+    route to it meanwhile."""
     import httpx
 
     settings = ctx.settings
-    gateway = settings.gateway_url
-    if not gateway:
+    gateways = settings.gateway_urls
+    if not gateways:
         return
-    last_ok = time.monotonic()
-    async with httpx.AsyncClient(timeout=5.0) as client:
+    headers = {Headers.AUTHORIZATION: f"Bearer {settings.pool_secret}"}
+    last_ok = [time.monotonic()]
+
+    async def beat_forever(client: httpx.AsyncClient, gateway: str, owner: bool) -> None:
+        # One loop per gateway: an unroutable one (connect timeout) never delays the others' beats.
         while True:
-            if time.monotonic() - last_ok > settings.orphan_grace_s:
-                # The gateway is gone (its process was killed): stop rather than serve nobody forever.
-                log.error("no gateway at %s for %.0f s; shutting this replica down", gateway, settings.orphan_grace_s)
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
             try:
-                resp = await client.post(
-                    gateway + Routes.HEARTBEAT,
-                    json=ctx.info().model_dump(),
-                    headers={Headers.AUTHORIZATION: f"Bearer {settings.pool_secret}"},
-                )
+                resp = await client.post(gateway + Routes.HEARTBEAT, json=ctx.info().model_dump(), headers=headers)
                 if resp.status_code == 200:
-                    last_ok = time.monotonic()
+                    if owner:
+                        last_ok[0] = time.monotonic()
+                else:  # e.g. 401: a gateway of another pool secret
+                    log.warning("heartbeat to %s refused: HTTP %s", gateway, resp.status_code)
             except httpx.HTTPError as exc:
                 log.warning("heartbeat to %s failed: %s", gateway, exc)
             await asyncio.sleep(settings.heartbeat_s)
+
+    async with httpx.AsyncClient(timeout=5.0) as client:
+        beats = [asyncio.create_task(beat_forever(client, g, i == 0)) for i, g in enumerate(gateways)]
+        try:
+            while time.monotonic() - last_ok[0] <= settings.orphan_grace_s:
+                await asyncio.sleep(settings.heartbeat_s)
+        finally:
+            for task in beats:
+                task.cancel()
+    # The launcher's gateway is gone (killed): stop rather than serve with no one to restart us.
+    log.error("the pool's gateway %s has not answered for %.0f s; shutting this replica down",
+              gateways[0], settings.orphan_grace_s)  # fmt: skip
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 class GatewayOnly:

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from tpmflow.errors import StoreUnavailable
+
 
 @dataclass
 class Edit:
@@ -166,6 +168,12 @@ async def take_probe(engine: Any, key: str, principal: str, inline: bool = False
     found = merge_worker_results(
         await engine.collective_rpc("tpmflow_take_probe", args=([key], principal, inline)), key
     )
+    refused = [c["store_error"] for c in (found or {}).get("captures", []) if "store_error" in c]
+    if refused:
+        raise StoreUnavailable(
+            f"the pool's payload store refused {len(refused)} capture(s) of this probe ({refused[0]}; the "
+            "replica's log has the details): retry once the store is back"
+        )
     if found is not None and found["lens_streams"]:
         add_deferred_lens(
             found, await engine.collective_rpc("tpmflow_lens_of", args=(found["lens_streams"], found["top_k"]))

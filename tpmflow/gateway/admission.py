@@ -97,7 +97,10 @@ class Admission:
         return cls.priority if cls else 0
 
     def group(self, call: Call) -> str:
-        """The replica group serving the caller's service class (unknown classes: ``default``)."""
+        """The replica group serving the caller's service class (unknown classes: ``default``), or
+        the one the call names (text embedding)."""
+        if call.group is not None:
+            return call.group
         cls = self.cfg.service_classes.get(call.principal.service_class)
         return cls.replica_group if cls else "default"
 

@@ -11,12 +11,14 @@ to vLLM's own handlers; the routes are one table, :data:`ROUTES`.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -27,6 +29,7 @@ from starlette.routing import Route as StarletteRoute
 from tpmflow.access import AccessDB, LedgerWriter
 from tpmflow.config import PoolConfig
 from tpmflow.errors import InvalidRequest, Overloaded, QuotaExceeded, TpmflowError, Unauthorized
+from tpmflow.gateway import knowledge, retrieval
 from tpmflow.gateway.admission import Admission
 from tpmflow.gateway.billing import Billing
 from tpmflow.gateway.forwarding import Forwarder
@@ -37,6 +40,8 @@ from tpmflow.gateway.payloads import Payloads
 from tpmflow.gateway.ratelimit import RateLimiter
 from tpmflow.gateway.shared_registry import SharedReplicaRegistry
 from tpmflow.gateway.uptime import Uptime
+from tpmflow.knowledge import KnowledgeStore
+from tpmflow.paths import knowledge_dir
 from tpmflow.payload import PayloadStore, Signer
 from tpmflow.pool.registry import ReplicaRegistry
 from tpmflow.protocol import Headers, Routes
@@ -85,11 +90,12 @@ class Gateway:
         self.rate_limits = RateLimiter(cfg, share=1.0 / max(1, workers))
         self.billing = Billing(cfg, access, ledger, self.metrics, self.rate_limits, self.registry)
         self.admission = Admission(cfg, self.metrics, self.rate_limits, self.billing, workers)
-        self.intake = Intake(cfg.gateway, access, self.billing.refused)
+        self.intake = Intake(cfg.gateway, access, self.billing.refused, secret)
         self.forwarder = Forwarder(cfg, self.registry, self.metrics, self.billing, self.admission, access, secret)
         self.payloads = Payloads(store, access, Signer(secret), cfg.gateway.payload_sweep_s)
+        self.knowledge = KnowledgeStore(access.engine, knowledge_dir(access.url))
         self._background: set[asyncio.Task[Any]] = set()  # kept referenced until done
-        self.on_stop: list[Callable[[], None]] = []  # called once the app has stopped serving
+        self.on_stop: list[Callable[[], None]] = [self.knowledge.flush]  # once the app has stopped serving
         self.app = create_app(self)
 
     def note_restart(self, replica_id: str) -> None:
@@ -116,13 +122,16 @@ class Gateway:
 
 async def _health(gw: Gateway, request: Request, route: Route) -> Response:
     live = gw.registry.live()
+    serving = [r for r in live if r.info.task == "generate"]  # a text embedder alone serves no request
     body = {
-        "status": "ok" if live else "unavailable",
+        "status": "ok" if serving else "unavailable",
         "model": gw.model_name,
         "replicas": [
             {
                 "id": r.info.replica_id,
                 "group": r.info.group,
+                "task": r.info.task,
+                "model": r.info.model,
                 "inflight": r.inflight,
                 "served": r.served,
                 "running": r.info.running,
@@ -136,17 +145,18 @@ async def _health(gw: Gateway, request: Request, route: Route) -> Response:
             for r in live
         ],
     }
-    return JSONResponse(body, status_code=200 if live else 503)
+    return JSONResponse(body, status_code=200 if serving else 503)
 
 
 async def _metrics(gw: Gateway, request: Request, route: Route) -> Response:
-    gw.metrics.replicas_live.set(len(gw.registry.live()))
+    gw.metrics.replicas_live.set(sum(r.info.task == "generate" for r in gw.registry.live()))
     gw.uptime.export()
     return Response(gw.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 async def _heartbeat(gw: Gateway, request: Request, route: Route) -> Response:
-    if request.headers.get(Headers.AUTHORIZATION) != f"Bearer {gw.secret}":
+    sent = request.headers.get(Headers.AUTHORIZATION, "").encode()
+    if not hmac.compare_digest(sent, f"Bearer {gw.secret}".encode()):
         raise Unauthorized("replicas authenticate with the pool secret")
     try:
         info = ReplicaInfo.model_validate_json(await request.body())
@@ -169,7 +179,9 @@ async def _openai(gw: Gateway, request: Request, route: Route) -> Response:
     call = await gw.intake.call(request, route.endpoint, route.permission)
     try:
         _, body = await gw.intake.body(request, call)
+        wanted = retrieval.take_spec(body) if route.path == Routes.COMPLETIONS else None
         body = validate_openai(body, route.path == Routes.CHAT, gw.model_name, gw.cfg.gateway)
+        found = await retrieval.into_completion(gw, call, wanted, body) if wanted else None
     except TpmflowError as exc:
         gw.billing.refused(call, exc.status_code, type(exc).__name__)
         raise
@@ -188,12 +200,36 @@ async def _openai(gw: Gateway, request: Request, route: Route) -> Response:
                 gw.in_background(admitted.__aexit__(None, None, None))
 
         try:
-            return await gw.forwarder.forward_stream(call, route.path, data, body, release)
+            return _with_retrieved(await gw.forwarder.forward_stream(call, route.path, data, body, release), found)
         except BaseException:
             release()
             raise
     async with gw.admission.admitted(call, body):
-        return await gw.forwarder.forward(call, "POST", route.path, data, body)
+        return _with_retrieved(await gw.forwarder.forward(call, "POST", route.path, data, body), found)
+
+
+def _with_retrieved(response: Response, found: retrieval.Retrieved | None) -> Response:
+    """The answer with what retrieval put into its prompts (before a stream's headers are sent)."""
+    if found is not None:
+        response.headers[retrieval.HEADER] = found.header()  # ASCII JSON: cannot fail to encode
+    return response
+
+
+async def _adapter_generate(gw: Gateway, request: Request, route: Route) -> Response:
+    """The adapters' generate route: forwarded as it came, or, with ``retrieve``, with each item's
+    retrieved entries as its context."""
+    call = await gw.intake.call(request, route.endpoint, route.permission)
+    try:
+        raw, body = await gw.intake.body(request, call)
+        changed = "retrieve" in body
+        wanted = retrieval.take_spec(body)
+        found = await retrieval.into_adapter_generate(gw, call, wanted, body) if wanted else None
+    except TpmflowError as exc:
+        gw.billing.refused(call, exc.status_code, type(exc).__name__)
+        raise
+    data = orjson.dumps(body) if changed else raw  # without `retrieve`, with the contexts
+    async with gw.admission.admitted(call, body):
+        return _with_retrieved(await gw.forwarder.forward(call, "POST", route.path, data, body), found)
 
 
 async def _tpmflow(gw: Gateway, request: Request, route: Route) -> Response:
@@ -231,6 +267,29 @@ async def _usage(gw: Gateway, request: Request, route: Route) -> Response:
     return JSONResponse({"usage": rows})
 
 
+async def _request_usage(gw: Gateway, request: Request, route: Route) -> Response:
+    """What one request (its X-Request-Id) was charged: the caller's own rows, any for an admin."""
+    principal = await gw.intake.authorise(request, None)
+    correlation = request.query_params.get("id", "")
+    if not correlation:
+        raise InvalidRequest("give the request's id: ?id=<X-Request-Id>")
+    await asyncio.to_thread(gw.ledger.flush)
+    where: dict[str, Any] = {"correlation_id": correlation}
+    if not principal.can("admin"):
+        where["principal"] = principal.name
+    rows = await asyncio.to_thread(gw.access.ledger_rows, **where)
+    return JSONResponse(
+        {
+            "request_id": correlation,
+            "rows": len(rows),
+            "finished": bool(rows) and all(r.status != 0 for r in rows),
+            "charge_su": sum(r.charge_su or 0.0 for r in rows),
+            "prompt_tokens": sum(r.prompt_tokens for r in rows),
+            "output_tokens": sum(r.output_tokens for r in rows),
+        }
+    )
+
+
 def _proxied(path: str, permission: str, handler: Handler = _tpmflow) -> Route:
     return Route(path, "POST", permission, handler, Routes.endpoint(path))
 
@@ -245,13 +304,30 @@ ROUTES: tuple[Route, ...] = (
     _proxied(Routes.EMBED, "embed"),
     _proxied(Routes.ADAPTER_EMBED, "embed"),
     _proxied(Routes.ADAPTER_PREDICT, "embed"),
-    _proxied(Routes.ADAPTER_GENERATE, "generate"),
+    _proxied(Routes.ADAPTER_GENERATE, "generate", _adapter_generate),
     _proxied(Routes.GENERATE_EMBEDS, "generate"),
     _proxied(Routes.PROBE, "probe"),
     _proxied(Routes.DIGEST, "embed"),
     Route(Routes.STORE, "GET", None, _store),
     Route(Routes.SIGN, "POST", None, _sign),
     Route(Routes.USAGE, "GET", None, _usage),
+    Route(Routes.USAGE + "/request", "GET", None, _request_usage),
+    # The knowledge store (tpmflow.gateway.knowledge): adds and searches embed through a replica.
+    Route(Routes.KNOWLEDGE, "GET", None, knowledge.listing, "knowledge/list"),
+    *(
+        Route(f"{Routes.KNOWLEDGE}/{name}", "POST", permission, handler, f"knowledge/{name}")
+        for name, permission, handler in (
+            ("create", "embed", knowledge.create),
+            ("show", None, knowledge.show),
+            ("add", "embed", knowledge.add),
+            ("search", "embed", knowledge.search),
+            ("get", None, knowledge.get),
+            ("delete", "embed", knowledge.delete),
+            ("share", "embed", knowledge.share),
+            ("reembed", "embed", knowledge.reembed),
+            ("drop", "embed", knowledge.drop),
+        )
+    ),
 )
 
 
@@ -266,6 +342,7 @@ def create_app(gw: Gateway) -> FastAPI:
             loop.create_task(gw.payloads.sweep()),
             loop.create_task(gw.billing.keep_reservations()),
             loop.create_task(gw.uptime.watch()),
+            loop.create_task(gw.billing.bill_storage(gw.knowledge)),
         ]
         if isinstance(gw.registry, SharedReplicaRegistry):
             tasks.append(loop.create_task(gw.registry.sync_forever()))
@@ -277,7 +354,9 @@ def create_app(gw: Gateway) -> FastAPI:
         for stop in gw.on_stop:
             await asyncio.to_thread(stop)
 
-    app = FastAPI(title="tpmflow gateway", docs_url="/docs", lifespan=lifespan)
+    # No Swagger or ReDoc pages: they load scripts from a CDN, inline, on the workbench's origin
+    # (and the routes are plain Starlette routes they would not list); the API is in the README.
+    app = FastAPI(title="tpmflow gateway", docs_url=None, redoc_url=None, lifespan=lifespan)
 
     @app.exception_handler(TpmflowError)
     async def _typed(_: Request, exc: TpmflowError) -> JSONResponse:
@@ -299,6 +378,9 @@ def create_app(gw: Gateway) -> FastAPI:
         app.router.routes.append(
             StarletteRoute(route.path, _bind(gw, route), methods=[route.method], name=route.endpoint or route.path)
         )
+    from tpmflow.ui.pages import Workbench
+
+    app.router.routes.extend(Workbench(gw).routes())  # the web workbench under /ui
     return app
 
 

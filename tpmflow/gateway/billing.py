@@ -19,6 +19,7 @@ from tpmflow.errors import QuotaExceeded
 from tpmflow.gateway.call import Attempts, Call
 from tpmflow.gateway.metrics import GatewayMetrics
 from tpmflow.gateway.ratelimit import RateLimiter
+from tpmflow.knowledge.store import KnowledgeStore, StorageBill
 from tpmflow.pool.registry import ReplicaRegistry, ReplicaState, lora_for
 
 log = logging.getLogger("tpmflow.gateway")
@@ -130,6 +131,57 @@ class Billing:
         now = time.time() if now is None else now
         return close_unfinished(self.access.engine, now - self.cfg.gateway.request_timeout_s - EXPIRY_MARGIN_S)
 
+    # -- knowledge storage -----------------------------------------------------------------------
+
+    def storage(self, bills: list[StorageBill]) -> list[LedgerRow]:
+        """One ledger row per collection's billing period (endpoint ``knowledge/storage``, charged
+        to its creator and project, SU per MB-day), spent from the project's allocation. When the
+        allocation cannot cover it the row keeps the charge with status 429 ``QuotaExceeded``: the
+        debt is on record, nothing is spent beyond the grant."""
+        rows = []
+        for bill in bills:
+            try:
+                rows.append(self._storage_row(bill))
+            except Exception:  # noqa: BLE001 - the other bills still go in; this period stays claimed
+                log.exception("billing the storage of collection %s failed", bill.collection)
+        return rows
+
+    def _storage_row(self, bill: StorageBill) -> LedgerRow:
+        row = LedgerRow(
+            request_id=Attempts.new_id(),
+            correlation_id=f"storage:{bill.collection}",
+            principal=bill.principal,
+            project=bill.project,
+            service_class="storage",
+            endpoint="knowledge/storage",
+            model=self.model_name,
+            content_hash="",
+            status=200,
+            stored_mb_days=bill.mb_days,
+            created=bill.until,
+        )
+        row.charge_su = self.cfg.costs.charge_of(row)
+        try:
+            held = self.access.allocations.reserve(bill.project, bill.principal, row.charge_su)
+            if held is not None:
+                self.access.allocations.settle(held, row.charge_su)
+        except QuotaExceeded:
+            row.status, row.error_type = 429, "QuotaExceeded"
+        self.ledger.record(row)
+        return row
+
+    def bill_storage_now(self, knowledge: KnowledgeStore, now: float | None = None) -> list[LedgerRow]:
+        return self.storage(knowledge.bill_storage(now))
+
+    async def bill_storage(self, knowledge: KnowledgeStore) -> None:
+        """Every ``gateway.storage_billing_s``: bill what the collections stored since last time."""
+        while True:
+            await asyncio.sleep(self.cfg.gateway.storage_billing_s)
+            try:
+                await asyncio.to_thread(self.bill_storage_now, knowledge)
+            except Exception:  # noqa: BLE001 - billing must never take the gateway down
+                log.exception("billing knowledge storage failed")
+
     # -- the ledger -----------------------------------------------------------------------------
 
     def _charge(self, call: Call, row: LedgerRow) -> float:
@@ -154,7 +206,7 @@ class Billing:
             project=p.project,
             service_class=p.service_class,
             endpoint=call.endpoint,
-            model=self.model_name,
+            model=replica.info.model if replica and replica.info.task == "embed" else self.model_name,
             content_hash=served_version(call, replica) if replica else call.content_hash,
             replica_id=replica.info.replica_id if replica else None,
             replica_shape=f"TP={replica.info.tensor_parallel} PP={replica.info.pipeline_parallel}" if replica else None,
@@ -210,6 +262,7 @@ class Billing:
             error_type=error_type,
             latency_ms=latency_ms,
             ttft_ms=ttft_ms,
+            queries=call.queries if status == 200 else 0,  # searches made: only an answered attempt made them
         )
         row.charge_su = self._charge(call, row)
         self.ledger.record(row)

@@ -23,6 +23,8 @@ class Call:
     body_bytes: int = 0  # size of the JSON body as received (bounds inline payload bytes)
     reservation: Reservation | None = None  # SUs set aside at admission (projects with an allocation)
     charged_su: float = 0.0  # SUs its ledger rows charged so far; settled when the request is done
+    queries: int = 0  # knowledge searches it makes (priced per query)
+    group: str | None = None  # the replica group that must answer (the text embedder's); None: the class's
 
 
 @dataclass

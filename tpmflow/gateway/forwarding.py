@@ -120,7 +120,7 @@ class Forwarder:
         return {
             Headers.REQUEST_ID: call.request_id,
             Headers.ATTEMPT_ID: sent.attempt_id,  # the answering attempt's ledger row
-            Headers.MODEL: self.model_name,
+            Headers.MODEL: replica.info.model if replica.info.task == "embed" else self.model_name,
             Headers.CONTENT_HASH: served_version(call, replica),
             Headers.REPLICA: replica.info.replica_id,
             Headers.ENGINE: replica.info.engine,

@@ -26,19 +26,34 @@ class Intake:
     """Turns an HTTP request into a :class:`Call` and its body. ``refused`` records a request
     turned away here (a 403) so the ledger sees it."""
 
-    def __init__(self, cfg: GatewayConfig, access: AccessDB, refused: Callable[[Call, int, str], None]) -> None:
+    def __init__(
+        self, cfg: GatewayConfig, access: AccessDB, refused: Callable[[Call, int, str], None], secret: str = ""
+    ) -> None:
         self.cfg = cfg
         self.access = access
         self.refused = refused
+        self.secret = secret  # signs the workbench's CSRF tokens (tpmflow.ui.session)
 
     async def principal(self, request: Request) -> Principal:
         """The principal behind the bearer token: a cached answer on the loop, a database round
         trip only off it."""
         scheme, _, token = request.headers.get(Headers.AUTHORIZATION, "").partition(" ")
         if scheme.lower() != "bearer" or not token:
-            raise Unauthorized("missing bearer token (Authorization: Bearer tpm_...)")
+            token = self._session_token(request)
         token = token.strip()
         return self.access.cached(token) or await asyncio.to_thread(self.access.authenticate, token)
+
+    def _session_token(self, request: Request) -> str:
+        """The workbench's session token, from its cookie, when the request carries the session's
+        CSRF header (a page the workbench rendered); else no token at all."""
+        from tpmflow.ui.session import CSRF_HEADER, csrf_ok, session_cookie
+
+        token = request.cookies.get(session_cookie(request), "")
+        if not token:
+            raise Unauthorized("missing bearer token (Authorization: Bearer tpm_...)")
+        if not csrf_ok(self.secret, token, request.headers.get(CSRF_HEADER)):
+            raise Unauthorized(f"a workbench session needs its {CSRF_HEADER} header (or send a bearer token)")
+        return token
 
     async def authorise(self, request: Request, permission: str | None, endpoint: str = "") -> Principal:
         principal = await self.principal(request)

@@ -17,8 +17,9 @@ import tempfile
 
 from fastapi import FastAPI
 
+from tpmflow.protocol import SECRET_ENV
+
 CONFIG_ENV = "TPMFLOW_GATEWAY_CONFIG"  # the PoolConfig, as JSON
-SECRET_ENV = "TPMFLOW_POOL_SECRET"
 WORKERS_ENV = "TPMFLOW_GATEWAY_WORKERS"
 
 

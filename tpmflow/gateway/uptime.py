@@ -61,8 +61,9 @@ class Uptime:
         if self._checked is not None and not self._live and now > self._checked:
             if self.counts_outages:
                 self.metrics.pool_unavailable.inc(now - self._checked)
-        if live or self._checked is not None:
-            self._checked, self._live = now, bool(live)
+        serving = any(r.info.task == "generate" for r in self.registry.live())  # the embedder alone serves nothing
+        if serving or self._checked is not None:
+            self._checked, self._live = now, serving
         return live
 
     def export(self) -> None:

@@ -19,9 +19,9 @@ from pathlib import Path
 import httpx
 
 from tpmflow.config import PoolConfig
-from tpmflow.gateway.serve import CONFIG_ENV, SECRET_ENV, WORKERS_ENV
+from tpmflow.gateway.serve import CONFIG_ENV, WORKERS_ENV
 from tpmflow.gateway.shared_registry import SharedReplicaRegistry
-from tpmflow.protocol import Routes
+from tpmflow.protocol import SECRET_ENV, Routes
 
 log = logging.getLogger("tpmflow.gateway")
 

@@ -36,7 +36,19 @@ def open_offline_engine(model_dir: Path, **engine_args: Any) -> Any:
         "seed": 0,
     }
     args.update(engine_args)
+    if args["dtype"] == "float32" and uses_mla(model_dir):
+        args.setdefault("attention_backend", "CPU_MLA")
     return LLM(**args)
+
+
+def uses_mla(model_dir: Path | str) -> bool:
+    """DeepSeek-style multi-head latent attention: on a CPU with AMX tiles vLLM picks its AMX MLA
+    backend, which takes bf16/fp16/int8 weights only and fails to load a float32 model; the
+    reference CPU_MLA backend runs any dtype."""
+    import json
+
+    config = Path(model_dir) / "config.json"
+    return config.exists() and bool(json.loads(config.read_text()).get("kv_lora_rank"))
 
 
 def sample_texts(

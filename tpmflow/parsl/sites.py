@@ -14,10 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, Field, model_validator
 
-from tpmflow.config import PoolConfig
+from tpmflow.config import PoolConfig, read_config
 
 
 class ExecutorSpec(BaseModel):
@@ -46,6 +45,11 @@ class ExecutorSpec(BaseModel):
         default_factory=list, description="GPUs (or XPU tiles) to pin one per worker"
     )
     cpu_affinity: str = "none"
+    mpi_launcher: Literal["mpiexec", "srun", "aprun"] | None = Field(
+        None,
+        description="Parsl's MPI mode: an app gets several nodes of the block and this launcher's prefix "
+        "(replicas over engine.nodes nodes; the provider's launcher must then be `simple`)",
+    )
     address: str | None = Field(None, description="interface workers connect back to (default: Parsl's guess)")
 
 
@@ -80,12 +84,43 @@ class SiteConfig(BaseModel):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _multinode_replicas_fit_a_block(self) -> SiteConfig:
+        nodes = self.pool.engine.nodes
+        if self.pool.launcher.kind != "parsl" or self.parsl is None:
+            return self
+        spec = self.replica_executor()
+        if nodes == 1:
+            if spec.mpi_launcher is not None:
+                raise ValueError(
+                    f"executor {spec.label!r} runs in Parsl's MPI mode, for replicas over several nodes; these "
+                    "replicas run on one node (engine.nodes: 1): drop its mpi_launcher"
+                )
+            return self
+        if spec.mpi_launcher is None:
+            raise ValueError(
+                f"replicas over {nodes} nodes need Parsl's MPI mode on executor {spec.label!r}: set its mpi_launcher "
+                "(mpiexec on PBS, srun on Slurm)"
+            )
+        if spec.launcher != "simple":
+            raise ValueError(f"executor {spec.label!r} runs in MPI mode: its launcher must be `simple`")
+        if spec.nodes_per_block < nodes:
+            raise ValueError(
+                f"a replica over {nodes} nodes cannot fit executor {spec.label!r}'s blocks of {spec.nodes_per_block}"
+            )
+        return self
+
+    def replica_executor(self) -> ExecutorSpec:
+        assert self.parsl is not None
+        return next(e for e in self.parsl.executors if e.label == self.pool.launcher.parsl_executor)
+
     def executor_labels(self) -> list[str]:
         return [e.label for e in self.parsl.executors] if self.parsl else []
 
 
-def load_site(path: str | Path) -> SiteConfig:
-    data: dict[str, Any] = yaml.safe_load(Path(path).read_text()) or {}
+def load_site(path: str | Path, layout: str | None = None) -> SiteConfig:
+    """A site config, in one of its ``layouts`` if named (``tpmflow.config.read_config``)."""
+    data: dict[str, Any] = read_config(path, layout)
     parsl_section = data.pop("parsl", None)
     return SiteConfig(pool=PoolConfig.model_validate(data), parsl=parsl_section)
 
@@ -152,10 +187,15 @@ def _accelerators(spec: ExecutorSpec, site: SiteConfig) -> int | list[str]:
     return accelerator_groups(spec.available_accelerators, site.pool.engine.ranks)
 
 
+def _nodes_per_app(spec: ExecutorSpec, site: SiteConfig) -> int:
+    """Nodes one app of ``spec`` takes: a replica's ``engine.nodes`` on the replica executor."""
+    return site.pool.engine.nodes if spec.label == site.pool.launcher.parsl_executor else 1
+
+
 def build_parsl_config(site: SiteConfig, run_dir: str | None = None) -> Any:
     """The ``parsl.config.Config`` of a site: one HighThroughputExecutor per spec. Submits nothing."""
     from parsl.config import Config
-    from parsl.executors import HighThroughputExecutor
+    from parsl.executors import HighThroughputExecutor, MPIExecutor
 
     if site.parsl is None:
         raise ValueError("this site config has no parsl section (its replicas run as local processes)")
@@ -164,13 +204,18 @@ def build_parsl_config(site: SiteConfig, run_dir: str | None = None) -> Any:
         kwargs: dict[str, Any] = {
             "label": spec.label,
             "provider": _provider(spec),
-            "cpu_affinity": spec.cpu_affinity,
-            "available_accelerators": _accelerators(spec, site),
             "prefetch_capacity": 0,  # long-running replica apps must not queue work behind them
         }
-        if spec.max_workers_per_node is not None:
-            kwargs["max_workers_per_node"] = spec.max_workers_per_node
         if spec.address is not None:
             kwargs["address"] = spec.address
+        if spec.mpi_launcher is not None:
+            # Parsl's MPI mode: an app gets num_nodes nodes of the block (PARSL_MPI_NODELIST) and the
+            # launcher prefix that reaches them (PARSL_MPI_PREFIX); a block runs this many at once.
+            per_block = max(1, spec.nodes_per_block // _nodes_per_app(spec, site))
+            executors.append(MPIExecutor(mpi_launcher=spec.mpi_launcher, max_workers_per_block=per_block, **kwargs))
+            continue
+        kwargs.update(cpu_affinity=spec.cpu_affinity, available_accelerators=_accelerators(spec, site))
+        if spec.max_workers_per_node is not None:
+            kwargs["max_workers_per_node"] = spec.max_workers_per_node
         executors.append(HighThroughputExecutor(**kwargs))
     return Config(executors=executors, run_dir=run_dir or site.parsl.run_dir, retries=site.parsl.retries)

@@ -24,6 +24,7 @@ class PlanRequest(BaseModel):
     model: str | None = Field(None, description="a config.json, a model folder, or a tpmflow cache name")
     arch: str | None = Field(None, description="explicit numbers: 'layers=80,hidden=8192,heads=64,...'")
     config: str | None = Field(None, description="a pool config YAML: its model, settings and prices")
+    layout: str | None = Field(None, description="one of the config's layouts (its `layouts:` section)")
     hardware: str
     dtype: str | None = None
     context: int | None = Field(None, ge=1)
@@ -59,7 +60,7 @@ def run(request: PlanRequest) -> Plan:
     Raises:
         ValueError: on a missing or unreadable model, unknown hardware, or a model nothing holds.
     """
-    cfg = PoolConfig.from_yaml(request.config) if request.config else None
+    cfg = PoolConfig.from_yaml(request.config, request.layout) if request.config else None
     acc = lookup(request.hardware)
     dtype = request.dtype or (cfg.engine.dtype if cfg else None)
     if request.arch:

@@ -51,6 +51,12 @@ def pool_warnings(
             f"{where}: tensor_parallel_size {tp} spans nodes of {acc.per_node} {acc.name}; "
             "vLLM's docs keep it inside a node and add pipeline stages across nodes"
         )
+    nodes, per_node = cfg.engine.nodes, cfg.engine.ranks_per_node
+    if per_node > acc.per_node:
+        warnings.append(
+            f"{where}: {tp * pp} ranks over {nodes} node(s) put {per_node} on each, more than a node's "
+            f"{acc.per_node} {acc.name}; set engine.nodes to {math.ceil(tp * pp / acc.per_node)}"
+        )
     shape = fit(model, acc, tp, pp, context=ctx, engine=engine)
     if not shape.fits:
         warnings.append(f"{where} cannot hold {model.name}: " + "; ".join(shape.problems))

@@ -244,17 +244,22 @@ class FakeReplica:
     async def _heartbeat(self) -> None:
         import httpx
 
+        from tpmflow.protocol import gateway_urls
+
+        headers = {Headers.AUTHORIZATION: f"Bearer {self.secret}", "Content-Type": "application/json"}
         async with httpx.AsyncClient(timeout=5.0) as http:
-            while True:
-                try:
-                    await http.post(
-                        self.gateway_url + Routes.HEARTBEAT,
-                        content=self.info().model_dump_json(),
-                        headers={Headers.AUTHORIZATION: f"Bearer {self.secret}", "Content-Type": "application/json"},
-                    )
-                except httpx.HTTPError:
-                    pass  # the gateway may not be up yet, or restarting: keep trying like a real replica
-                await asyncio.sleep(self.heartbeat_s)
+
+            async def beat_forever(gateway: str) -> None:
+                while True:  # one loop per gateway, like a real replica: a dead one delays no other
+                    try:
+                        await http.post(
+                            gateway + Routes.HEARTBEAT, content=self.info().model_dump_json(), headers=headers
+                        )
+                    except httpx.HTTPError:
+                        pass  # the gateway may not be up yet, or restarting: keep trying like a real replica
+                    await asyncio.sleep(self.heartbeat_s)
+
+            await asyncio.gather(*(beat_forever(g) for g in gateway_urls(self.gateway_url)))
 
 
 async def _respond(send: Send, status: int, body: bytes) -> None:

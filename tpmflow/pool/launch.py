@@ -16,8 +16,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from tpmflow.config import PoolConfig, ReplicaSlot
-from tpmflow.pool.replica import ReplicaProcess, cpu_binds, process_cores, replica_command, replica_env
+from tpmflow.config import TEXT_EMBEDDER_GROUP, PoolConfig, ReplicaSlot
+from tpmflow.pool.multinode import MultiNodeReplica, hosts_of, node_plan
+from tpmflow.pool.replica import (
+    ReplicaProcess,
+    cpu_binds,
+    embedder_command,
+    embedder_env,
+    process_cores,
+    replica_command,
+    replica_env,
+)
 from tpmflow.pool.shape import check_pool_shape
 
 log = logging.getLogger("tpmflow.launch")
@@ -34,6 +43,12 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def advertised_host(bind_host: str) -> str:
+    """The name other nodes reach a server bound to ``bind_host`` by: the host itself, or this
+    node's hostname for a wildcard bind (``0.0.0.0`` means nothing on another node)."""
+    return socket.gethostname() if bind_host in ("0.0.0.0", "::", "") else bind_host
 
 
 def tail_log(log_dir: Path, replica_id: str, lines: int = 40) -> str:
@@ -89,10 +104,19 @@ class LocalLauncher:
         self.log_dir = log_dir
         self.on_restart = on_restart
         self.host = host
-        self.replicas: dict[str, ReplicaProcess] = {}
-        self._slots = {s.replica_id: s for s in cfg.slots()}
+        self.replicas: dict[str, ReplicaProcess | MultiNodeReplica] = {}
+        self._slots = {s.replica_id: s for s in cfg.slots() + cfg.embedder_slots()}
         self._binds = cpu_binds(cfg)  # refuses a node without a core per rank
+        if cfg.launcher.hosts:
+            hosts_of(cfg, len(cfg.slots()) - 1)  # refuses too few hosts for every slot's nodes
+        elif cfg.engine.nodes > 1:
+            raise ValueError(
+                f"a replica over {cfg.engine.nodes} nodes needs their hosts: list them in launcher.hosts, or "
+                "run the pool with `launcher.kind: parsl` on a multi-node block"
+            )
         check_pool_shape(cfg)  # a shape the model cannot take is refused before any start
+        if cfg.text_embedder is not None:
+            cfg.text_embedder.check()
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._supervisor: threading.Thread | None = None
@@ -100,26 +124,43 @@ class LocalLauncher:
         self._quick_exits: dict[str, int] = {}  # replica id -> quick exits in a row
         self.gave_up: dict[str, str] = {}  # replica id -> why it is no longer restarted
 
-    def _spawn(self, slot: ReplicaSlot) -> ReplicaProcess:
+    def _spawn(self, slot: ReplicaSlot) -> ReplicaProcess | MultiNodeReplica:
+        if self.cfg.launcher.hosts:
+            return self._spawn_on_hosts(slot)
         port = free_port(self.host)
-        url = f"http://{self.host}:{port}"
-        proc = ReplicaProcess(
-            slot.replica_id,
-            replica_command(self.cfg, port, self.host, slot.index),
-            replica_env(
-                self.cfg, slot.replica_id, url, self.gateway_url, self.secret, self._binds[slot.index], slot.group
-            ),
-            self.log_dir / f"{slot.replica_id}.log",
-            process_cores(self.cfg, slot.index),
-        )
+        url = f"http://{advertised_host(self.host)}:{port}"
+        if slot.group == TEXT_EMBEDDER_GROUP:
+            cmd = embedder_command(self.cfg, port, self.host)
+            env = embedder_env(self.cfg, slot.replica_id, url, self.gateway_url, self.secret)
+            cores = None
+        else:
+            cmd = replica_command(self.cfg, port, self.host, slot.index)
+            bind = self._binds[slot.index]
+            env = replica_env(self.cfg, slot.replica_id, url, self.gateway_url, self.secret, bind, slot.group)
+            cores = process_cores(self.cfg, slot.index)
+        proc = ReplicaProcess(slot.replica_id, cmd, env, self.log_dir / f"{slot.replica_id}.log", cores)
         proc.start()
         self._started[slot.replica_id] = time.monotonic()
         log.info("started %s (group %s, pid %s) on %s", slot.replica_id, slot.group, proc.pid, url)
         return proc
 
+    def _spawn_on_hosts(self, slot: ReplicaSlot) -> MultiNodeReplica:
+        """A replica on ``launcher.hosts`` (over ``engine.nodes`` of them): one node agent per host,
+        its API server on the first host's address."""
+        hosts = hosts_of(self.cfg, slot.index)
+        port = self.cfg.launcher.replica_port + slot.index
+        url = f"http://{hosts[0].address}:{port}"
+        plan = node_plan(self.cfg, slot.index, slot.replica_id, [h.address for h in hosts], port, hosts)
+        env = replica_env(self.cfg, slot.replica_id, url, self.gateway_url, self.secret, None, slot.group)
+        proc = MultiNodeReplica(slot.replica_id, plan, hosts, env, self.log_dir)
+        proc.start()
+        self._started[slot.replica_id] = time.monotonic()
+        log.info("started %s (group %s) on %s: nodes %s", slot.replica_id, slot.group, url, proc.describe())
+        return proc
+
     def start(self) -> None:
         with self._lock:
-            for slot in self.cfg.initial_slots():
+            for slot in self.cfg.initial_slots() + self.cfg.embedder_slots():
                 self.replicas[slot.replica_id] = self._spawn(slot)
         self._supervisor = threading.Thread(target=self._supervise, name="tpmflow-launcher", daemon=True)
         self._supervisor.start()

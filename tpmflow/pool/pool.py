@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import secrets
 import threading
 import time
@@ -13,6 +14,7 @@ from typing import Any
 from tpmflow.config import PoolConfig
 from tpmflow.errors import ReplicaFailed
 from tpmflow.paths import pool_logs_dir
+from tpmflow.protocol import SECRET_ENV
 
 log = logging.getLogger("tpmflow.pool")
 
@@ -27,7 +29,10 @@ class Pool:
 
     def __init__(self, cfg: PoolConfig) -> None:
         self.cfg = cfg
-        self.secret = secrets.token_urlsafe(32)
+        # A pool with several gateways (``gateway.peers``) shares one secret: set TPMFLOW_POOL_SECRET
+        # for the pool and for each `tpmflow gateway`; alone, a pool makes its own.
+        self.secret = os.environ.get(SECRET_ENV) or secrets.token_urlsafe(32)
+        check_peers(cfg, shared_secret=bool(os.environ.get(SECRET_ENV)))
         self.token: str | None = None
         self.gateway: Any = None
         self.launcher: Any = None
@@ -62,7 +67,7 @@ class Pool:
         from tpmflow.access import AccessDB, LedgerWriter
         from tpmflow.gateway import Gateway
         from tpmflow.payload import PayloadStore
-        from tpmflow.pool.launch import LocalLauncher, free_port
+        from tpmflow.pool.launch import LocalLauncher, advertised_host, free_port
         from tpmflow.versioning.checkout import check_out
 
         cfg = self.cfg
@@ -71,7 +76,7 @@ class Pool:
         self.ledger = LedgerWriter(self.access.engine)
         host = cfg.gateway.host
         port = cfg.gateway.port or free_port(host)
-        self.url = f"http://{host}:{port}"
+        self.url = f"http://{cfg.gateway.advertise_host or advertised_host(host)}:{port}"
         log_dir = pool_logs_dir(port)
         if cfg.gateway.workers > 1:  # N processes on one port, sharing registry, database and metrics
             from tpmflow.gateway.workers import GatewayWorkers
@@ -81,7 +86,11 @@ class Pool:
         else:
             self.gateway = Gateway(cfg, self.access, self.ledger, PayloadStore(cfg.store), self.secret)
             config = uvicorn.Config(
-                self.gateway.app, host=host, port=port, log_level="warning", access_log=False,
+                self.gateway.app,
+                host=host,
+                port=port,
+                log_level="warning",
+                access_log=False,
                 timeout_graceful_shutdown=2,
             )
             self._server = uvicorn.Server(config)
@@ -129,7 +138,7 @@ class Pool:
 
     def wait_ready(self, timeout_s: float, replicas: int | None = None) -> None:
         """Block until ``replicas`` (default: all) are registered and live."""
-        want = len(self.cfg.initial_slots()) if replicas is None else replicas
+        want = len(self.cfg.initial_slots() + self.cfg.embedder_slots()) if replicas is None else replicas
         deadline = time.monotonic() + timeout_s
         while len(self.gateway.registry.live()) < want:
             gave_up = getattr(self.launcher, "gave_up", {})
@@ -180,3 +189,39 @@ class Pool:
             self.ledger.close()
             self.ledger = None
         atexit.unregister(self.stop)
+
+
+LOOPBACK = ("127.", "localhost", "::1")
+
+
+def check_peers(cfg: PoolConfig, shared_secret: bool) -> None:
+    """Refuse a pool whose other gateways (``gateway.peers``) could not use its replicas.
+
+    Raises:
+        ValueError: naming what to set.
+    """
+    from urllib.parse import urlparse
+
+    if not cfg.gateway.peers:
+        return
+    if not shared_secret:
+        raise ValueError(
+            f"gateway.peers lists other gateways, which must share this pool's secret: set {SECRET_ENV} "
+            "to the same value for `tpmflow serve` and every `tpmflow gateway`"
+        )
+    remote = [u for u in cfg.gateway.peers if not (urlparse(u).hostname or "").startswith(LOOPBACK)]
+    if (
+        remote
+        and cfg.launcher.kind == "local"
+        and not cfg.launcher.hosts
+        and cfg.launcher.replica_host.startswith(LOOPBACK)
+    ):
+        raise ValueError(
+            f"gateway.peers includes gateways on other hosts ({', '.join(remote)}), but replicas listen on "
+            f"{cfg.launcher.replica_host}: set launcher.replica_host to an address those hosts reach"
+        )
+    if remote and cfg.store.connector == "file" and cfg.store.path is None:
+        raise ValueError(
+            "gateway.peers includes gateways on other hosts: the payload store must be shared with them "
+            "(store.connector: redis, or store.path on a shared filesystem)"
+        )

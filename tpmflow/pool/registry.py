@@ -121,17 +121,19 @@ class ReplicaRegistry:
 def serves(replica: ReplicaState, version: str) -> bool:
     """Whether ``replica`` serves ``version`` (a content hash, with or without ``blake3:``, or a
     prefix): as its weights or as one of its LoRA adapters."""
-    return not version or _matches(replica.info.content_hash, version) or lora_for(replica, version) is not None
+    return not version or matches(replica.info.content_hash, version) or lora_for(replica, version) is not None
 
 
 def lora_for(replica: ReplicaState, version: str) -> str | None:
     """The LoRA adapter (named by its version id) that serves ``version`` on ``replica``; None when
     the replica's own weights do (or nothing pinned: unpinned requests get the weights)."""
-    if not version or _matches(replica.info.content_hash, version):
+    if not version or matches(replica.info.content_hash, version):
         return None
-    return next((lora for lora in replica.info.lora_versions if _matches(lora, version)), None)
+    return next((lora for lora in replica.info.lora_versions if matches(lora, version)), None)
 
 
-def _matches(have: str, version: str) -> bool:
+def matches(have: str, version: str) -> bool:
+    """Whether the version id ``have`` is ``version`` (a content hash, with or without
+    ``blake3:``, or a prefix of at least 6 of its characters)."""
     want = version.removeprefix("blake3:")
     return len(want) >= 6 and have.removeprefix("blake3:").startswith(want)

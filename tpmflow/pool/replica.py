@@ -16,24 +16,29 @@ import sys
 import time
 from pathlib import Path
 
-from tpmflow.config import EngineConfig, PoolConfig
+from tpmflow.config import MINILM, TEXT_EMBEDDER_GROUP, EngineConfig, PoolConfig
+from tpmflow.models.offline_engine import uses_mla
 from tpmflow.protocol import ReplicaSettings
 from tpmflow.versioning import LoraCheckout
 from tpmflow.versioning.checkout import replica_loras, replica_model_dir
 
 WORKER_EXTENSION = "tpmflow.engine.hooks.TpmflowWorkerExtension"
+POOLING_PLUGIN = "tpmflow-pooling"  # the endpoint plugin of embedding-model replicas (pyproject.toml)
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's --max-lora-rank accepts
 
 
-def replica_command(cfg: PoolConfig, port: int, host: str = "127.0.0.1", index: int = 0) -> list[str]:
-    """The server command line for replica ``index``."""
+def replica_command(
+    cfg: PoolConfig, port: int, host: str = "127.0.0.1", index: int = 0, model_dir: str | None = None
+) -> list[str]:
+    """The server command line for replica ``index`` (``model_dir``: its weights' folder as the
+    node will see it; default: checked out here)."""
     e: EngineConfig = cfg.engine
     cmd = [
         sys.executable,
         "-m",
         "vllm.entrypoints.openai.api_server",
         "--model",
-        str(replica_model_dir(cfg, index)),
+        model_dir or str(replica_model_dir(cfg, index)),
         "--served-model-name",
         cfg.model_name(),
         "--host",
@@ -56,6 +61,8 @@ def replica_command(cfg: PoolConfig, port: int, host: str = "127.0.0.1", index: 
         "priority",
         "--disable-uvicorn-access-log",
     ]
+    if e.dtype == "float32" and uses_mla(cmd[cmd.index("--model") + 1]):
+        cmd += ["--attention-backend", "CPU_MLA"]  # AMX MLA (chosen on CPUs with AMX) takes no float32
     if e.enforce_eager:
         cmd.append("--enforce-eager")
     if e.distributed_executor_backend:
@@ -65,6 +72,49 @@ def replica_command(cfg: PoolConfig, port: int, host: str = "127.0.0.1", index: 
     if e.max_num_seqs is not None:
         cmd += ["--max-num-seqs", str(e.max_num_seqs)]
     return cmd + lora_args(replica_loras(cfg, index)) + list(e.extra_args)
+
+
+def embedder_command(cfg: PoolConfig, port: int, host: str = "127.0.0.1") -> list[str]:
+    """The text embedder's server: vLLM's pooling runner (its ``/v1/embeddings``), none of the
+    model replica's hook flags (prompt embeddings would break an encoder, and nothing probes it)."""
+    te = cfg.text_embedder
+    assert te is not None
+    return [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(te.model_dir()),
+        "--served-model-name",
+        te.model if te.model == MINILM else te.model_dir().name,
+        "--runner",
+        "pooling",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        str(te.max_model_len),
+        "--enforce-eager",  # starts in seconds; an encoder this small gains little from compiling
+        "--gpu-memory-utilization",  # on a GPU node it shares the device with the model's replica
+        str(te.gpu_memory_utilization),
+        "--disable-uvicorn-access-log",
+    ]
+
+
+def embedder_env(cfg: PoolConfig, replica_id: str, url: str, gateway_url: str, secret: str) -> dict[str, str]:
+    """A replica's environment for the text embedder: only tpmflow's pooling endpoint plugin
+    (heartbeat, gateway-only access), none of the hooks."""
+    te = cfg.text_embedder
+    assert te is not None
+    env = replica_env(cfg, replica_id, url, gateway_url, secret, te.cpu_threads_bind, TEXT_EMBEDDER_GROUP)
+    env["VLLM_PLUGINS"] = POOLING_PLUGIN
+    env["VLLM_CPU_KVCACHE_SPACE"] = str(te.kv_cache_space_gib)
+    if te.cpu_threads_bind is None:
+        env.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+    return env
 
 
 def lora_args(loras: list[LoraCheckout]) -> list[str]:
@@ -91,6 +141,8 @@ def cpu_binds(cfg: PoolConfig) -> list[str | None]:
     Raises ``ValueError`` when the cores cannot give every rank one of its own.
     """
     n, ranks = len(cfg.slots()), cfg.engine.ranks
+    if cfg.launcher.hosts or cfg.engine.nodes > 1:
+        return [None] * n  # on other hosts: each node's cores come from its host (tpmflow.pool.multinode)
     if cfg.engine.cpu_threads_bind != "auto":
         binds = list(cfg.engine.cpu_threads_bind)
         for bind in binds:
@@ -159,7 +211,7 @@ def replica_env(
             "replica_id": replica_id,
             "replica_group": group,
             "replica_url": url,
-            "gateway_url": gateway_url,
+            "gateway_url": ",".join([gateway_url, *cfg.gateway.peers]),  # heartbeats to every gateway
             "pool_secret": secret,
             "store": cfg.store.model_dump(mode="json"),
             "parts": cfg.parts_path or inherited.parts,
@@ -184,6 +236,7 @@ def replica_env(
             # fails loudly rather than serving wrong activations).
             "VLLM_USE_V2_MODEL_RUNNER": env.get("VLLM_USE_V2_MODEL_RUNNER", "0"),
             **settings.to_env(),
+            **cfg.engine.env,
         }
     )
     if bind is not None:

@@ -23,6 +23,7 @@ class SmilesSettings:
     max_heavy_atoms: int = 150
     fingerprint_radius: int = 2
     fingerprint_bits: int = 2048
+    context_properties: bool = True  # retrieved molecules' properties in the context (a SMILES-only model: off)
 
 
 class SmilesAdapter:
@@ -107,6 +108,20 @@ class SmilesAdapter:
             else:
                 out.append(EncodedText(item))
         return out
+
+    def retrieval_context(self, entries: Sequence[tuple[Any, dict[str, Any]]]) -> str:
+        """Retrieved molecules before a generation prefix: one canonical SMILES per line, followed by
+        its scalar properties (``CCO qed=0.41``; none with ``context_properties=False``, for a model
+        that knows only SMILES), so the model continues after molecules like them.
+        An entry that does not parse is left out (a collection may hold items of another kind)."""
+        from tpmflow.knowledge.context import scalar_properties
+
+        lines = []
+        for smiles, metadata in zip(self.canonical([item for item, _ in entries]), entries, strict=True):
+            if isinstance(smiles, str):
+                props = scalar_properties(metadata[1]) if self.settings.context_properties else ""
+                lines.append(f"{smiles} {props}" if props else smiles)
+        return "".join(line + "\n" for line in lines)
 
     def fingerprints(self, items: Sequence[Any]) -> tuple[np.ndarray, list[ItemError]]:
         """Morgan fingerprints [n, bits] (float32 0/1; rows of bad items are zero) and the errors."""
