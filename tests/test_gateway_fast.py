@@ -9,6 +9,7 @@ test_pool_serving.py, test_pool_load.py, test_allocations.py and test_rate_limit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -538,3 +539,84 @@ def test_workbench_session_cookie_csrf_and_admin_refusal_over_http(two: Rig) -> 
     with httpx.Client(base_url=two.url, cookies={f"tpmflow_session_{port}": token}) as eve:
         html = eve.get("/ui/generate").text
         assert "<b>eve</b>" not in html and "&lt;b&gt;eve&lt;/b&gt;" in html, "names are escaped"
+
+
+def _browser_session(rig_: Rig, token: str) -> tuple[httpx.Client, str]:
+    """A signed-in HTTP 'browser' on the rig's workbench and its page's CSRF token."""
+    import re
+
+    browser = httpx.Client(base_url=rig_.url, timeout=60)
+    page = browser.get("/ui/signin")
+    nonce = re.search(r'name="nonce" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
+    assert browser.post("/ui/signin", data={"token": token, "nonce": nonce}).status_code == 303
+    csrf = re.search(r'data-csrf="([0-9a-f]+)"', browser.get("/ui/generate").text).group(1)  # type: ignore[union-attr]
+    return browser, csrf
+
+
+def test_workbench_adapters_draw_and_upload_over_http(two: Rig) -> None:
+    """The Adapters page's two server helpers: molecules drawn in the sandbox (per-item errors, a
+    cap on the batch), and uploads stored as signed payloads and read by the adapter's own
+    sandboxed reader (a broken file is the adapter's refusal, an oversized one a 413); both need
+    the page's CSRF header; the new pages send signed-out browsers to sign in."""
+    import numpy as np
+
+    from tpmflow.payload import Reference
+
+    for path in ("/ui/adapters", "/ui/examples", "/ui/workshop", "/ui/models", "/ui/campaigns"):
+        signed_out = httpx.get(two.url + path)
+        assert signed_out.status_code == 303 and signed_out.headers["location"] == "/ui/signin", path
+    browser, csrf = _browser_session(two, two.token)
+    with contextlib.closing(browser):
+        page = browser.get("/ui/adapters")
+        assert page.status_code == 200 and '<option value="smiles" selected>' in page.text
+        assert browser.get("/ui/examples").status_code == 200
+        assert browser.get("/ui/workshop").status_code == 403, "alice opens no workshop: no admin"
+        body = {"smiles": ["c1ccccc1O", "C1CC1N(", "", "C" * 401, "<script>"]}
+        assert browser.post("/ui/adapters/draw", json=body).status_code == 403, "no CSRF header"
+        drawn = browser.post("/ui/adapters/draw", json=body, headers={"X-Tpmflow-CSRF": csrf}).json()["drawings"]
+        assert drawn[0]["image"].startswith("data:image/svg+xml;base64,")
+        assert [d.get("error") for d in drawn[1:]] == [
+            "RDKit cannot read this SMILES",
+            "empty",
+            "longer than 400 characters",
+            "RDKit cannot read this SMILES",
+        ]
+        many = browser.post("/ui/adapters/draw", json={"smiles": ["C"] * 65}, headers={"X-Tpmflow-CSRF": csrf})
+        assert many.status_code == 400 and "at most 64" in many.text
+
+        points = np.random.default_rng(0).normal(size=(500, 3))
+        xyz = "\n".join(" ".join(f"{v:.4f}" for v in p) for p in points).encode()
+        up = browser.post(
+            "/ui/adapters/upload",
+            data={"adapter": "pointcloud"},
+            files={"file": ("cloud.xyz", xyz)},
+            headers={"X-Tpmflow-CSRF": csrf},
+        )
+        assert up.status_code == 200, up.text
+        answer = up.json()
+        ref = Reference.model_validate(answer["reference"])
+        two.gateway.payloads.signer.verify(ref, "alice")  # signed for alice, as client.put's are
+        assert ref.nbytes == answer["nbytes"] == len(xyz) and answer["name"] == "cloud.xyz"
+        read = np.asarray(answer["read"]["points"])
+        assert read.ndim == 2 and read.shape[1] == 3 and len(read) > 32
+        broken = browser.post(
+            "/ui/adapters/upload",
+            data={"adapter": "pointcloud"},
+            files={"file": ("bad.ply", b"ply\nformat ascii 1.0\nelement vertex 3\nend_header\n1 2\n")},
+            headers={"X-Tpmflow-CSRF": csrf},
+        )
+        assert broken.status_code == 200 and broken.json()["read"]["error"], broken.text
+        unknown = browser.post(
+            "/ui/adapters/upload",
+            data={"adapter": "no-such"},
+            files={"file": ("x.xyz", xyz)},
+            headers={"X-Tpmflow-CSRF": csrf},
+        )
+        assert unknown.status_code == 400 and "not installed" in unknown.text
+        huge = browser.post(
+            "/ui/adapters/upload",
+            data={"adapter": "pointcloud"},
+            files={"file": ("huge.npy", b"\0" * (17 << 20))},
+            headers={"X-Tpmflow-CSRF": csrf},
+        )
+        assert huge.status_code == 413 and "16 MB" in huge.text

@@ -228,3 +228,250 @@ def test_inside_the_model_draws_the_logit_lens_and_steering_changes_the_output(p
     other = _signed_in(browser, pool.url, token)
     assert other.locator("nav >> text=Inside the model").count() == 0
     assert other.goto(pool.url + "/ui/inside").status == 403
+
+
+def test_adapters_page_draws_checks_embeds_predicts_generates_and_reads_files(
+    pool: Any, browser: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Molecules drawn (RDKit, sandboxed), the adapter's per-item errors, nearest neighbours from
+    the pool's embeddings (checked against the client's own), a head's predictions, generated
+    molecules drawn; a point cloud read by the adapter's own sandboxed reader and drawn in 3-D; a
+    broken file and an oversized one refused as such; the hostile SMILES stays text."""
+    import numpy as np
+    from test_adapters_soft_pool import _save_untrained
+    from tpmflow_pointcloud import PointCloudAdapter
+    from tpmflow_smiles.tpsa import fit_tpsa_head
+
+    from tpmflow.models.smiles_data import load_split
+
+    monkeypatch.setenv("TPMFLOW_PARTS", pool.cfg.parts_path)
+    split = load_split()
+    with pool.client() as client:
+        _, card = fit_tpsa_head(client, split.train[:120], split.heldout[:30], version="0.0.1-ui")
+        cloud_adapter = PointCloudAdapter()
+        projector = _save_untrained(client, cloud_adapter, cloud_adapter.new_model(128, seed=0), "ui-random")
+        molecules = ["CCO", "c1ccccc1O", "CC(=O)Nc1ccc(O)cc1", "Oc1ccccc1C", PROBE, "C1CC1N("]
+        emb = client.embed(molecules, adapter="smiles")
+        predicted = client.predict(molecules, adapter="smiles", head=f"{card.name}@{card.version}")
+    ok = list(emb.ok)
+    vectors = {i: np.asarray(emb[i], dtype=np.float64) for i in ok}
+
+    page = _signed_in(browser, pool.url, pool.token)
+    page.click("nav >> text=Adapters")
+    page.select_option("#adapter", "smiles")
+    page.select_option("#head", f"{card.name}@{card.version}")
+    page.fill("#smiles", "\n".join(molecules))
+    page.click("#look")
+    page.wait_for_selector("#molecules tbody tr >> nth=5", timeout=60_000)
+    assert page.inner_text("#error") == ""
+    rows = page.locator("#molecules tbody tr")
+    for i, smiles in enumerate(molecules):
+        row = rows.nth(i)
+        assert row.locator("td.smiles").inner_text() == smiles, "SMILES shown as text"
+        verdict = row.locator("td.verdict").inner_text()
+        if i in ok:
+            assert verdict.startswith("ok"), verdict
+            assert row.locator("img.mol").count() == 1, f"{smiles} drawn"
+            unit = {j: v / np.linalg.norm(v) for j, v in vectors.items()}
+            best = max(float(unit[i] @ unit[j]) for j in ok if j != i)
+            shown = int(row.locator("td.neighbour").inner_text().split()[0].removeprefix("#"))
+            assert float(unit[i] @ unit[shown]) >= best - 1e-4, (i, shown, best)  # float32 in the page: ties
+            assert abs(float(row.locator("td.prediction").inner_text()) - predicted.values[i]) <= 5.1e-4
+        else:
+            assert verdict.startswith("AdapterInputError"), verdict
+            assert row.locator("img.mol").count() == 0
+    assert page.evaluate("window.__xss") is None, "nothing injected ran"
+    page.screenshot(path=str(SHOTS / "adapters.png"), full_page=True)
+
+    page.fill("#smiles", "c1ccccc1\nCC(=O)")
+    page.fill("#n", "3")
+    page.click("#generate")
+    page.wait_for_selector("#generated figure >> nth=5", timeout=60_000)
+    figures = page.locator("#generated figure")
+    assert figures.count() == 6
+    for k in range(6):  # the tiny test model is untrained: a valid molecule is drawn, others say why
+        figure = figures.nth(k)
+        assert figure.locator("img.mol").count() == 1 or " · " in figure.locator("figcaption").inner_text()
+    page.screenshot(path=str(SHOTS / "adapters-generated.png"), full_page=True)
+
+    rng = np.random.default_rng(0)
+    cloud = tmp_path / "cloud.xyz"
+    cloud.write_text("\n".join(" ".join(f"{v:.4f}" for v in p) for p in rng.normal(size=(600, 3))))
+    page.reload()  # the projector saved above is listed
+    page.select_option("#adapter", "pointcloud")
+    page.select_option("#part", projector)
+    page.set_input_files("#file", str(cloud))
+    page.click("#upload")
+    page.wait_for_selector("#file-embedding:not(:empty), #file-error:not(:empty)", timeout=60_000)
+    assert page.inner_text("#file-error") == ""
+    assert "points sampled by the adapter" in page.inner_text("#file-read")
+    assert page.is_visible("#view")
+    assert page.inner_text("#file-embedding").endswith(")") and "tokens; vector of 128" in page.inner_text("#file-embedding")
+    page.screenshot(path=str(SHOTS / "adapters-pointcloud.png"), full_page=True)
+
+    broken = tmp_path / "broken.ply"
+    broken.write_bytes(b"ply\nformat binary_little_endian 1.0\nelement vertex 99999999\nend_header\n\x00")
+    page.set_input_files("#file", str(broken))
+    page.click("#upload")
+    page.wait_for_selector("#file-read:has-text('refused')", timeout=60_000)
+    huge = tmp_path / "huge.npy"
+    huge.write_bytes(b"\x00" * (17 << 20))
+    page.set_input_files("#file", str(huge))
+    page.click("#upload")
+    page.wait_for_selector("#file-error:not(:empty)", timeout=60_000)
+    assert "413" in page.inner_text("#file-error") and "16 MB" in page.inner_text("#file-error")
+
+
+def test_a_patching_sweep_draws_one_cell_per_layer_and_position(pool: Any, browser: Any) -> None:
+    with pool.client() as client:
+        clean, corrupt = "c1ccccc1", "C1CCCCC1"
+        a, b = client.probe(clean), client.probe(corrupt)
+        assert len(a.prompt_tokens) == len(b.prompt_tokens), "pick prompts of one length for this tokenizer"
+        layers = len(client.probe(clean, lens=tpmflow.LogitLens(top_k=1)).lens)
+    page = _signed_in(browser, pool.url, pool.token)
+    page.goto(pool.url + "/ui/inside")
+    page.fill("#patch input[name=clean]", clean)
+    page.fill("#patch input[name=corrupt]", corrupt)
+    page.click("#run-patch")
+    page.wait_for_selector("#patch-caption:not(:empty), #patch-error:not(:empty)", timeout=120_000)
+    assert page.inner_text("#patch-error") == ""
+    assert page.locator("#patchmap .cell").count() == layers * len(a.prompt_tokens)
+    assert "patched p(" in page.locator("#patchmap .cell").first.get_attribute("title")
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(SHOTS / "inside-patching.png"), full_page=True)
+    page.fill("#patch input[name=corrupt]", "CC")
+    page.click("#run-patch")
+    page.wait_for_selector("#patch-error:not(:empty)", timeout=60_000)
+    assert "same number of tokens" in page.inner_text("#patch-error")
+
+
+def test_workshop_opens_in_one_step_and_participants_run_examples(pool: Any, browser: Any) -> None:
+    """The instructor opens a workshop (N tokens, a class, an allocation with equal caps) on the
+    page; a participant signs in, runs an example with one click, and is charged to the workshop;
+    the instructor tops the allocation up; the Service page reports the classes' SLOs; a
+    participant is refused the workshop page by the server."""
+    name = "ws" + uuid.uuid4().hex[:6]
+    page = _signed_in(browser, pool.url, pool.token)
+    page.goto(pool.url + "/ui/workshop")
+    page.fill("#workshop input[name=name]", name)
+    page.fill("#workshop input[name=participants]", "3")
+    page.fill("#workshop input[name=su]", "30")
+    page.select_option("#workshop select[name=service_class]", "batch")
+    page.click("#open-workshop")
+    page.wait_for_selector("#participants")
+    cells = page.locator("#participants td code")
+    assert cells.count() == 3
+    tokens = [cells.nth(i).inner_text() for i in range(3)]
+    people = [pool.access.authenticate(t) for t in tokens]
+    assert [p.name for p in people] == [f"{name}-01", f"{name}-02", f"{name}-03"]
+    assert {(p.project, p.service_class) for p in people} == {(name, "batch")}
+    (alloc,) = pool.access.allocations.show(name)
+    assert alloc["granted_su"] == 30 and all(c["cap_su"] == 10 for c in alloc["caps"].values())
+    page.screenshot(path=str(SHOTS / "workshop.png"), full_page=True)
+    page.fill("#workshop input[name=name]", name)
+    page.click("#open-workshop")
+    assert "already has principals" in page.inner_text(".error"), "the same workshop twice is refused"
+
+    participant = _signed_in(browser, pool.url, tokens[0])
+    participant.click("nav >> text=Examples")
+    participant.screenshot(path=str(SHOTS / "examples.png"), full_page=True)
+    participant.click(".card:has-text('Complete a molecule') >> text=Run it")
+    participant.wait_for_selector("#charge:not(:empty), #error:not(:empty)", timeout=60_000)
+    assert participant.inner_text("#error") == ""
+    pool.ledger.flush()
+    assert pool.access.ledger_rows(principal=f"{name}-01"), "charged to the participant"
+    assert participant.goto(pool.url + "/ui/workshop").status == 403
+    participant.goto(pool.url + "/ui/usage")
+    balance = participant.inner_text("#balance")
+    assert name in balance and "30.000" in balance, "the participant sees the workshop's allocation"
+
+    page.goto(pool.url + "/ui/admin")
+    page.select_option("select[name=project]", name)
+    page.fill("input[name=su]", "5")
+    page.click("#topup")
+    assert "5 SU added" in page.inner_text("#notice")
+    assert pool.access.allocations.show(name)[0]["granted_su"] == 35
+
+    page.goto(pool.url + "/ui/service")
+    classes = page.inner_text("#slo")
+    assert "interactive" in classes and "batch" in classes
+    assert page.locator("#latency canvas").count() >= 1, "the latency chart is drawn"
+    page.screenshot(path=str(SHOTS / "service-slo.png"), full_page=True)
+
+
+def test_a_running_campaign_updates_live_and_the_models_page_shows_what_is_served(
+    pool: Any, browser: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A campaign run folder, published by the pool config, renders; rows the campaign appends
+    show up without a reload (the page polls), and its run.json turns it into a finished run. The
+    Models page names the version the replicas serve."""
+    import json
+
+    from test_workbench_pages import _campaign
+
+    folder = _campaign(tmp_path / "runs" / "live")
+    monkeypatch.setattr(pool.gateway.cfg.gateway, "campaign_dirs", [str(tmp_path / "runs")])
+    page = _signed_in(browser, pool.url, pool.token)
+    page.click("nav >> text=Campaigns")
+    page.click("#runs a")
+    page.wait_for_selector("#molecules img")
+    assert page.evaluate("window.__xss") is None, "the hostile SMILES and error stay text"
+    assert page.locator("#chart canvas").count() >= 1
+    first = page.inner_text("#status")
+    with (folder / "simulations.csv").open("a") as csv:  # the half-written row completes, one more comes
+        csv.write(",,,,,1,1,w\r\nrandom,0,3,CCCCO,library,2.5,,,,,1,1,w\r\n")
+    page.wait_for_selector("#status:has-text('8 simulations')", timeout=15_000)
+    assert first != page.inner_text("#status")
+    (folder / "run.json").write_text(json.dumps({"seeds": [0], "ledger_usage": [], "results": {}, "settings": {}}))
+    page.wait_for_selector("#finished:not([hidden])", timeout=15_000)
+    page.screenshot(path=str(SHOTS / "campaign.png"), full_page=True)
+
+    page.click("nav >> text=Models")
+    served = page.inner_text("main")
+    replica = next(iter(pool.gateway.registry.replicas.values()))
+    assert replica.info.replica_id in served
+    page.screenshot(path=str(SHOTS / "models.png"), full_page=True)
+
+
+def test_a_usage_chart_of_thousands_of_points_stays_responsive(pool: Any, browser: Any) -> None:
+    """4,000 ledger rows of one principal: the Usage page loads and draws its chart; the time is
+    printed (a figure, not a timed assertion), and the chart answers a hover with its legend."""
+    from test_slo import _insert, _row
+
+    name = "ui-" + uuid.uuid4().hex[:6]
+    token = pool.add_principal(name, "heavy", {"generate"})
+    now = time.time()
+    rows = [
+        _row("interactive", principal=name, project="heavy", charge_su=0.01, created=now - 4000 + i, latency_ms=50.0)
+        for i in range(4000)
+    ]
+    _insert(pool.access, rows)
+    page = _signed_in(browser, pool.url, token)
+    t = time.perf_counter()
+    page.goto(pool.url + "/ui/usage")
+    page.wait_for_selector("#chart canvas")
+    seconds = time.perf_counter() - t
+    print(f"usage page with a 4,000-point chart loaded and drawn in {seconds * 1000:.0f} ms (aim: under 1 s)")
+    assert page.inner_text("#requests").startswith("4000 requests")
+    box = page.locator("#chart .u-over").bounding_box()
+    assert box is not None
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    assert page.locator("#chart .u-legend .u-value").last.inner_text() not in ("", "--")
+    page.screenshot(path=str(SHOTS / "usage-4000.png"), full_page=True)
+
+
+def test_chat_mode_keeps_the_conversation(pool: Any, browser: Any) -> None:
+    page = _signed_in(browser, pool.url, pool.token)
+    page.select_option("select[name=mode]", "chat")
+    page.fill("input[name=max_tokens]", "8")
+    for turn, text in enumerate(["CCO", f"and {PROBE}"], start=1):
+        page.fill("textarea[name=prompt]", text)
+        page.click("#run")
+        page.wait_for_selector(f"#conversation .turn >> nth={2 * turn - 1}", timeout=60_000)
+        assert page.inner_text("#error") == ""
+    turns = page.locator("#conversation .turn")
+    assert turns.count() == 4 and turns.nth(2).inner_text() == f"user: and {PROBE}"
+    assert page.evaluate("window.__xss") is None
+    page.screenshot(path=str(SHOTS / "chat.png"), full_page=True)
+    page.click("#new-chat")
+    assert page.locator("#conversation .turn").count() == 0

@@ -43,6 +43,8 @@ slo_app = typer.Typer(
     help="Service-level objectives: service classes' targets against the ledger.", no_args_is_help=True
 )
 app.add_typer(slo_app, name="slo")
+workshop_app = typer.Typer(help="Workshops: participant tokens, a service class and an allocation in one step.")
+app.add_typer(workshop_app, name="workshop")
 console = Console()
 
 ConfigOption = Annotated[
@@ -565,6 +567,32 @@ def _print_slo(report: SloReport) -> None:
                 "—" if check is None else verdict(check.verdict),
                 end_section=i == len(lines) - 1,
             )
+    console.print(table)
+
+
+@workshop_app.command("open")
+def workshop_open(
+    name: Annotated[str, typer.Argument(help="Workshop name: its project, and its participants' prefix.")],
+    participants: Annotated[int, typer.Option("--participants", "-n", help="How many participants.")],
+    su: Annotated[float, typer.Option("--su", help="Service units for the whole workshop (split in equal caps).")],
+    service_class: Annotated[str, typer.Option("--class", help="Service class from the pool config.")] = "interactive",
+    permissions: Annotated[str, typer.Option(help="Comma-separated permissions.")] = "generate,embed,probe",
+    config: ConfigOption = None,
+    database_url: DatabaseOption = None,
+) -> None:
+    """Open a workshop: N principals with a token each, one class, one allocation with equal caps.
+    The tokens are printed once (the same as the workbench's workshop page makes)."""
+    from tpmflow.access.workshop import open_workshop
+    from tpmflow.config import PoolConfig
+
+    classes = set(PoolConfig.from_yaml(config).service_classes) if config else None
+    perms = frozenset(p.strip() for p in permissions.split(",") if p.strip())
+    made = open_workshop(_access(config, database_url), name, participants, service_class, su, perms, classes)
+    table = Table(title=f"workshop {name}: {participants} participants, {su:g} SU ({su / participants:g} each)")
+    table.add_column("principal", no_wrap=True)
+    table.add_column("token", no_wrap=True)
+    for p in made:
+        table.add_row(p.principal, p.token)
     console.print(table)
 
 

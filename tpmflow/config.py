@@ -122,6 +122,11 @@ class GatewayConfig(BaseModel):
     principal_tokens_per_minute: float | None = Field(
         default=None, gt=0, description="prompt + output tokens one principal may use per minute (None: unlimited)"
     )
+    campaign_dirs: list[str] = Field(
+        default_factory=list,
+        description="folders the workbench's Campaigns page lists: each one, or each of its direct subfolders, "
+        "holding a simulations.csv is a run (shown to every signed-in principal)",
+    )
 
 
 class HostConfig(BaseModel):

@@ -68,6 +68,7 @@ def start_pool(out: Path, replicas: int, model: str | None) -> Any:
     cfg.gateway.port = free_port()
     cfg.database_url = f"sqlite:///{out / 'ledger.db'}"
     cfg.store.path = str(out / "store")
+    cfg.gateway.campaign_dirs = [str(out)]  # the workbench's Campaigns page shows this run live
     pool = Pool(cfg)
     pool.start()
     return pool

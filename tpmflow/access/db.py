@@ -60,6 +60,19 @@ def add_columns(engine: Engine, added: tuple[tuple[str, str, str], ...]) -> None
                 raise
 
 
+def add_indexes(engine: Engine) -> None:
+    """Create the tables' declared indexes a database made by an older tpmflow lacks: a column
+    added by ``add_columns`` comes without its index (e.g. ``correlation_id``, which the
+    workbench's per-request usage looks up). Idempotent, and safe against a racing process."""
+    for table in Base.metadata.sorted_tables:
+        for index in table.indexes:
+            try:
+                index.create(engine, checkfirst=True)
+            except Exception:
+                if index.name not in {i["name"] for i in inspect(engine).get_indexes(table.name)}:
+                    raise
+
+
 def default_database_url() -> str:
     from tpmflow.paths import access_db_path
 
@@ -109,6 +122,7 @@ class AccessDB:
 
     def _migrate(self) -> None:
         add_columns(self.engine, _ADDED_COLUMNS)
+        add_indexes(self.engine)
 
     # -- principals and tokens ---------------------------------------------------------------
 

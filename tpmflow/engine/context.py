@@ -37,7 +37,7 @@ class ReplicaContext:
         self.engine = engine
         self.settings = settings
         self.model_dir = str(args.model)
-        self.model_name = (args.served_model_name or [args.model])[0]
+        self.model_name = served_model_name(args)
         self.hidden_size = int(install_info["hidden_size"])
         self.num_layers = int(install_info["num_layers"])
         # The replica's shape: every route works on a split replica; the hooks record each value once.
@@ -62,7 +62,7 @@ class ReplicaContext:
         self.max_model_len = int(engine.model_config.max_model_len)
         self.vocab_size = int(engine.model_config.get_vocab_size())
         self.replica_id = settings.replica_id
-        self.url = settings.replica_url or f"http://{args.host or '127.0.0.1'}:{args.port}"
+        self.url = replica_url(settings, args)
         self.content_hash = served_version(Path(self.model_dir))
         # Versions served as vLLM LoRA adapters: `--lora-modules <version id>=<folder>`.
         self.lora_versions = [m.name for m in getattr(args, "lora_modules", None) or []]
@@ -159,6 +159,16 @@ class ReplicaContext:
             return InlineArray.from_numpy(array), 0
         ref = self.signer.sign(self.store.put(principal, array))
         return ref, ref.nbytes
+
+
+def served_model_name(args: Namespace) -> str:
+    """The name requests give the served model: vLLM's ``--served-model-name``, else its path."""
+    return str((args.served_model_name or [args.model])[0])
+
+
+def replica_url(settings: ReplicaSettings, args: Namespace) -> str:
+    """Where gateways reach this replica: the launcher's URL, else vLLM's own host and port."""
+    return settings.replica_url or f"http://{args.host or '127.0.0.1'}:{args.port}"
 
 
 def served_version(model_dir: Path) -> str:

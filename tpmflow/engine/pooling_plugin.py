@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.datastructures import State
 
-from tpmflow.engine.context import engine_load, served_version, vllm_version
+from tpmflow.engine.context import engine_load, replica_url, served_model_name, served_version, vllm_version
 from tpmflow.engine.plugin import GatewayOnly, heartbeat
 from tpmflow.protocol import ReplicaSettings
 from tpmflow.schema import ReplicaInfo
@@ -29,11 +29,11 @@ class EmbedderContext:
     def __init__(self, engine: Any, args: Namespace, settings: ReplicaSettings) -> None:
         self.settings = settings
         config = engine.model_config
-        self.model_name = (args.served_model_name or [args.model])[0]
+        self.model_name = served_model_name(args)
         self.content_hash = served_version(Path(str(args.model)))
         self.hidden_size = int(config.get_hidden_size())
         self.max_model_len = int(config.max_model_len)
-        self.url = settings.replica_url or f"http://{args.host or '127.0.0.1'}:{args.port}"
+        self.url = replica_url(settings, args)
         self.engine_build = f"vllm {vllm_version()} pooling"
 
     def info(self) -> ReplicaInfo:

@@ -25,6 +25,7 @@ from starlette.staticfiles import StaticFiles
 
 from tpmflow.access import Principal
 from tpmflow.errors import TpmflowError
+from tpmflow.ui import adapters_page, campaigns_page, versions_page, workshop_page
 from tpmflow.ui.session import (
     CSRF_FIELD,
     SESSION_TTL_S,
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 
 HERE = Path(__file__).parent
 CHART_ROWS = 5000  # the newest ledger rows drawn on the usage page
+SLO_WINDOW_S = 24 * 3600.0  # the Service page's SLO report and latency chart
 # No inline script or style, no other origin, no framing: an injected tag can neither run nor load.
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
@@ -79,6 +81,11 @@ class Workbench:
             Route("/ui/inside", self.inside_page, methods=["GET"]),
             Route("/ui/admin", self.admin_page, methods=["GET"]),
             Route("/ui/admin/tokens", self.admin_token, methods=["POST"]),
+            Route("/ui/admin/topup", self.admin_topup, methods=["POST"]),
+            *adapters_page.routes(self),
+            *versions_page.routes(self),
+            *campaigns_page.routes(self),
+            *workshop_page.routes(self),
             Mount("/ui/static", StaticFiles(directory=HERE / "static"), name="ui-static"),
         ]
 
@@ -180,6 +187,9 @@ class Workbench:
         who = None if everyone else principal.name
         totals = await asyncio.to_thread(gw.access.usage, "project" if everyone else "principal", who, charges=True)
         rows = await asyncio.to_thread(gw.access.recent_rows, who, CHART_ROWS)
+        allocations = await asyncio.to_thread(gw.access.allocations.show, None if everyone else principal.project)
+        for a in allocations:
+            a["period"] = f"{time.strftime('%Y-%m-%d', time.gmtime(a['starts']))} to {time.strftime('%Y-%m-%d', time.gmtime(a['ends']))}"
         by_endpoint: dict[str, dict[str, float]] = {}
         for r in rows:
             e = by_endpoint.setdefault(r.endpoint, {"requests": 0, "tokens": 0, "su": 0.0})
@@ -197,6 +207,7 @@ class Workbench:
             csrf,
             "usage",
             everyone=everyone,
+            allocations=allocations,
             totals=totals,
             by_endpoint=sorted(by_endpoint.items()),
             requests=len(rows),
@@ -227,7 +238,48 @@ class Workbench:
             }
             for r in sorted(self.gw.registry.replicas.values(), key=lambda r: r.info.replica_id)
         ]
-        return self._page("service.html", principal, csrf, "service", replicas=replicas)
+        now_wall = time.time()
+        report, latency = await asyncio.to_thread(self._slo_and_latency, now_wall)
+        return self._page(
+            "service.html",
+            principal,
+            csrf,
+            "service",
+            replicas=replicas,
+            report=report,
+            window_h=SLO_WINDOW_S / 3600,
+            latency=json.dumps(latency),
+        )
+
+    def _slo_and_latency(self, now: float) -> tuple[Any, dict[str, list[float | None]]]:
+        """Each service class's SLO report over the last SLO_WINDOW_S (as ``tpmflow slo report``),
+        and answered requests' latency p50/p95 per minute over the same window, for the chart."""
+        import numpy as np
+        from sqlalchemy import select
+
+        from tpmflow.access.slo import slo_report
+        from tpmflow.access.tables import LedgerEntry
+
+        gw = self.gw
+        gw.ledger.flush()
+        since = now - SLO_WINDOW_S
+        report = slo_report(gw.access.engine, gw.cfg.service_classes, since, now)
+        query = select(LedgerEntry.created, LedgerEntry.latency_ms).where(
+            LedgerEntry.created >= since, LedgerEntry.status == 200, LedgerEntry.latency_ms.is_not(None)
+        )
+        with gw.access.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        minutes: dict[int, list[float]] = {}
+        for created, latency_ms in rows:
+            minutes.setdefault(int(created // 60), []).append(float(latency_ms))
+        series: dict[str, list[float | None]] = {"t": [], "p50": [], "p95": [], "n": []}
+        for minute in sorted(minutes):
+            p50, p95 = np.percentile(minutes[minute], [50, 95])
+            series["t"].append(minute * 60.0)
+            series["p50"].append(round(float(p50), 1))
+            series["p95"].append(round(float(p95), 1))
+            series["n"].append(float(len(minutes[minute])))
+        return report, series
 
     async def inside_page(self, request: Request) -> Response:
         """The logit lens and the steering playground: for principals with ``probe`` (refused
@@ -240,7 +292,9 @@ class Workbench:
             return self._render("error.html", status=403, message="Inside the model needs the probe permission.")
         return self._page("inside.html", principal, csrf, "inside")
 
-    async def admin_page(self, request: Request, created: str = "", error: str = "", status: int = 200) -> Response:
+    async def admin_page(
+        self, request: Request, created: str = "", error: str = "", status: int = 200, notice: str = ""
+    ) -> Response:
         session = await self._session(request)
         if session is None:
             return self._to_signin(request)
@@ -248,7 +302,18 @@ class Workbench:
         if not principal.can("admin"):  # refused here, whatever links the page shows
             return self._render("error.html", status=403, message="The admin page is for principals with admin.")
         principals = await asyncio.to_thread(self.gw.access.principals)
-        page = self._page("admin.html", principal, csrf, "admin", principals=principals, created=created, error=error)
+        allocations = await asyncio.to_thread(self.gw.access.allocations.show, None)
+        page = self._page(
+            "admin.html",
+            principal,
+            csrf,
+            "admin",
+            principals=principals,
+            allocations=allocations,
+            created=created,
+            error=error,
+            notice=notice,
+        )
         page.status_code = status
         return page
 
@@ -270,3 +335,25 @@ class Workbench:
         except (TpmflowError, KeyError, ValueError) as exc:
             return await self.admin_page(request, error=f"No token made for {name!r}: {exc}", status=400)
         return await self.admin_page(request, created=created)
+
+    async def admin_topup(self, request: Request) -> Response:
+        """SUs added to a project's current allocation, as ``tpmflow allocations topup`` adds them."""
+        session = await self._session(request)
+        if session is None:
+            return self._to_signin(request)
+        principal, _ = session
+        form = await request.form()
+        token = request.cookies.get(session_cookie(request), "")
+        if not csrf_ok(self.gw.secret, token, str(form.get(CSRF_FIELD, ""))):
+            return self._render("error.html", status=403, message="That form did not come from a workbench page.")
+        if not principal.can("admin"):
+            return self._render("error.html", status=403, message="The admin page is for principals with admin.")
+        project = str(form.get("project", "")).strip()
+        try:
+            su = float(str(form.get("su", "")))
+            row = await asyncio.to_thread(self.gw.access.allocations.topup, project, su)
+        except ValueError:
+            return await self.admin_page(request, error="SU must be a number.", status=400)
+        except TpmflowError as exc:
+            return await self.admin_page(request, error=f"No top-up for {project!r}: {exc.message}", status=400)
+        return await self.admin_page(request, notice=f"{project}: {su:g} SU added; {row['balance_su']:g} SU left.")

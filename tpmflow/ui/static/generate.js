@@ -5,25 +5,47 @@ const main = document.querySelector("main");
 const csrf = main.dataset.csrf;
 const $ = (id) => document.getElementById(id);
 
+// Chat mode keeps the conversation here (the page's memory only) and sends it whole each turn.
+const history = [];
+
+function showConversation() {
+  const box = $("conversation");
+  box.replaceChildren();
+  for (const turn of history) {
+    const p = document.createElement("p");
+    p.className = `turn ${turn.role}`;
+    p.textContent = `${turn.role}: ${turn.content}`;
+    box.append(p);
+  }
+  box.hidden = history.length === 0;
+}
+
 async function generate(event) {
   event.preventDefault();
   const form = new FormData(event.target);
+  const chat = form.get("mode") === "chat";
+  const prompt = form.get("prompt");
   const body = {
-    prompt: form.get("prompt"),
     max_tokens: Number(form.get("max_tokens")),
     temperature: Number(form.get("temperature")),
     seed: Number(form.get("seed")),
     stream: true,
     stream_options: { include_usage: true },
   };
+  if (chat) {
+    history.push({ role: "user", content: prompt });
+    body.messages = history.slice();
+  } else {
+    body.prompt = prompt;
+  }
   $("answer").hidden = false;
-  $("prompt-echo").textContent = body.prompt;
+  $("prompt-echo").textContent = prompt;
   $("output").textContent = "";
   $("error").textContent = "";
   for (const id of ["tokens", "charge", "version", "replica", "request", "seed"]) $(id).textContent = "";
   $("run").disabled = true;
   try {
-    const resp = await fetch("/v1/completions", {
+    const resp = await fetch(chat ? "/v1/chat/completions" : "/v1/completions", {
       method: "POST",
       headers: { "Content-Type": "application/json", "X-Tpmflow-CSRF": csrf },
       body: JSON.stringify(body),
@@ -35,6 +57,7 @@ async function generate(event) {
     if (!resp.ok) {
       const err = await resp.json().catch(() => ({}));
       $("error").textContent = `${resp.status}: ${err.error ? `${err.error.type}: ${err.error.message}` : resp.statusText}`;
+      if (chat) history.pop();
       return;
     }
     const reader = resp.body.getReader();
@@ -50,9 +73,16 @@ async function generate(event) {
       for (const line of lines) {
         if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
         const chunk = JSON.parse(line.slice(6));
-        if (chunk.choices && chunk.choices.length) $("output").textContent += chunk.choices[0].text;
+        if (chunk.choices && chunk.choices.length) {
+          const choice = chunk.choices[0];
+          $("output").textContent += chat ? (choice.delta && choice.delta.content) || "" : choice.text || "";
+        }
         if (chunk.usage) usage = chunk.usage;
       }
+    }
+    if (chat) {
+      history.push({ role: "assistant", content: $("output").textContent });
+      showConversation();
     }
     if (usage) {
       $("tokens").textContent = `${usage.prompt_tokens} prompt + ${usage.completion_tokens} output`;
@@ -82,3 +112,7 @@ async function chargeOf(requestId) {
 }
 
 $("generate").addEventListener("submit", generate);
+$("new-chat").addEventListener("click", () => {
+  history.length = 0;
+  showConversation();
+});

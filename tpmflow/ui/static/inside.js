@@ -131,6 +131,96 @@ async function steer(event) {
   }
 }
 
+// -- activation patching -------------------------------------------------------------------------
+
+const TOP_K = 20;
+
+// The probability the final layer gives ``token`` at the prompt's last position (0 when it is
+// not among the top TOP_K: then it is below the smallest of them).
+function finalProb(answer, token) {
+  const last = answer.lens[answer.lens.length - 1];
+  const k = last.token_ids[last.token_ids.length - 1].indexOf(token);
+  return k < 0 ? 0 : last.probs[last.probs.length - 1][k];
+}
+
+async function patch(event) {
+  event.preventDefault();
+  const form = new FormData(event.target);
+  const clean = form.get("clean"), corrupt = form.get("corrupt");
+  const grid = $("patchmap");
+  grid.replaceChildren();
+  $("patch-error").textContent = "";
+  $("patch-caption").textContent = "";
+  $("run-patch").disabled = true;
+  try {
+    const site = "hook_resid_post";
+    const first = await probe({ prompt: clean, captures: [{ site }], lens: { top_k: TOP_K } });
+    const layers = first.captures.length, last = first.lens[first.lens.length - 1].layer;
+    const base = await probe({ prompt: corrupt, lens: { layers: [last], top_k: TOP_K } });
+    const n = first.prompt_tokens.length;
+    const lens = { layers: [last], top_k: TOP_K, positions: [n - 1] };
+    if (base.prompt_tokens.length !== n) {
+      throw new Error(`the prompts must have the same number of tokens: clean has ${n}, corrupted ${base.prompt_tokens.length}`);
+    }
+    const top = first.lens[first.lens.length - 1];
+    const target = top.token_ids[n - 1][0], targetText = top.tokens[n - 1][0];
+    const pClean = top.probs[n - 1][0], pCorrupt = finalProb(base, target);
+    const jobs = [];
+    for (const cap of first.captures) {
+      const values = decode(cap.array), hidden = cap.array.shape[cap.array.shape.length - 1];
+      for (let pos = 0; pos < n; pos++) {
+        const row = Array.from(values.slice(pos * hidden, (pos + 1) * hidden));
+        jobs.push({ layer: cap.layer, pos, body: { prompt: corrupt, lens,
+          interventions: [{ op: "replace", site, layer: cap.layer, positions: [pos], values: encode(row) }] } });
+      }
+    }
+    let done = 0;
+    const results = [];
+    for (let i = 0; i < jobs.length; i += 8) {  // 8 at a time: the engine batches them
+      const batch = jobs.slice(i, i + 8);
+      const answers = await Promise.all(batch.map((j) => probe(j.body)));
+      answers.forEach((a, k) => results.push({ ...batch[k], p: finalProb(a, target) }));
+      done += batch.length;
+      $("patch-status").textContent = `${done} of ${jobs.length} patched runs`;
+    }
+    const span = pClean - pCorrupt || 1;
+    grid.style.gridTemplateColumns = `auto repeat(${n}, minmax(2.4em, 1fr))`;
+    const layerIds = [...new Set(results.map((r) => r.layer))].sort((a, b) => b - a);
+    for (const layer of layerIds) {
+      const label = document.createElement("div");
+      label.className = "label";
+      label.textContent = `layer ${layer}`;
+      grid.append(label);
+      for (const r of results.filter((x) => x.layer === layer).sort((a, b) => a.pos - b.pos)) {
+        const restored = (r.p - pCorrupt) / span;
+        const c = document.createElement("div");
+        c.className = "cell";
+        c.style.background = colour(Math.max(0, Math.min(1, restored)));
+        c.style.color = restored > 0.6 ? "#000" : "#fff";
+        c.textContent = restored.toFixed(2);
+        c.title = `patched p(${JSON.stringify(targetText)}) = ${(r.p * 100).toFixed(1)}%`;
+        c.dataset.layer = layer;
+        c.dataset.position = r.pos;
+        grid.append(c);
+      }
+    }
+    grid.append(document.createElement("div"));
+    for (const token of base.prompt_tokens) {
+      const head = document.createElement("div");
+      head.className = "label token";
+      head.textContent = token;
+      grid.append(head);
+    }
+    $("patch-status").textContent = "";
+    $("patch-caption").textContent = `${layers} layers x ${n} positions patched from the clean prompt; the clean prompt predicts ${JSON.stringify(targetText)} with ${(pClean * 100).toFixed(1)}%, the corrupted with ${(pCorrupt * 100).toFixed(1)}%.`;
+  } catch (err) {
+    $("patch-error").textContent = String(err.message || err);
+  } finally {
+    $("run-patch").disabled = false;
+  }
+}
+
+$("patch").addEventListener("submit", patch);
 $("lens").addEventListener("submit", lens);
 $("steer").addEventListener("submit", steer);
 $("scale").addEventListener("input", (e) => { $("scale-value").textContent = e.target.value; });
