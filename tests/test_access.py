@@ -158,3 +158,33 @@ def test_unknown_tokens_are_cached_negatively(access: AccessDB) -> None:
         access.authenticate("tpm_sprayed")
     with pytest.raises(Unauthorized):
         access.cached("tpm_sprayed")  # answered from memory, no database query
+
+
+def test_a_workbench_session_dies_with_its_token_and_opens_no_session_of_its_own(access: AccessDB) -> None:
+    """Sessions are opened from tokens only: a session opens none (revoking the token would not
+    reach it, and each hop would extend its life), and a token revoked a moment ago opens none
+    even while this process's authentication cache still knows it."""
+    import uuid
+
+    name = "s-" + uuid.uuid4().hex[:8]
+    access.ensure_principal(name, "p", {"generate"})
+    token = access.create_token(name)
+    session = access.create_session(token, 60)
+    assert access.authenticate(session).name == name
+    with pytest.raises(Unauthorized, match="not a workbench session"):
+        access.create_session(session, 60)
+    access.authenticate(token)  # warm the cache, then revoke behind its back
+    other = access.create_token(name)
+    access.authenticate(other)
+    from sqlalchemy import update
+
+    from tpmflow.access.db import hash_token
+    from tpmflow.access.tables import TokenRow
+
+    with access.engine.begin() as conn:  # as another gateway's revoke would: this cache never hears of it
+        conn.execute(update(TokenRow).where(TokenRow.token_hash == hash_token(other)).values(revoked=1.0))
+    with pytest.raises(Unauthorized, match="revoked"):
+        access.create_session(other, 60)
+    assert access.revoke(token) == 1
+    with pytest.raises(Unauthorized):
+        access.authenticate(session)

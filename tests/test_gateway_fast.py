@@ -565,6 +565,8 @@ def test_workbench_adapters_draw_and_upload_over_http(two: Rig) -> None:
     for path in ("/ui/adapters", "/ui/examples", "/ui/workshop", "/ui/models", "/ui/campaigns"):
         signed_out = httpx.get(two.url + path)
         assert signed_out.status_code == 303 and signed_out.headers["location"] == "/ui/signin", path
+    huge_form = httpx.post(two.url + "/ui/signin", data={"token": "x" * 20_000, "nonce": "n"})
+    assert huge_form.status_code == 413, "the unauthenticated sign-in form is capped"
     browser, csrf = _browser_session(two, two.token)
     with contextlib.closing(browser):
         page = browser.get("/ui/adapters")
@@ -620,3 +622,34 @@ def test_workbench_adapters_draw_and_upload_over_http(two: Rig) -> None:
             headers={"X-Tpmflow-CSRF": csrf},
         )
         assert huge.status_code == 413 and "16 MB" in huge.text
+
+
+def test_workbench_shows_a_detector_frame_as_the_encoder_sees_it(two: Rig) -> None:
+    """A NeXus upload is read by the beamline adapter's own sandboxed reader; the page's image is
+    the frame it feeds the encoder: re-cut into the adapter's patches (its own ``patchify``), it
+    equals what the adapter prepared, up to the 0-255 display scale."""
+    import numpy as np
+    from tpmflow_beamline import BeamlineAdapter
+    from tpmflow_beamline.frames import patchify
+    from tpmflow_beamline.synthetic import nexus_bytes
+
+    rng = np.random.default_rng(1)
+    frames = rng.poisson(5.0, size=(1, 96, 80)).astype(np.uint32)
+    frames[0, 40:44, 30:34] = 500  # a bright spot, so the image has a shape to get wrong
+    data = nexus_bytes(frames)
+    (prepared,) = BeamlineAdapter().prepare([data])
+    browser, csrf = _browser_session(two, two.token)
+    with contextlib.closing(browser):
+        up = browser.post(
+            "/ui/adapters/upload",
+            data={"adapter": "beamline"},
+            files={"file": ("frame.nxs", data)},
+            headers={"X-Tpmflow-CSRF": csrf},
+        )
+    assert up.status_code == 200, up.text
+    frame = up.json()["read"]["frame"]
+    size = frame["size"]
+    image = np.asarray(frame["pixels"], dtype=np.float64).reshape(size, size)
+    lo, hi = float(prepared.min()), float(prepared.max())
+    expected = (prepared - lo) / (hi - lo) * 255
+    np.testing.assert_allclose(patchify(image, int(np.sqrt(prepared.shape[1]))), expected, atol=1.0)

@@ -385,6 +385,13 @@ def test_workshop_opens_in_one_step_and_participants_run_examples(pool: Any, bro
     balance = participant.inner_text("#balance")
     assert name in balance and "30.000" in balance, "the participant sees the workshop's allocation"
 
+    # A link can open a page, never make it act: the old "?form=…" gadget does nothing.
+    evil = "ev" + uuid.uuid4().hex[:6]
+    page.goto(pool.url + f"/ui/workshop?form=workshop&name={evil}&participants=2&su=5")
+    page.goto(pool.url + "/ui/generate?form=generate&prompt=CC&max_tokens=2")
+    page.wait_for_timeout(1500)
+    assert page.is_hidden("#answer") and not any(p.project == evil for p in pool.access.principals())
+
     page.goto(pool.url + "/ui/admin")
     page.select_option("select[name=project]", name)
     page.fill("input[name=su]", "5")
@@ -410,6 +417,8 @@ def test_a_running_campaign_updates_live_and_the_models_page_shows_what_is_serve
     from test_workbench_pages import _campaign
 
     folder = _campaign(tmp_path / "runs" / "live")
+    admin = pool.access.authenticate(pool.token).name
+    (folder / "campaign.json").write_text(json.dumps({"principal": admin, "started": time.time() - 3600}))
     monkeypatch.setattr(pool.gateway.cfg.gateway, "campaign_dirs", [str(tmp_path / "runs")])
     page = _signed_in(browser, pool.url, pool.token)
     page.click("nav >> text=Campaigns")
@@ -417,6 +426,8 @@ def test_a_running_campaign_updates_live_and_the_models_page_shows_what_is_serve
     page.wait_for_selector("#molecules img")
     assert page.evaluate("window.__xss") is None, "the hostile SMILES and error stay text"
     assert page.locator("#chart canvas").count() >= 1
+    page.wait_for_selector("#live:not([hidden]) #live-usage td")  # the campaign's TPM calls so far
+    assert admin in page.inner_text("#live-usage")
     first = page.inner_text("#status")
     with (folder / "simulations.csv").open("a") as csv:  # the half-written row completes, one more comes
         csv.write(",,,,,1,1,w\r\nrandom,0,3,CCCCO,library,2.5,,,,,1,1,w\r\n")

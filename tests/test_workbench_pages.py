@@ -191,6 +191,43 @@ def test_a_finished_run_shows_its_record(bench: Rig, tmp_path: Path) -> None:
     with _signed_in(bench) as browser:
         rid = _run_ids(browser.get("/ui/campaigns").text)[0]
         data = browser.get(f"/ui/campaigns/{rid}/data").json()
+        assert data["run"]["ledger_usage"] is None, "alice neither ran it nor is an admin: no bill"
+        (run / "campaign.json").write_text(json.dumps({"principal": "alice", "started": 0}))
+        data = browser.get(f"/ui/campaigns/{rid}/data").json()
     assert data["finished"] is True
     assert data["run"]["ledger_usage"][0]["requests"] == 7 and data["run"]["seeds"] == [0]
     assert data["run"]["results"]["tpm"] == {"best_mean": 1.5, "best_std": None}, "NaN becomes null"
+
+
+def test_a_running_campaign_shows_its_tpm_calls_only_to_its_principal(bench: Rig, tmp_path: Path) -> None:
+    """campaign.json names who runs the campaign: that principal (and admins) see its TPM calls so
+    far from the ledger; anyone else sees the run without them; a finished run has its record."""
+    folder = tmp_path / "campaigns" / "run-a"
+    assert bench.post("/v1/completions", {"prompt": "C", "max_tokens": 2}).status_code == 200
+    with _signed_in(bench) as browser:
+        (rid,) = _run_ids(browser.get("/ui/campaigns").text)
+        assert "live_usage" in browser.get(f"/ui/campaigns/{rid}/data").json()
+        assert browser.get(f"/ui/campaigns/{rid}/data").json()["live_usage"] is None, "no campaign.json"
+        (folder / "campaign.json").write_text(json.dumps({"principal": "alice", "started": time.time() - 60}))
+        (usage,) = browser.get(f"/ui/campaigns/{rid}/data").json()["live_usage"]
+        assert usage["principal"] == "alice" and usage["requests"] >= 1 and usage["charge_su"] >= 0
+        (folder / "campaign.json").write_text(json.dumps({"principal": "someone-else", "started": 0}))
+        assert browser.get(f"/ui/campaigns/{rid}/data").json()["live_usage"] is None, "not alice's campaign"
+        (folder / "campaign.json").write_text("{not json")
+        assert browser.get(f"/ui/campaigns/{rid}/data").json()["live_usage"] is None
+
+
+def test_runs_behind_symlinks_and_absurd_rows_are_not_read(bench: Rig, tmp_path: Path) -> None:
+    """A symlink from the published folder to a run elsewhere is not listed; a row with an index
+    of 10^9 is skipped, not allocated."""
+    outside = tmp_path / "elsewhere" / "secret-run"
+    _campaign(outside)
+    (tmp_path / "campaigns" / "link").symlink_to(outside)
+    with (tmp_path / "campaigns" / "run-a" / "simulations.csv").open("a") as f:
+        f.write(",,,,,1,1,w\r\nrandom,0,1000000000,CC,library,0.1,,,,,1,1,w\r\n")
+    with _signed_in(bench) as browser:
+        listing = browser.get("/ui/campaigns").text
+        assert len(_run_ids(listing)) == 1 and "secret-run" not in listing, listing[listing.find("secret-run") - 300 :]
+        (rid,) = _run_ids(listing)
+        data = browser.get(f"/ui/campaigns/{rid}/data").json()
+    assert data["simulations"] == 7 and len(data["x"]) < 100

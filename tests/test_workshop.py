@@ -58,3 +58,19 @@ def test_the_cli_opens_a_workshop_and_prints_the_tokens(tmp_path: Path) -> None:
     from tpmflow.access import AccessDB
 
     assert AccessDB(url).authenticate(tokens[2]).name == "school-03"
+
+
+def test_a_workshop_never_takes_over_existing_principals_and_refuses_absurd_grants(tmp_path: Path) -> None:
+    from tpmflow.access import AccessDB
+
+    db = AccessDB(f"sqlite:///{tmp_path / 'a.db'}")
+    db.ensure_principal("lab-02", "physics", {"generate", "admin"})
+    with pytest.raises(InvalidRequest, match="lab-02 already exist"):
+        open_workshop(db, "lab", 3, "batch", 10.0)
+    assert db.authenticate(db.create_token("lab-02")).can("admin"), "untouched"
+    assert db.allocations.show("lab") == [], "nothing written"
+    for su in (float("inf"), float("nan"), 2e9):
+        with pytest.raises(InvalidRequest, match="positive number of SU"):
+            open_workshop(db, "other", 3, "batch", su)
+    with pytest.raises(InvalidRequest, match="ASCII"):
+        open_workshop(db, "wörkshop", 3, "batch", 10.0)

@@ -5,7 +5,8 @@
 One process holds the pool (gateway + vLLM replicas of the demo SMILES model), a Colmena
 ``ParslTaskServer`` (simulations on a local HTEX, the pool's calls as tasks on a thread
 executor) and, one after another, a ``DesignThinker`` per (seed, arm). Outputs in ``--out``:
-``simulations.csv`` (every simulation, failures included), ``best_found.png``, ``run.json``
+``campaign.json`` (who runs it, from when: the workbench shows it live), ``simulations.csv`` (every
+simulation, failures included), ``best_found.png``, ``run.json``
 (model content hash, adapter version, seeds, settings, ledger usage totals) and a printed summary.
 """
 
@@ -123,6 +124,9 @@ def run_campaign(
 
     with console.status(f"starting the pool ({replicas} vLLM replica(s) of the demo model)…"):
         pool = start_pool(out, replicas, model)
+    # Who runs it, from when: the workbench's Campaigns page shows its TPM calls live from this.
+    started_at = {"principal": pool.access.authenticate(pool.token).name, "started": time.time(), "gateway": pool.url}
+    (out / "campaign.json").write_text(json.dumps(started_at))
     model_dir = replica_model_dir(pool.cfg)
     queues = SafePipeQueues(topics=["simulate", "tpm", "tpm_tasks"], keep_inputs=False)
     server: ParslTaskServer | None = None

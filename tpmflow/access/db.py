@@ -180,11 +180,18 @@ class AccessDB:
         session = SESSION_PREFIX + secrets.token_urlsafe(32)
         with Session(self.engine) as s, s.begin():
             parent = s.scalars(select(TokenRow).where(TokenRow.token_hash == hash_token(token))).one()
+            # Checked here, not through the (briefly cached) authentication: a token revoked a
+            # moment ago opens nothing, and a session opens no session of its own (revoking the
+            # token would not reach it, and each hop would extend its life).
+            if parent.revoked:
+                raise Unauthorized("token revoked")
+            if parent.parent_id is not None or parent.expires is not None:
+                raise Unauthorized("sign in with a tpmflow token, not a workbench session")
             s.add(
                 TokenRow(
                     principal=parent.principal,
                     token_hash=hash_token(session),
-                    prefix=session[:10],
+                    prefix=session[:14],  # 7 random characters: `tokens revoke PREFIX` names one session
                     created=time.time(),
                     expires=time.time() + ttl_s,
                     parent_id=parent.id,

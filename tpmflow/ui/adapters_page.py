@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tpmflow.adapters.base import ItemError
-from tpmflow.errors import InvalidRequest, PayloadTooLarge, TpmflowError
+from tpmflow.errors import InvalidRequest, TpmflowError
 from tpmflow.ui.molecules import MAX_MOLECULES, draw
 from tpmflow.ui.session import CSRF_HEADER, csrf_ok, session_cookie
 
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 UPLOAD_LIMIT_BYTES = 16 << 20  # what one upload may be (the store's own cap applies too)
 PREVIEW_POINTS = 4096  # points sent back for the 3-D view
+SANDBOXED_AT_ONCE = 2  # parses and drawings per gateway: capped child processes, on the API's threads
 
 
 def routes(bench: Workbench) -> list[Any]:
@@ -51,15 +52,19 @@ def _error(status: int, kind: str, message: str) -> JSONResponse:
 class AdaptersPage:
     def __init__(self, bench: Workbench) -> None:
         self.bench = bench
+        self.sandboxed = asyncio.Semaphore(SANDBOXED_AT_ONCE)  # must not crowd out the API's own work
 
     async def _caller(self, request: Request) -> Principal | JSONResponse:
-        """The signed-in principal of a script's request (cookie + the page's CSRF header)."""
+        """The signed-in principal of a script's request (cookie + the page's CSRF header), which
+        must hold ``embed``: what the adapters' own routes ask."""
         session = await self.bench._session(request)
         if session is None:
             return _error(401, "Unauthorized", "sign in again")
         token = request.cookies.get(session_cookie(request), "")
         if not csrf_ok(self.bench.gw.secret, token, request.headers.get(CSRF_HEADER, "")):
             return _error(403, "Forbidden", "that request did not come from a workbench page")
+        if not session[0].can("embed"):
+            return _error(403, "Forbidden", "the adapters need the embed permission")
         return session[0]
 
     async def show(self, request: Request) -> Response:
@@ -97,6 +102,16 @@ class AdaptersPage:
                 parts[card.adapter][kind].append(f"{card.name}@{card.version}")
         return names, parts
 
+    def _settings_of(self, adapter: str, part: str) -> dict[str, Any]:
+        """The adapter settings a projector was trained with (its card's), so the preview reads
+        the file as the encoder will: the part itself is loaded only on the replicas."""
+        from tpmflow.adapters.parts import list_parts, pool_parts_dir
+
+        for card in list_parts(pool_parts_dir(self.bench.gw.cfg)):
+            if card.adapter == adapter and f"{card.name}@{card.version}" == part:
+                return {k: v for k, v in card.settings.items() if k != "part"}
+        raise InvalidRequest(f"no part {part!r} for adapter {adapter!r} in the pool's parts folder")
+
     async def draw(self, request: Request) -> Response:
         caller = await self._caller(request)
         if isinstance(caller, JSONResponse):
@@ -110,17 +125,21 @@ class AdaptersPage:
             return _error(400, "InvalidRequest", "smiles must be a list of strings")
         if len(smiles) > MAX_MOLECULES:
             return _error(400, "InvalidRequest", f"at most {MAX_MOLECULES} molecules at a time, got {len(smiles)}")
-        return JSONResponse({"drawings": await asyncio.to_thread(draw, smiles)})
+        async with self.sandboxed:
+            drawings = await asyncio.to_thread(draw, smiles)
+        return JSONResponse({"drawings": drawings})
 
     async def upload(self, request: Request) -> Response:
         caller = await self._caller(request)
         if isinstance(caller, JSONResponse):
             return caller
-        declared = int(request.headers.get("content-length") or 0)
-        if declared > UPLOAD_LIMIT_BYTES + (64 << 10):
+        length = request.headers.get("content-length")
+        if length is None or not length.isdigit():
+            return _error(411, "InvalidRequest", "an upload needs its Content-Length")
+        if int(length) > UPLOAD_LIMIT_BYTES + (64 << 10):  # the file, plus the form's own bytes
             return _error(413, "PayloadTooLarge", f"uploads are capped at {UPLOAD_LIMIT_BYTES >> 20} MB")
         form = await request.form(max_files=1, max_fields=4)
-        upload, adapter = form.get("file"), str(form.get("adapter", ""))
+        upload, adapter, part = form.get("file"), str(form.get("adapter", "")), str(form.get("part", ""))
         if upload is None or isinstance(upload, str):
             return _error(400, "InvalidRequest", "choose a file to upload")
         data = await upload.read(UPLOAD_LIMIT_BYTES + 1)
@@ -128,26 +147,33 @@ class AdaptersPage:
             return _error(413, "PayloadTooLarge", f"uploads are capped at {UPLOAD_LIMIT_BYTES >> 20} MB")
         gw = self.bench.gw
         try:
+            async with self.sandboxed:  # the adapter first: a file no adapter here takes is not stored
+                settings = await asyncio.to_thread(self._settings_of, adapter, part) if part else None
+                preview = await asyncio.to_thread(read_as_adapter, adapter, data, settings)
             ref = await asyncio.to_thread(gw.store.put, caller.name, data)
-            signed = await gw.payloads.sign(
-                caller, {"key": ref.key, "kind": ref.kind, "nbytes": ref.nbytes, "digest": ref.digest}
-            )
-            preview = await asyncio.to_thread(read_as_adapter, adapter, data)
-        except PayloadTooLarge as exc:
-            return _error(413, "PayloadTooLarge", exc.message)
+            try:  # signing registers it against the principal's quota
+                signed = await gw.payloads.sign(
+                    caller, {"key": ref.key, "kind": ref.kind, "nbytes": ref.nbytes, "digest": ref.digest}
+                )
+            except BaseException:  # refused (quota) or cancelled: never leave an unregistered file
+                await asyncio.to_thread(gw.store.evict, ref)
+                raise
         except TpmflowError as exc:
             return _error(exc.status_code, type(exc).__name__, exc.message)
         return JSONResponse({"reference": signed, "name": upload.filename or "", "nbytes": len(data), "read": preview})
 
 
-def read_as_adapter(name: str, data: bytes) -> dict[str, Any]:
+def read_as_adapter(name: str, data: bytes, config: dict[str, Any] | None = None) -> dict[str, Any]:
     """What adapter ``name`` reads from a file, through its own ``prepare`` (sandboxed parsers):
     ``{"points": [[x, y, z], ...]}`` for point clouds (its sampled patches' points),
     ``{"frame": {"size": S, "pixels": [...]}}`` for detector frames (the image its encoder sees,
     0-255), or ``{"error": reason}`` — the adapter's own words, as the API would give them."""
     from tpmflow.adapters import load_adapter
 
-    adapter = load_adapter(name)
+    try:
+        adapter = load_adapter(name, config)
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequest(f"bad settings for adapter {name!r}: {exc}") from exc
     prepare = getattr(adapter, "prepare", None)
     if prepare is None:
         raise InvalidRequest(f"adapter {name!r} takes text items; type them instead of uploading a file")
@@ -156,7 +182,9 @@ def read_as_adapter(name: str, data: bytes) -> dict[str, Any]:
         return {"error": prepared.reason}
     arr = np.asarray(prepared, dtype=np.float32)
     if arr.ndim == 3 and arr.shape[-1] == 3:  # point patches [G, k + 1, 3]
-        points = np.unique(arr.reshape(-1, 3), axis=0)[:PREVIEW_POINTS]
+        points = np.unique(arr.reshape(-1, 3), axis=0)  # patches overlap: each point once
+        if len(points) > PREVIEW_POINTS:  # a uniform sample, not the lowest x first
+            points = points[np.random.default_rng(0).choice(len(points), PREVIEW_POINTS, replace=False)]
         return {"points": np.round(points, 4).tolist()}
     if arr.ndim == 2:  # frame patches [(S/p)^2, p*p], row-major (patchify's layout)
         g, p = int(round(arr.shape[0] ** 0.5)), int(round(arr.shape[1] ** 0.5))

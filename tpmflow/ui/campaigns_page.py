@@ -17,6 +17,7 @@ import io
 import json
 import math
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ from starlette.routing import Route
 from tpmflow.ui.molecules import draw
 
 if TYPE_CHECKING:
+    from tpmflow.access import Principal
     from tpmflow.ui.pages import Workbench
 
 CSV_NAME, RUN_JSON = "simulations.csv", "run.json"
@@ -74,6 +76,11 @@ class Run:
 # -- finding and reading runs ---------------------------------------------------------------------
 
 
+MAX_CSV_BYTES = 64 << 20  # a campaign's simulations.csv read per poll at most
+MAX_INDEX = 100_000  # simulations per (arm, seed) drawn at most
+MAX_CAMPAIGN_JSON = 64 << 10
+
+
 def run_id(path: Path) -> str:
     """An opaque, stable name for a run folder: the request names a run by it, never by a path."""
     return hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
@@ -84,16 +91,26 @@ def find_runs(dirs: list[str]) -> dict[str, Path]:
     simulations.csv (newest first within a folder)."""
     runs: dict[str, Path] = {}
     for d in dirs:
-        root = Path(d).expanduser()
+        root = Path(d).expanduser().resolve()
         try:
             candidates = [root] if (root / CSV_NAME).is_file() else [p for p in root.iterdir() if p.is_dir()]
-            found = [p for p in candidates if (p / CSV_NAME).is_file()]
+            # A symlink out of the published folder (to the folder or its files) is not followed.
+            found = [p for p in candidates if _inside(root, p) and _inside(root, p / CSV_NAME)]
             found.sort(key=lambda p: (p / CSV_NAME).stat().st_mtime, reverse=True)
         except OSError:  # a folder not there (yet), or unreadable: nothing to list from it
             continue
         for path in found:
             runs.setdefault(run_id(path), path)
     return runs
+
+
+def _inside(root: Path, path: Path) -> bool:
+    """``path`` is a file or folder whose real location is within ``root``."""
+    try:
+        real = path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return False
+    return real == root or root in real.parents
 
 
 def _number(text: str | None) -> float | None:
@@ -108,6 +125,8 @@ def read_sims(path: Path) -> list[Sim]:
     """The rows written so far. The campaign appends a row at a time, so a last line without its
     newline is still being written and is skipped, as is any row that does not parse."""
     try:
+        if path.stat().st_size > MAX_CSV_BYTES:
+            return []
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return []
@@ -124,6 +143,8 @@ def read_sims(path: Path) -> list[Sim]:
             try:
                 index = int(row.get("index", ""))
             except ValueError:
+                continue
+            if not 0 <= index < MAX_INDEX:  # a campaign's budget, not a series to allocate
                 continue
             sims.append(
                 Sim(
@@ -200,18 +221,20 @@ def best_series(sims: list[Sim]) -> tuple[int, dict[str, list[float | None]], di
 
 _drawn: dict[str, str | None] = {}  # SMILES -> data URL or None: each poll shows the same best ones
 _DRAWN_KEPT = 1024
+_drawn_lock = threading.Lock()
 
 
 def drawings(smiles: list[str]) -> dict[str, str | None]:
     """2-D drawings as data: URLs for <img> (never inserted as HTML), None for what RDKit cannot
     read (or without RDKit); drawn in the adapters' sandbox (``ui.molecules``), never here."""
-    missing = [s for s in dict.fromkeys(smiles) if s not in _drawn]
-    if missing:
-        for s, drawn in zip(missing, draw(missing), strict=True):
-            _drawn[s] = drawn.get("image")
+    with _drawn_lock:
+        missing = [s for s in dict.fromkeys(smiles) if s not in _drawn]
+    made = dict(zip(missing, (d.get("image") for d in draw(missing)), strict=True)) if missing else {}
+    with _drawn_lock:  # pages poll from several threads at once
+        _drawn.update(made)
         while len(_drawn) > _DRAWN_KEPT:
-            _drawn.pop(next(iter(_drawn)))
-    return {s: _drawn.get(s) for s in smiles}
+            _drawn.pop(next(iter(_drawn)), None)
+        return {s: made[s] if s in made else _drawn.get(s) for s in smiles}
 
 
 def top_molecules(sims: list[Sim]) -> list[dict[str, Any]]:
@@ -257,6 +280,36 @@ def run_data(run: Run) -> dict[str, Any]:
         "errors": errors[-10:],  # the latest failures, for the page's table
         "run": record,
     }
+
+
+def campaign_principal(folder: Path) -> tuple[str, float] | None:
+    """Who runs the campaign and since when, from the ``campaign.json`` it writes as it starts."""
+    file = folder / "campaign.json"
+    try:
+        if file.stat().st_size > MAX_CAMPAIGN_JSON:
+            return None
+        started = json.loads(file.read_text())
+        return str(started["principal"]), float(started["started"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def may_see_usage(viewer: Principal, campaign_principal: str | None) -> bool:
+    """A campaign's TPM calls and costs (live, or the ledger totals in run.json) are the
+    campaign's principal's and the admins' to see; the run's science is every viewer's."""
+    return viewer.can("admin") or (campaign_principal is not None and viewer.name == campaign_principal)
+
+
+def live_usage(bench: Workbench, folder: Path, viewer: Principal) -> list[dict[str, Any]] | None:
+    """While a run goes on: its TPM calls and their cost so far, from this gateway's ledger, for
+    the principal the campaign names in ``campaign.json`` (written when it starts), since then.
+    Shown to that principal and to admins only; None otherwise, or without ``campaign.json``."""
+    who = campaign_principal(folder)
+    if who is None or not may_see_usage(viewer, who[0]):
+        return None
+    who, since = who
+    bench.gw.ledger.flush()
+    return bench.gw.access.usage("principal", who, since=since, charges=True)
 
 
 def summary(run: Run) -> dict[str, Any]:
@@ -315,12 +368,19 @@ def routes(bench: Workbench) -> list[Any]:
         return bench._page("campaign.html", principal, csrf, "campaigns", run=summary(run))
 
     async def data(request: Request) -> Response:
-        if await bench._session(request) is None:
+        session = await bench._session(request)
+        if session is None:
             return bench._to_signin(request)
         run = await lookup(request)
         if run is None:
             return JSONResponse({"error": "no such campaign run is listed here"}, status_code=404)
         payload = await asyncio.to_thread(run_data, run)  # RDKit drawing, on a thread too
+        if not payload["finished"]:
+            payload["live_usage"] = await asyncio.to_thread(live_usage, bench, run.path, session[0])
+        elif payload["run"] is not None:
+            who = await asyncio.to_thread(campaign_principal, run.path)
+            if not may_see_usage(session[0], who[0] if who else None):
+                payload["run"]["ledger_usage"] = None  # the science stays; the bill is not theirs
         return JSONResponse(payload, headers=SECURITY_HEADERS)
 
     return [

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import secrets
 import time
 from pathlib import Path
@@ -29,12 +30,13 @@ from tpmflow.ui import adapters_page, campaigns_page, versions_page, workshop_pa
 from tpmflow.ui.session import (
     CSRF_FIELD,
     SESSION_TTL_S,
-    SIGNIN_COOKIE,
+    SIGNIN_MAX_BYTES,
     cookie_flags,
     csrf_ok,
     csrf_token,
     secure_cookies,
     session_cookie,
+    signin_cookie,
 )
 
 if TYPE_CHECKING:
@@ -136,12 +138,15 @@ class Workbench:
     async def signin_page(self, request: Request, error: str = "", status: int = 200) -> Response:
         nonce = secrets.token_urlsafe(24)
         response = self._render("signin.html", status=status, nonce=nonce, error=error)
-        response.set_cookie(SIGNIN_COOKIE, nonce, **cookie_flags(self._secure(request), max_age=600))  # type: ignore[arg-type]
+        flags = cookie_flags(self._secure(request), max_age=600)
+        response.set_cookie(signin_cookie(request), nonce, **flags)  # type: ignore[arg-type]
         return response
 
     async def signin(self, request: Request) -> Response:
-        form = await request.form()
-        nonce = request.cookies.get(SIGNIN_COOKIE, "")
+        if int(request.headers.get("content-length") or SIGNIN_MAX_BYTES + 1) > SIGNIN_MAX_BYTES:
+            return await self.signin_page(request, "That sign-in form is too large.", 413)
+        form = await request.form(max_files=0, max_fields=8)
+        nonce = request.cookies.get(signin_cookie(request), "")
         if not nonce or not secrets.compare_digest(nonce, str(form.get("nonce", ""))):
             return await self.signin_page(request, "The sign-in form expired; try again.", 400)
         token = str(form.get("token", "")).strip()
@@ -152,7 +157,7 @@ class Workbench:
         response = RedirectResponse("/ui/generate", status_code=303, headers=SECURITY_HEADERS)
         flags = cookie_flags(self._secure(request), max_age=SESSION_TTL_S)
         response.set_cookie(session_cookie(request), session, **flags)  # type: ignore[arg-type]
-        response.delete_cookie(SIGNIN_COOKIE, path="/")
+        response.delete_cookie(signin_cookie(request), path="/")
         return response
 
     async def signout(self, request: Request) -> Response:
@@ -351,9 +356,12 @@ class Workbench:
         project = str(form.get("project", "")).strip()
         try:
             su = float(str(form.get("su", "")))
-            row = await asyncio.to_thread(self.gw.access.allocations.topup, project, su)
         except ValueError:
-            return await self.admin_page(request, error="SU must be a number.", status=400)
+            su = math.nan
+        if not (math.isfinite(su) and 0 < su <= 1e9):
+            return await self.admin_page(request, error="SU must be a positive number, at most 1e9.", status=400)
+        try:
+            row = await asyncio.to_thread(self.gw.access.allocations.topup, project, su)
         except TpmflowError as exc:
             return await self.admin_page(request, error=f"No top-up for {project!r}: {exc.message}", status=400)
         return await self.admin_page(request, notice=f"{project}: {su:g} SU added; {row['balance_su']:g} SU left.")

@@ -21,11 +21,17 @@ import hmac
 
 from starlette.requests import Request
 
-SIGNIN_COOKIE = "tpmflow_signin"  # a random value the sign-in form must echo (login CSRF)
+SIGNIN_COOKIE = "tpmflow_signin"  # + the port: a random value the sign-in form must echo (login CSRF)
+SIGNIN_MAX_BYTES = 16 << 10  # a sign-in form is a token and a nonce
 CSRF_HEADER = "X-Tpmflow-CSRF"
 CSRF_FIELD = "csrf"
 SESSION_TTL_S = 8 * 3600.0  # a working day; sign in again after
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def signin_cookie(request: Request) -> str:
+    """The sign-in nonce's cookie on this gateway (two gateways of one host keep their own)."""
+    return f"{SIGNIN_COOKIE}_{request.url.port or 0}"
 
 
 def session_cookie(request: Request) -> str:

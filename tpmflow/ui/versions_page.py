@@ -145,6 +145,10 @@ def served_versions(bench: Workbench) -> tuple[list[dict[str, Any]], dict[str, l
 
 
 def routes(bench: Workbench) -> list[Any]:
+    # A diff rebuilds every changed tensor: one at a time per gateway, so page views cannot crowd
+    # out the API's threads (a repeated diff is then served from the cache).
+    diffing = asyncio.Semaphore(1)
+
     async def models_page(request: Request) -> Response:
         session = await bench._session(request)
         if session is None:
@@ -154,7 +158,11 @@ def routes(bench: Workbench) -> list[Any]:
         b = request.query_params.get("b", "").strip()
         root = store_root(bench.gw.cfg.model_store)
         replicas, serving = served_versions(bench)
-        view = await asyncio.to_thread(read_store, root, serving, a, b)
+        if a or b:
+            async with diffing:
+                view = await asyncio.to_thread(read_store, root, serving, a, b)
+        else:
+            view = await asyncio.to_thread(read_store, root, serving, a, b)
         page = bench._page("models.html", principal, csrf, "models", view=view, replicas=replicas, a=a, b=b)
         page.status_code = view.status
         return page

@@ -6,8 +6,8 @@ page every participant lands on: ready examples that open the right page, filled
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlencode
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -30,45 +30,50 @@ def routes(bench: Workbench) -> list[Any]:
     ]
 
 
-def _link(path: str, **params: str) -> str:
-    return f"{path}?{urlencode(params)}"
+def _example(page: str, run: str, **fields: str) -> str:
+    """What the Examples page hands to ``page`` (through sessionStorage, so only this origin's own
+    Examples page can start one): the form (or button) ``run`` and the fields to fill first."""
+    kind = "click" if page == "/ui/adapters" else "form"
+    return json.dumps({"page": page, kind: run, "fields": fields})
 
 
 EXAMPLES: list[dict[str, Any]] = [
     {
         "title": "Complete a molecule",
         "what": "The model continues a SMILES string, streamed token by token, with its charge and provenance.",
-        "href": _link("/ui/generate", form="generate", prompt="CC(=O)N", max_tokens="24", temperature="0"),
+        "example": _example("/ui/generate", "generate", prompt="CC(=O)N", max_tokens="24", temperature="0"),
         "needs": "generate",
     },
     {
         "title": "Draw, check and embed molecules",
         "what": "Five SMILES (one broken) drawn, checked by the SMILES adapter, embedded, with nearest neighbours.",
-        "href": _link("/ui/adapters", click="look", smiles="CCO\nc1ccccc1O\nCC(=O)Nc1ccc(O)cc1\nCC(=O)Oc1ccccc1C(=O)O\nC1CC1N("),
+        "example": _example(
+            "/ui/adapters", "look", smiles="CCO\nc1ccccc1O\nCC(=O)Nc1ccc(O)cc1\nCC(=O)Oc1ccccc1C(=O)O\nC1CC1N("
+        ),
         "needs": "embed",
     },
     {
         "title": "Generate new molecules from prefixes",
         "what": "Three samples for each of two prefixes, drawn; invalid ones say why.",
-        "href": _link("/ui/adapters", click="generate", smiles="c1ccccc1\nCC(=O)"),
+        "example": _example("/ui/adapters", "generate", smiles="c1ccccc1\nCC(=O)"),
         "needs": "embed",
     },
     {
         "title": "A logit lens",
         "what": "What the model would predict after each layer at every position of aspirin's SMILES.",
-        "href": _link("/ui/inside", form="lens", prompt="CC(=O)Oc1ccccc1C(=O)O", top_k="3"),
+        "example": _example("/ui/inside", "lens", prompt="CC(=O)Oc1ccccc1C(=O)O", top_k="3"),
         "needs": "probe",
     },
     {
         "title": "Steer towards rings",
         "what": "Add the difference between a ring's and a chain's activations while generating; compare.",
-        "href": _link("/ui/inside", form="steer", plus="c1ccccc1", minus="CCCCCC", prompt="C", scale="8"),
+        "example": _example("/ui/inside", "steer", plus="c1ccccc1", minus="CCCCCC", prompt="C", scale="8"),
         "needs": "probe",
     },
     {
         "title": "Swap in activations: a patching sweep",
         "what": "Which layer and position carry the difference between two prompts' next-token predictions.",
-        "href": _link("/ui/inside", form="patch", clean="c1ccccc1", corrupt="C1CCCCC1"),
+        "example": _example("/ui/inside", "patch", clean="c1ccccc1", corrupt="C1CCCCC1"),
         "needs": "probe",
     },
 ]

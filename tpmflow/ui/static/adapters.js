@@ -22,6 +22,15 @@ function settings() {
   return $("part").value ? { config: { part: $("part").value } } : {};
 }
 
+// Drawings in batches of 64 (the server's cap per request).
+async function drawAll(smiles) {
+  const out = [];
+  for (let i = 0; i < smiles.length; i += 64) {
+    out.push(...(await api("/ui/adapters/draw", { smiles: smiles.slice(i, i + 64) })).drawings);
+  }
+  return { drawings: out };
+}
+
 function lines() {
   return $("smiles").value.split("\n").map((s) => s.trim()).filter(Boolean);
 }
@@ -58,7 +67,7 @@ async function look() {
   $("look").disabled = true;
   try {
     const [drawn, embedded, predicted] = await Promise.all([
-      adapter.startsWith("smiles") ? api("/ui/adapters/draw", { smiles: items }) : null,
+      adapter.startsWith("smiles") ? drawAll(items).catch(() => null) : null,
       api("/v1/tpmflow/adapters/embed", { adapter, items, pooling: "mean", ...settings() }),
       head ? api("/v1/tpmflow/adapters/predict", { adapter, items, head, ...settings() }) : null,
     ]);
@@ -114,7 +123,7 @@ async function generate() {
       if (d.error) made.push({ prefix: items[d.index], text: "", why: `${d.error.type}: ${d.error.message}` });
       for (const o of d.outputs) made.push({ prefix: items[d.index], text: o.text, why: o.reason || "" });
     });
-    const drawn = await api("/ui/adapters/draw", { smiles: made.map((m) => m.text || " ") });
+    const drawn = await drawAll(made.map((m) => m.text || " ")).catch(() => ({ drawings: made.map(() => ({})) }));
     const grid = $("generated");
     grid.replaceChildren();
     made.forEach((m, k) => {
@@ -187,6 +196,7 @@ async function uploadFile() {
   const adapter = $("adapter").value, head = $("head").value;
   const form = new FormData();
   form.append("adapter", adapter);
+  if ($("part").value) form.append("part", $("part").value);
   form.append("file", file);
   $("file-status").textContent = `uploading ${file.name} (${file.size} bytes)…`;
   $("upload").disabled = true;

@@ -101,12 +101,7 @@ function drawRecord(run) {
     const perSeed = (r.best_per_seed || []).map((v) => fmt(v)).join(", ");
     row(results, [arm, `${fmt(r.best_mean)} ± ${fmt(r.best_std)}`, perSeed, r.simulations, r.failed, r.proposed_simulated, r.tpm_failures]);
   }
-  const usage = document.getElementById("usage");
-  usage.replaceChildren();
-  row(usage, ["Principal", "TPM calls", "Prompt tokens", "Output tokens", "SU"], true);
-  for (const u of run.ledger_usage || []) {
-    row(usage, [u.principal ?? u.project, u.requests, u.prompt_tokens, u.output_tokens, fmt(u.charge_su, 4)]);
-  }
+  drawUsage(document.getElementById("usage"), run.ledger_usage);
   const settings = document.getElementById("settings");
   settings.replaceChildren();
   row(settings, ["seeds", (run.seeds || []).join(", ")]);
@@ -114,6 +109,18 @@ function drawRecord(run) {
   if (run.seconds !== null && run.seconds !== undefined) row(settings, ["seconds", run.seconds]);
   for (const [k, v] of Object.entries(run.settings || {})) {
     row(settings, [k, typeof v === "object" && v !== null ? JSON.stringify(v) : String(v)]);
+  }
+}
+
+function drawUsage(table, usage) {
+  table.replaceChildren();
+  row(table, ["Principal", "TPM calls", "Prompt tokens", "Output tokens", "SU"], true);
+  if (usage === null || usage === undefined) {
+    row(table, ["(shown to the campaign's principal and to admins)", "", "", "", ""]);
+    return;
+  }
+  for (const u of usage) {
+    row(table, [u.principal ?? u.project, u.requests, u.prompt_tokens, u.output_tokens, fmt(u.charge_su, 4)]);
   }
 }
 
@@ -143,6 +150,8 @@ async function load() {
   drawMolecules(data);
   drawFailures(data);
   if (data.run) drawRecord(data.run);
+  document.getElementById("live").hidden = !data.live_usage;
+  if (data.live_usage) drawUsage(document.getElementById("live-usage"), data.live_usage);
   if (!data.finished) setTimeout(load, 2000);
 }
 

@@ -73,6 +73,7 @@ async function generate(event) {
       for (const line of lines) {
         if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
         const chunk = JSON.parse(line.slice(6));
+        if (chunk.error) throw new Error(`${chunk.error.type || "Error"}: ${chunk.error.message || ""}`);
         if (chunk.choices && chunk.choices.length) {
           const choice = chunk.choices[0];
           $("output").textContent += chat ? (choice.delta && choice.delta.content) || "" : choice.text || "";
@@ -90,7 +91,8 @@ async function generate(event) {
       $("charge").textContent = charge === null ? "(on the ledger shortly)" : `${charge.toFixed(6)} SU`;
     }
   } catch (err) {
-    $("error").textContent = String(err);
+    $("error").textContent = String(err.message || err);
+    if (chat && history.length && history[history.length - 1].role === "user") history.pop();
   } finally {
     $("run").disabled = false;
   }
