@@ -218,8 +218,11 @@ def test_interactive_overtakes_queued_batch_work(grouped_pool: Any) -> None:
     assert sorted(done) == sorted(["holder", "interactive", *(f"batch-{i}" for i in range(6))])
     order = [name for name in done if name != "holder"]
     overtaken = len(order) - 1 - order.index("interactive")
+    # Sent last, after all 6 were forwarded: first come, first served would finish it last.
+    assert overtaken >= 1, f"the interactive request finished last: {done} (engine samples {samples})"
     waiting = max((w for _, w in samples), default=0)
-    assert waiting >= 3, f"the engine never showed 3 requests waiting while the interactive one was there: {samples}, {done}"
+    # Where the engine's own gauges were read while it waited (a loaded machine may answer the
+    # /metrics poll only after it is done), every batch request still waiting then finished after it.
     assert overtaken >= waiting - 2, (
         f"the interactive request finished {order.index('interactive') + 1}th of 7 though the engine "
         f"had {waiting} waiting when it arrived (running, waiting as sampled: {samples}): {done}"
