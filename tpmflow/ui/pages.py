@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.datastructures import FormData
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
@@ -322,8 +323,11 @@ class Workbench:
         page.status_code = status
         return page
 
-    async def admin_token(self, request: Request) -> Response:
-        """A token for a principal, made as ``tpmflow tokens create`` makes it (shown once)."""
+    async def admin_form(
+        self, request: Request, refusal: str = "The admin page is for principals with admin."
+    ) -> FormData | Response:
+        """The form of an admin's POST, or the response that refuses it: signed out (to sign-in),
+        no CSRF token of this session (403), or no ``admin`` (403, here on the server)."""
         session = await self._session(request)
         if session is None:
             return self._to_signin(request)
@@ -333,7 +337,14 @@ class Workbench:
         if not csrf_ok(self.gw.secret, token, str(form.get(CSRF_FIELD, ""))):
             return self._render("error.html", status=403, message="That form did not come from a workbench page.")
         if not principal.can("admin"):
-            return self._render("error.html", status=403, message="The admin page is for principals with admin.")
+            return self._render("error.html", status=403, message=refusal)
+        return form
+
+    async def admin_token(self, request: Request) -> Response:
+        """A token for a principal, made as ``tpmflow tokens create`` makes it (shown once)."""
+        form = await self.admin_form(request)
+        if isinstance(form, Response):
+            return form
         name = str(form.get("principal", "")).strip()
         try:
             created = await asyncio.to_thread(self.gw.access.create_token, name)
@@ -343,16 +354,9 @@ class Workbench:
 
     async def admin_topup(self, request: Request) -> Response:
         """SUs added to a project's current allocation, as ``tpmflow allocations topup`` adds them."""
-        session = await self._session(request)
-        if session is None:
-            return self._to_signin(request)
-        principal, _ = session
-        form = await request.form()
-        token = request.cookies.get(session_cookie(request), "")
-        if not csrf_ok(self.gw.secret, token, str(form.get(CSRF_FIELD, ""))):
-            return self._render("error.html", status=403, message="That form did not come from a workbench page.")
-        if not principal.can("admin"):
-            return self._render("error.html", status=403, message="The admin page is for principals with admin.")
+        form = await self.admin_form(request)
+        if isinstance(form, Response):
+            return form
         project = str(form.get("project", "")).strip()
         try:
             su = float(str(form.get("su", "")))

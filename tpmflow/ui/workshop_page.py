@@ -15,7 +15,6 @@ from starlette.routing import Route
 
 from tpmflow.access.workshop import MAX_PARTICIPANTS, open_workshop
 from tpmflow.errors import TpmflowError
-from tpmflow.ui.session import CSRF_FIELD, csrf_ok, session_cookie
 
 if TYPE_CHECKING:
     from tpmflow.ui.pages import Workbench
@@ -117,16 +116,9 @@ class WorkshopPage:
         return page
 
     async def open(self, request: Request) -> Response:
-        session = await self.bench._session(request)
-        if session is None:
-            return self.bench._to_signin(request)
-        principal, _ = session
-        form = await request.form()
-        token = request.cookies.get(session_cookie(request), "")
-        if not csrf_ok(self.bench.gw.secret, token, str(form.get(CSRF_FIELD, ""))):
-            return self.bench._render("error.html", status=403, message="That form did not come from a workbench page.")
-        if not principal.can("admin"):
-            return self.bench._render("error.html", status=403, message="Workshops are opened by principals with admin.")
+        form = await self.bench.admin_form(request, "Workshops are opened by principals with admin.")
+        if isinstance(form, Response):
+            return form
         fields = {k: str(form.get(k, "")).strip() for k in ("name", "participants", "service_class", "su")}
         try:
             participants, su = int(fields["participants"]), float(fields["su"])
