@@ -19,6 +19,10 @@ from tpmflow.config import models_dir
 from tpmflow.models.catalog import DEMO_MODEL, TINY_MODEL
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# The pools' gateways wait this long for a heartbeat before a replica leaves the rotation: two
+# engines spinning on a small machine's 2 cores can starve a heartbeat for seconds. A replica that
+# really dies is marked dead at once (its launcher, or a failed connection), whatever this is.
+HEARTBEAT_S = 30.0
 # Parsl's HTEX workers and replica children must find the venv's executables (as `make` arranges).
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
@@ -72,7 +76,7 @@ def pool(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         model=str(tiny_model_dir),
         served_model_name="tiny-llama",
         replicas=2,
-        gateway=GatewayConfig(request_timeout_s=60, max_inflight=64, queue_limit=512),
+        gateway=GatewayConfig(request_timeout_s=60, max_inflight=64, queue_limit=512, heartbeat_timeout_s=HEARTBEAT_S),
         store=StoreConfig(path=str(root / "store"), inline_limit_bytes=256 << 10, max_payload_bytes=96 << 20),
         database_url=f"sqlite:///{root / 'access.db'}",
         parts_path=str(root / "parts"),

@@ -188,3 +188,27 @@ def test_a_workbench_session_dies_with_its_token_and_opens_no_session_of_its_own
     assert access.revoke(token) == 1
     with pytest.raises(Unauthorized):
         access.authenticate(session)
+
+
+def test_sessions_that_ended_over_a_day_ago_are_purged_at_the_next_sign_in(access: AccessDB) -> None:
+    import uuid
+
+    from sqlalchemy import select, update
+
+    from tpmflow.access.db import SESSION_KEPT_S, hash_token
+    from tpmflow.access.tables import TokenRow
+
+    name = "p-" + uuid.uuid4().hex[:8]
+    access.ensure_principal(name, "p", {"generate"})
+    token = access.create_token(name)
+    old, fresh = access.create_session(token, 60), access.create_session(token, 60)
+    long_ago = time.time() - SESSION_KEPT_S - 60
+    with access.engine.begin() as conn:  # `old` expired a day and a minute ago
+        conn.execute(update(TokenRow).where(TokenRow.token_hash == hash_token(old)).values(expires=long_ago))
+    with pytest.raises(Unauthorized, match="session expired"):
+        access.authenticate(old)
+    newest = access.create_session(token, 60)
+    with access.engine.connect() as conn:
+        kept = set(conn.scalars(select(TokenRow.token_hash).where(TokenRow.principal == name)))
+    assert kept == {hash_token(token), hash_token(fresh), hash_token(newest)}, "only the ended session went"
+    assert access.authenticate(fresh).name == name

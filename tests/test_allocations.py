@@ -8,7 +8,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -453,42 +453,41 @@ def test_concurrent_sweepers_release_each_expired_reservation_once(access: Acces
 
 def test_a_live_gateway_renews_its_reservation_so_no_sweep_takes_it(access: AccessDB) -> None:
     """A request that runs for several expiries (a long stream) keeps its reservation while its
-    gateway renews; another gateway sweeping all along releases nothing until renewals stop."""
+    gateway renews; another gateway sweeping all along releases nothing until renewals stop.
+
+    Both run on a clock the test steps (ttl/8 a step, four expiries in all), renewal and sweep of
+    each step at the same moment on two threads: the race between the UPDATE and the DELETE is
+    real, and a stall of the machine cannot pass for an expiry (it once could with real time)."""
     project, who = _name("proj"), _name("streamer")
     access.allocations.create(project, 10)
-    ttl = 0.8
-    held = access.allocations.reserve(project, who, 2, ttl_s=ttl)
+    ttl, t0 = 0.8, time.time()
+    held = access.allocations.reserve(project, who, 2, now=t0, ttl_s=ttl)
     assert held is not None
     other = AccessDB(access.url)
-    running = threading.Event()
-    running.set()
     swept: list[dict[str, Any]] = []
     errors: list[BaseException] = []
 
-    def renewing() -> None:
-        while running.is_set():
-            access.allocations.renew(margin_s=ttl)
-            time.sleep(ttl / 8)
+    def at(now: float, work: Callable[[float], Any]) -> threading.Thread:
+        def run() -> None:
+            try:
+                work(now)
+            except BaseException as exc:  # noqa: BLE001 - asserted in the test's thread
+                errors.append(exc)
 
-    def sweeping() -> None:
-        try:
-            while running.is_set():
-                swept.extend(r for r in other.allocations.sweep() if r["project"] == project)
-                time.sleep(ttl / 10)
-        except BaseException as exc:  # noqa: BLE001 - asserted in the test's thread
-            errors.append(exc)
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
 
-    threads = [threading.Thread(target=renewing), threading.Thread(target=sweeping)]
-    for t in threads:
-        t.start()
-    time.sleep(4 * ttl)  # the request "runs" for four expiries
-    running.clear()
-    for t in threads:
-        t.join(30)
+    for step in range(1, 33):
+        now = t0 + step * ttl / 8
+        renewal = at(now, lambda t: access.allocations.renew(now=t, margin_s=ttl))
+        sweep = at(now, lambda t: swept.extend(r for r in other.allocations.sweep(now=t) if r["project"] == project))
+        for thread in (renewal, sweep):
+            thread.join(30)
     assert not errors and not swept, (errors, swept)
     assert _one(access, project)["reserved_su"] == 2
-    time.sleep(ttl + 0.1)  # renewals stopped: expired now
-    assert not [r for r in access.allocations.sweep() if r["project"] == project]  # its own gateway never sweeps it
+    expired = now + ttl + 0.1  # renewals stopped: expired now, yet its own gateway never sweeps it
+    assert not [r for r in access.allocations.sweep(now=expired) if r["project"] == project]
     assert _one(access, project)["reserved_su"] == 2
     assert access.allocations.settle(held, 1.25) == 1.25
     row = _one(access, project)
@@ -612,7 +611,9 @@ def _funded_streamer(pool: Any, role: str) -> tuple[str, str, dict[str, str]]:
 
 def test_a_stream_holds_its_reservation_and_settles_to_its_charge(pool: Any, priced: CostModel) -> None:
     project, who, headers = _funded_streamer(pool, "reader")
-    body = {"prompt": [f"stream {i}" for i in range(4)], **_LONG_STREAM}
+    # ~20 MB of events, twice what the loopback buffers hold: the gateway cannot have relayed the
+    # whole answer (and settled) while the test looks (with 4 x 1000, ~1 MB, a fast machine could)
+    body = {"prompt": [f"stream {i}" for i in range(64)], **_LONG_STREAM}
     with httpx.stream("POST", f"{pool.url}/v1/completions", json=body, headers=headers, timeout=120) as resp:
         assert resp.status_code == 200
         lines = resp.iter_lines()
@@ -626,7 +627,7 @@ def test_a_stream_holds_its_reservation_and_settles_to_its_charge(pool: Any, pri
         tail = [line for line in lines if line.startswith("data: ")]
     assert tail[-1] == "data: [DONE]"
     row, alloc = _settled(pool, project, who)
-    assert row.status == 200 and row.output_tokens == 4 * 1000
+    assert row.status == 200 and row.output_tokens == 64 * 1000
     assert row.charge_su == pytest.approx(priced.charge_of(row), rel=1e-9) and row.charge_su > 0
     assert alloc["reserved_su"] == 0 and alloc["spent_su"] == pytest.approx(row.charge_su, abs=1e-6)
     assert not _held(pool.access, project)

@@ -84,6 +84,6 @@ def test_serve_prints_url_and_token_and_leaves_no_orphans(tmp_path: Path, tiny_m
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    time.sleep(1)
+    psutil.wait_procs(children, timeout=30)  # a real orphan outlives this too
     alive = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert not alive, f"orphaned processes: {[c.pid for c in alive]}"

@@ -55,16 +55,25 @@ def workers(tmp_path: Path) -> Iterator[tuple[GatewayWorkers, AccessDB, str, lis
         gw.stop()
 
 
+def _every_worker_sees(gw: GatewayWorkers, replicas: int, timeout_s: float = 60) -> None:
+    """Until 10 fresh connections in a row (the kernel spreads them over the workers) report
+    ``replicas`` live replicas: each worker pulls the shared registry on its own clock."""
+    deadline = time.monotonic() + timeout_s
+    while [len(httpx.get(gw.url + Routes.HEALTH, timeout=30).json()["replicas"]) for _ in range(10)] != [replicas] * 10:
+        assert time.monotonic() < deadline, f"not every worker saw {replicas} replicas"
+        time.sleep(0.1)
+
+
 def test_workers_share_replicas_ledger_and_metrics(
     workers: tuple[GatewayWorkers, AccessDB, str, list[FakeReplica]],
 ) -> None:
     gw, access, token, fakes = workers
-    time.sleep(0.6)  # a couple of pulls: each worker has the rows by now
+    _every_worker_sees(gw, 2)
 
     async def burst(n: int) -> list[httpx.Response]:
         # A fresh connection per request, so the kernel hands them to both workers.
         async def one() -> httpx.Response:
-            async with httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"}) as http:
+            async with httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=60) as http:
                 return await http.post(gw.url + Routes.COMPLETIONS, json={"prompt": "x", "max_tokens": 2})
 
         return await asyncio.gather(*(one() for _ in range(n)))
@@ -76,14 +85,14 @@ def test_workers_share_replicas_ledger_and_metrics(
     assert all(len(h["replicas"]) == 2 for h in healths), "every worker routes to both replicas"
 
     metrics = ""
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60
     while 'status="200"} 60.0' not in metrics:
         assert time.monotonic() < deadline, metrics[:3000]
         metrics = httpx.get(gw.url + Routes.METRICS).text  # summed over the workers' files
         time.sleep(0.1)
     assert 'tpmflow_tokens_total{kind="output"} 120.0' in metrics
 
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60
     while len(rows := access.ledger_rows(endpoint="completions")) < 60:
         assert time.monotonic() < deadline, len(rows)
         time.sleep(0.1)
@@ -96,12 +105,13 @@ def test_a_replica_gone_leaves_every_workers_rotation(
     gw, _, token, fakes = workers
     fakes[1].stop()
     gw.note_restart("replica-1")  # as the launcher does when it restarts a replica
-    time.sleep(0.6)
+    _every_worker_sees(gw, 1)
     for _ in range(20):
         resp = httpx.post(
             gw.url + Routes.COMPLETIONS,
             json={"prompt": "x", "max_tokens": 1},
             headers={"Authorization": f"Bearer {token}"},
+            timeout=60,
         )
         assert resp.status_code == 200 and resp.headers["X-Tpmflow-Replica"] == "replica-0"
     assert all(len(httpx.get(gw.url + Routes.HEALTH).json()["replicas"]) == 1 for _ in range(10))
@@ -157,8 +167,9 @@ def test_a_gateway_killed_mid_request_leaves_an_unfinished_row_that_is_closed_as
     from tpmflow.access.ledger import close_unfinished
 
     gw, access, token, fakes = workers
+    gate = threading.Event()  # the request is still running when the gateway dies
     for fake in fakes:
-        fake.delay_s = 5.0  # the request is still running when the gateway dies
+        fake.gate = gate
     outcome: list[object] = []
 
     def send() -> None:
@@ -176,13 +187,14 @@ def test_a_gateway_killed_mid_request_leaves_an_unfinished_row_that_is_closed_as
 
     sender = threading.Thread(target=send)
     sender.start()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while not access.ledger_rows(correlation_id="killed-mid-request"):  # written when the attempt is sent
         assert time.monotonic() < deadline, "no row while the attempt runs"
         time.sleep(0.1)
     assert gw.proc is not None
     os.killpg(gw.proc.pid, signal.SIGKILL)  # the whole gateway, every worker, at once
-    sender.join(timeout=30)
+    sender.join(timeout=60)
+    gate.set()
     assert outcome and isinstance(outcome[0], httpx.HTTPError), "the client saw the gateway die"
     (row,) = access.ledger_rows(correlation_id="killed-mid-request")
     assert (row.status, row.error_type) == (0, "Unfinished")

@@ -105,7 +105,7 @@ def test_streams_read_to_the_end_by_the_openai_package_are_answered(pool: Any) -
     pool.ledger.flush()
     import time
 
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while True:
         rows = [
             r for r in pool.access.ledger_rows(endpoint="chat") if (r.correlation_id or "").startswith("openai-stream-")

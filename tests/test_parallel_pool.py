@@ -66,7 +66,7 @@ def split_pool(
         lora_versions=["lora"],  # served as a vLLM adapter on the split base
         model_store=str(versions["store"].root),
         engine={"tensor_parallel_size": tp, "pipeline_parallel_size": pp, "max_model_len": 256},
-        gateway=GatewayConfig(request_timeout_s=60),
+        gateway=GatewayConfig(request_timeout_s=60, heartbeat_timeout_s=30),
         store=StoreConfig(path=str(root / "store"), inline_limit_bytes=4 << 10),
         database_url=f"sqlite:///{root / 'access.db'}",
         parts_path=str(root / "parts"),

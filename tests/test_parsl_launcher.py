@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from tpmflow.config import LaunchConfig, PoolConfig
@@ -33,7 +32,8 @@ def test_pool_with_parsl_launched_replica(tiny_model_dir: Path, tmp_path: Path) 
             model=str(tiny_model_dir),
             served_model_name="tiny-llama",
             replicas=1,
-            launcher=LaunchConfig(kind="parsl", parsl_executor="tpm", orphan_grace_s=3),
+            # long enough that a heartbeat starved on a loaded machine is no lost gateway
+            launcher=LaunchConfig(kind="parsl", parsl_executor="tpm", orphan_grace_s=15),
             store=StoreConfig(path=str(tmp_path / "store")),
             database_url=f"sqlite:///{tmp_path / 'access.db'}",
         )
@@ -47,10 +47,8 @@ def test_pool_with_parsl_launched_replica(tiny_model_dir: Path, tmp_path: Path) 
             future = launcher.futures["replica-0"]
             assert not future.done()  # a long-running app while the pool lives
         # Once the gateway is gone, the app stops its replica and returns.
-        started = time.monotonic()
-        code = future.result(timeout=60)
+        code = future.result(timeout=120)  # the grace, then the replica's shutdown
         assert isinstance(code, int)
-        assert time.monotonic() - started < 60
         assert launcher.log_tail("replica-0")  # the replica's log came from the Parsl worker
     finally:
         dfk.cleanup()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from typing import Any
@@ -76,8 +77,15 @@ def test_the_admission_queue_serves_interactive_before_queued_batch(pool: Any, s
     cfg.gateway.max_inflight, cfg.gateway.queue_limit = 1, 16
     batch = pool.add_principal("queued-batch", "chem", {"generate"}, "batch")
     interactive = pool.add_principal("queued-interactive", "chem", {"generate"}, "interactive")
-    order: list[str] = []
+    order: list[str] = []  # as the gateway forwards them: one slot, so the order they were admitted
     with side_gateway(cfg) as (gw, base, loop):
+        forward = gw.forwarder.forward
+
+        async def recording(call: Any, method: str, path: str, data: bytes | None, *rest: Any) -> Any:
+            order.append(json.loads(data or b"{}")["prompt"])
+            return await forward(call, method, path, data, *rest)
+
+        gw.forwarder.forward = recording
 
         def send(name: str, token: str) -> None:
             body = {"model": "tiny-llama", "prompt": name, "max_tokens": 1}
@@ -85,7 +93,6 @@ def test_the_admission_queue_serves_interactive_before_queued_batch(pool: Any, s
                 f"{base}/v1/completions", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=60
             )
             assert resp.status_code == 200, resp.text
-            order.append(name)
 
         def queued(n: int) -> None:
             deadline = time.monotonic() + 30
@@ -142,17 +149,19 @@ def test_replica_killed_under_load(pool: Any) -> None:
                 await asyncio.sleep(0.02)
             await asyncio.sleep(0.05)
             assert not all(t.done() for t in tasks)
+            at_kill.append(pool.gateway.registry.replicas["replica-0"].inflight)
             pool.launcher.kill("replica-0")
             # None may hang: everything settles within the request timeout (plus slack).
             return await asyncio.wait_for(asyncio.gather(*tasks), timeout + 20)
 
-    started = time.monotonic()
+    at_kill: list[int] = []  # requests replica-0 was running when it was killed
     results = asyncio.run(load())
-    assert time.monotonic() - started < timeout + 20
     answered = [r for r in results if not isinstance(r, Exception)]
     failed = [r for r in results if isinstance(r, ReplicaFailed)]
     assert len(answered) + len(failed) == 40
-    assert len(answered) >= 20, f"only {len(answered)} answered; the survivor should carry the load"
+    # Only what the dead replica was running may fail (1 more: one forwarded while the kill landed);
+    # everything else the survivor answers. (">= 20" assumed an even split at the kill.)
+    assert len(failed) <= at_kill[0] + 1, f"{len(failed)} failed; replica-0 was running {at_kill[0]}"
 
     with pool.client() as c:  # the survivor keeps serving
         assert all(c.generate(f"after{i}", max_tokens=2).usage["completion_tokens"] == 2 for i in range(4))

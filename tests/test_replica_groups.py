@@ -167,9 +167,9 @@ def test_interactive_overtakes_queued_batch_work(grouped_pool: Any) -> None:
     it, then the interactive one is sent. How many batch requests were still waiting when it got
     there is read from the engine itself (vLLM's own gauges, sampled from the replica's /metrics
     once the gateway forwarded it), not assumed from timing: CI twice saw the interactive request
-    finish last when the test assumed them. Each of those still waiting must finish
-    after it, except one that may start while the request travels from the gateway into the engine,
-    and a sample may count the interactive request itself."""
+    finish last when the test assumed them. Where a sample shows every request not yet answered
+    inside the engine (the interactive one included), each batch request waiting then must finish
+    after it; the count may include the interactive request itself."""
     batch = grouped_pool.add_principal("sweeper", "chem", {"generate"}, "batch")
     interactive = grouped_pool.add_principal("steerer", "chem", {"generate"}, "interactive")
     replica = grouped_pool.gateway.registry.replicas["replica-0"]
@@ -205,12 +205,14 @@ def test_interactive_overtakes_queued_batch_work(grouped_pool: Any) -> None:
     first = threading.Thread(target=run, args=("interactive", interactive, 8, fast_lane))
     first.start()
     _wait(lambda: forwarded() == 8, 60, "the interactive request forwarded")
-    samples: list[tuple[int, int]] = []  # (running, waiting) in the engine, after forwarding
+    samples: list[tuple[int, int, int]] = []  # (running, waiting) in the engine, and requests not yet answered
     while first.is_alive():
+        with lock:
+            outstanding = 8 - len(done)
         running, waiting = _engine_queue(grouped_pool, replica.info.url)
         with lock:
-            if "interactive" not in done:
-                samples.append((running, waiting))
+            if "interactive" not in done and 8 - len(done) == outstanding:
+                samples.append((running, waiting, outstanding))
         time.sleep(0.05)
     for t in [holder, *threads]:
         t.join(timeout=180)
@@ -220,10 +222,12 @@ def test_interactive_overtakes_queued_batch_work(grouped_pool: Any) -> None:
     overtaken = len(order) - 1 - order.index("interactive")
     # Sent last, after all 6 were forwarded: first come, first served would finish it last.
     assert overtaken >= 1, f"the interactive request finished last: {done} (engine samples {samples})"
-    waiting = max((w for _, w in samples), default=0)
-    # Where the engine's own gauges were read while it waited (a loaded machine may answer the
-    # /metrics poll only after it is done), every batch request still waiting then finished after it.
-    assert overtaken >= waiting - 2, (
+    # Where the engine's own gauges were read while every request not yet answered was in it (the
+    # interactive one included: running + waiting counts them all; a loaded machine may answer the
+    # /metrics poll only after it is done), every batch request waiting then finished after it (the
+    # count may include the interactive request itself).
+    waiting = max((w for r, w, out in samples if r + w == out), default=0)
+    assert overtaken >= waiting - 1, (
         f"the interactive request finished {order.index('interactive') + 1}th of 7 though the engine "
         f"had {waiting} waiting when it arrived (running, waiting as sampled: {samples}): {done}"
     )

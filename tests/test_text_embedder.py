@@ -36,7 +36,7 @@ QUESTIONS = {
 
 @pytest.fixture(scope="module")
 def pool(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from tpmflow.config import PoolConfig, TextEmbedderConfig
+    from tpmflow.config import GatewayConfig, PoolConfig, TextEmbedderConfig
     from tpmflow.payload import StoreConfig
     from tpmflow.pool import Pool
 
@@ -47,6 +47,7 @@ def pool(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         store=StoreConfig(path=str(root / "store")),
         database_url=f"sqlite:///{root / 'access.db'}",
         text_embedder=TextEmbedderConfig(),
+        gateway=GatewayConfig(heartbeat_timeout_s=30),  # a starved heartbeat is no lost replica
     )
     cfg.engine.max_model_len = 1024
     with Pool(cfg) as running:

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -99,12 +100,25 @@ def test_a_gateway_killed_mid_request_loses_nothing_and_charges_once(two_gateway
     urls, procs, access = two_gateways["urls"], two_gateways["procs"], two_gateways["access"]
     project = two_gateways["project"]
     n = 8
-    with Client(urls, two_gateways["token"], retries=0) as client, ThreadPoolExecutor(n) as threads:
-        assert client.health()["status"] in ("ok", "degraded") and client.url == urls[0]
-        answers = [threads.submit(client.generate, "CCO", max_tokens=2) for _ in range(n)]
-        time.sleep(1.0)  # every request reached gateway A and waits on a replica
-        os.killpg(procs[0].pid, signal.SIGKILL)
-        results = [a.result(timeout=60) for a in answers]
+    fakes = two_gateways["fakes"]
+    gate = threading.Event()  # the replicas hold what they get until A is dead
+    for fake in fakes:
+        fake.gate = gate
+    try:
+        with Client(urls, two_gateways["token"], retries=0) as client, ThreadPoolExecutor(n) as threads:
+            assert client.health()["status"] in ("ok", "degraded") and client.url == urls[0]
+            answers = [threads.submit(client.generate, "CCO", max_tokens=2) for _ in range(n)]
+            deadline = time.monotonic() + 60  # every request reached a replica through gateway A
+            while sum(len(f.seen) for f in fakes) < n and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert sum(len(f.seen) for f in fakes) == n, "all requests at the replicas through A"
+            os.killpg(procs[0].pid, signal.SIGKILL)
+            gate.set()
+            results = [a.result(timeout=120) for a in answers]
+    finally:
+        gate.set()
+        for fake in fakes:
+            fake.gate = None
     assert all(r.usage["completion_tokens"] == 2 for r in results)
     seen = sum(len(f.seen) for f in two_gateways["fakes"])
     assert seen == 2 * n, f"each request reached a replica through A, then once more through B ({seen})"
@@ -112,7 +126,7 @@ def test_a_gateway_killed_mid_request_loses_nothing_and_charges_once(two_gateway
     assert len(ids) == n
 
     # The ledger: every request once answered (by B); A's attempts at most as unfinished rows.
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while True:
         rows = access.ledger_rows(principal=project + "-alice")
         answered = [r for r in rows if r.status == 200]

@@ -96,7 +96,7 @@ def ab_pool(versions: dict[str, Any]) -> Iterator[Any]:
         replica_versions=["a", versions["b"]],  # a tag and a version id
         lora_versions=["lora"],  # served as an adapter by the replica running its parent, A
         model_store=str(versions["store"].root),
-        gateway=GatewayConfig(request_timeout_s=60),
+        gateway=GatewayConfig(request_timeout_s=60, heartbeat_timeout_s=30),
         store=StoreConfig(path=str(root / "payloads")),
         database_url=f"sqlite:///{root / 'access.db'}",
     )

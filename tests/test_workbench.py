@@ -8,6 +8,7 @@ as a screenshot under ``runs/ui/`` and the sign-in page's load time is printed.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
@@ -53,6 +54,7 @@ def browser() -> Iterator[Any]:
 
 def _signed_in(browser: Any, url: str, token: str) -> Any:
     page = browser.new_context(viewport={"width": 1200, "height": 800}).new_page()
+    page.set_default_timeout(120_000)  # a loaded 2-core machine: every wait has room, none relies on it
     page.goto(url + "/ui")
     assert page.url.endswith("/ui/signin")
     page.fill("input[name=token]", token)
@@ -63,6 +65,7 @@ def _signed_in(browser: Any, url: str, token: str) -> Any:
 
 def test_sign_in_generate_with_streaming_and_the_xss_probe_stays_inert(pool: Any, browser: Any) -> None:
     page = browser.new_context(viewport={"width": 1200, "height": 800}).new_page()
+    page.set_default_timeout(120_000)  # a loaded 2-core machine: every wait has room, none relies on it
     t = time.perf_counter()
     response = page.goto(pool.url + "/ui/signin", wait_until="load")
     load_s = time.perf_counter() - t
@@ -86,7 +89,7 @@ def test_sign_in_generate_with_streaming_and_the_xss_probe_stays_inert(pool: Any
     page.fill("input[name=max_tokens]", "24")
     page.click("#run")
     # (a string predicate would need eval, which the CSP forbids: selectors only)
-    page.wait_for_selector("#charge:not(:empty), #error:not(:empty)", timeout=60_000)
+    page.wait_for_selector("#charge:not(:empty), #error:not(:empty)", timeout=120_000)
     assert page.inner_text("#error") == "", page.inner_text("#error")
     assert page.inner_text("#prompt-echo") == PROBE, "the prompt is shown as text"
     assert page.evaluate("window.__xss") is None, "nothing injected ran"
@@ -97,19 +100,31 @@ def test_sign_in_generate_with_streaming_and_the_xss_probe_stays_inert(pool: Any
     assert page.inner_text("#replica").startswith("replica-")
     assert page.inner_text("#version").startswith("blake3:")
     page.screenshot(path=str(SHOTS / "generate.png"), full_page=True)
-    # Streaming: the answer arrives in several chunks; the page saw it grow before the end.
-    grew = page.evaluate(
+    # Streaming: the answer comes as server-sent events, one per token, read through the page's own
+    # fetch. How many network reads carry them depends on the machine's load (CI's coalesced all
+    # into one), so that count is printed, not asserted; the events are asserted.
+    streamed = page.evaluate(
         """async () => {
             const csrf = document.querySelector('main').dataset.csrf;
             const resp = await fetch('/v1/completions', {method: 'POST',
                 headers: {'Content-Type': 'application/json', 'X-Tpmflow-CSRF': csrf},
-                body: JSON.stringify({prompt: 'C', max_tokens: 16, stream: true})});
-            const reader = resp.body.getReader(); let reads = 0;
-            for (;;) { const {done} = await reader.read(); if (done) break; reads++; }
-            return reads;
+                body: JSON.stringify({prompt: 'C', max_tokens: 16, stream: true,
+                                      ignore_eos: true})});
+            const reader = resp.body.getReader(); const decoder = new TextDecoder();
+            let reads = 0, text = '';
+            for (;;) {
+                const {done, value} = await reader.read(); if (done) break;
+                reads++; text += decoder.decode(value, {stream: true});
+            }
+            return {type: resp.headers.get('content-type'), reads, text};
         }"""
     )
-    assert grew > 1, grew
+    assert streamed["type"].startswith("text/event-stream"), streamed["type"]
+    events = [line[6:] for line in streamed["text"].split("\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]", events[-3:]
+    pieces = [json.loads(e)["choices"][0]["text"] for e in events[:-1] if json.loads(e)["choices"]]
+    assert len(pieces) == 16, f"one event per token, not one buffered answer: {len(pieces)} events"
+    print(f"16 streamed tokens reached the page in {streamed['reads']} network reads")
     # The cookie alone (another site's form or script) is not enough for the API.
     without = page.evaluate(
         "fetch('/v1/completions', {method: 'POST', headers: {'Content-Type': 'application/json'},"
@@ -219,7 +234,7 @@ def test_inside_the_model_draws_the_logit_lens_and_steering_changes_the_output(p
     page.fill("#steer input[name=prompt]", "C")
     page.fill("#steer input[name=max_tokens]", "12")
     page.click("#run-steer")
-    page.wait_for_selector("#with:not(:empty), #steer-error:not(:empty)", timeout=60_000)
+    page.wait_for_selector("#with:not(:empty), #steer-error:not(:empty)", timeout=120_000)
     assert page.inner_text("#steer-error") == ""
     assert page.inner_text("#with") != page.inner_text("#without"), "the vector changed the output"
     page.screenshot(path=str(SHOTS / "inside-steering.png"), full_page=True)
@@ -262,7 +277,7 @@ def test_adapters_page_draws_checks_embeds_predicts_generates_and_reads_files(
     page.select_option("#head", f"{card.name}@{card.version}")
     page.fill("#smiles", "\n".join(molecules))
     page.click("#look")
-    page.wait_for_selector("#molecules tbody tr >> nth=5", timeout=60_000)
+    page.wait_for_selector("#molecules tbody tr >> nth=5", timeout=120_000)
     assert page.inner_text("#error") == ""
     rows = page.locator("#molecules tbody tr")
     for i, smiles in enumerate(molecules):
@@ -286,7 +301,7 @@ def test_adapters_page_draws_checks_embeds_predicts_generates_and_reads_files(
     page.fill("#smiles", "c1ccccc1\nCC(=O)")
     page.fill("#n", "3")
     page.click("#generate")
-    page.wait_for_selector("#generated figure >> nth=5", timeout=60_000)
+    page.wait_for_selector("#generated figure >> nth=5", timeout=120_000)
     figures = page.locator("#generated figure")
     assert figures.count() == 6
     for k in range(6):  # the tiny test model is untrained: a valid molecule is drawn, others say why
@@ -302,7 +317,7 @@ def test_adapters_page_draws_checks_embeds_predicts_generates_and_reads_files(
     page.select_option("#part", projector)
     page.set_input_files("#file", str(cloud))
     page.click("#upload")
-    page.wait_for_selector("#file-embedding:not(:empty), #file-error:not(:empty)", timeout=60_000)
+    page.wait_for_selector("#file-embedding:not(:empty), #file-error:not(:empty)", timeout=120_000)
     assert page.inner_text("#file-error") == ""
     assert "points sampled by the adapter" in page.inner_text("#file-read")
     assert page.is_visible("#view")
@@ -313,12 +328,12 @@ def test_adapters_page_draws_checks_embeds_predicts_generates_and_reads_files(
     broken.write_bytes(b"ply\nformat binary_little_endian 1.0\nelement vertex 99999999\nend_header\n\x00")
     page.set_input_files("#file", str(broken))
     page.click("#upload")
-    page.wait_for_selector("#file-read:has-text('refused')", timeout=60_000)
+    page.wait_for_selector("#file-read:has-text('refused')", timeout=120_000)
     huge = tmp_path / "huge.npy"
     huge.write_bytes(b"\x00" * (17 << 20))
     page.set_input_files("#file", str(huge))
     page.click("#upload")
-    page.wait_for_selector("#file-error:not(:empty)", timeout=60_000)
+    page.wait_for_selector("#file-error:not(:empty)", timeout=120_000)
     assert "413" in page.inner_text("#file-error") and "16 MB" in page.inner_text("#file-error")
 
 
@@ -341,7 +356,7 @@ def test_a_patching_sweep_draws_one_cell_per_layer_and_position(pool: Any, brows
     page.screenshot(path=str(SHOTS / "inside-patching.png"), full_page=True)
     page.fill("#patch input[name=corrupt]", "CC")
     page.click("#run-patch")
-    page.wait_for_selector("#patch-error:not(:empty)", timeout=60_000)
+    page.wait_for_selector("#patch-error:not(:empty)", timeout=120_000)
     assert "same number of tokens" in page.inner_text("#patch-error")
 
 
@@ -376,7 +391,7 @@ def test_workshop_opens_in_one_step_and_participants_run_examples(pool: Any, bro
     participant.click("nav >> text=Examples")
     participant.screenshot(path=str(SHOTS / "examples.png"), full_page=True)
     participant.click(".card:has-text('Complete a molecule') >> text=Run it")
-    participant.wait_for_selector("#charge:not(:empty), #error:not(:empty)", timeout=60_000)
+    participant.wait_for_selector("#charge:not(:empty), #error:not(:empty)", timeout=120_000)
     assert participant.inner_text("#error") == ""
     pool.ledger.flush()
     assert pool.access.ledger_rows(principal=f"{name}-01"), "charged to the participant"
@@ -431,10 +446,10 @@ def test_a_running_campaign_updates_live_and_the_models_page_shows_what_is_serve
     first = page.inner_text("#status")
     with (folder / "simulations.csv").open("a") as csv:  # the half-written row completes, one more comes
         csv.write(",,,,,1,1,w\r\nrandom,0,3,CCCCO,library,2.5,,,,,1,1,w\r\n")
-    page.wait_for_selector("#status:has-text('8 simulations')", timeout=15_000)
+    page.wait_for_selector("#status:has-text('8 simulations')", timeout=120_000)
     assert first != page.inner_text("#status")
     (folder / "run.json").write_text(json.dumps({"seeds": [0], "ledger_usage": [], "results": {}, "settings": {}}))
-    page.wait_for_selector("#finished:not([hidden])", timeout=15_000)
+    page.wait_for_selector("#finished:not([hidden])", timeout=120_000)
     page.screenshot(path=str(SHOTS / "campaign.png"), full_page=True)
 
     page.click("nav >> text=Models")
@@ -478,7 +493,7 @@ def test_chat_mode_keeps_the_conversation(pool: Any, browser: Any) -> None:
     for turn, text in enumerate(["CCO", f"and {PROBE}"], start=1):
         page.fill("textarea[name=prompt]", text)
         page.click("#run")
-        page.wait_for_selector(f"#conversation .turn >> nth={2 * turn - 1}", timeout=60_000)
+        page.wait_for_selector(f"#conversation .turn >> nth={2 * turn - 1}", timeout=120_000)
         assert page.inner_text("#error") == ""
     turns = page.locator("#conversation .turn")
     assert turns.count() == 4 and turns.nth(2).inner_text() == f"user: and {PROBE}"

@@ -27,6 +27,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from tpmflow.errors import Forbidden, InvalidRequest, PayloadTooLarge
+from tpmflow.npy import load_npy
 from tpmflow.paths import payload_store_dir
 
 PayloadKind = Literal["ndarray", "bytes"]
@@ -93,7 +94,7 @@ def decode_payload(data: bytes, kind: PayloadKind) -> np.ndarray | bytes:
     if kind == "bytes":
         return data
     try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
+        array = load_npy(data)
     except (ValueError, OSError, EOFError) as exc:
         raise InvalidRequest(f"payload is not a valid .npy array: {exc}") from exc
     if array.dtype.name not in ALLOWED_DTYPES:

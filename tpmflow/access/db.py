@@ -7,7 +7,7 @@ import secrets
 import time
 from typing import Any
 
-from sqlalchemy import create_engine, event, func, inspect, select, text
+from sqlalchemy import create_engine, delete, event, func, inspect, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -19,6 +19,7 @@ from tpmflow.errors import InvalidRequest, QuotaExceeded, Unauthorized
 
 TOKEN_PREFIX = "tpm_"
 SESSION_PREFIX = "tpm_ui_"  # a workbench session's token (AccessDB.create_session)
+SESSION_KEPT_S = 86_400.0  # an ended session's row is kept this long ("session expired"), then purged
 # The totals ``usage()`` reports per principal or project, in order.
 USAGE_COLUMNS = (
     "requests",
@@ -187,6 +188,15 @@ class AccessDB:
                 raise Unauthorized("token revoked")
             if parent.parent_id is not None or parent.expires is not None:
                 raise Unauthorized("sign in with a tpmflow token, not a workbench session")
+            # Sessions that ended (expired or revoked) over a day ago go: `tokens list` and the
+            # table would otherwise grow by a row per sign-in forever.
+            ended_before = time.time() - SESSION_KEPT_S
+            s.execute(
+                delete(TokenRow).where(
+                    TokenRow.parent_id.is_not(None),
+                    (TokenRow.expires < ended_before) | (TokenRow.revoked < ended_before),
+                )
+            )
             s.add(
                 TokenRow(
                     principal=parent.principal,

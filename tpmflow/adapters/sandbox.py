@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from tpmflow.adapters.base import ItemError
+from tpmflow.npy import NPY_LOCK
 
 _MEMORY_EXIT = 4  # the child ran out of memory under its cap
 MAX_ANSWER_BYTES = 1 << 30  # what one item's answer may be (parsed arrays, before any subsampling)
@@ -87,7 +88,8 @@ def _decode_results(data: bytes, indices: Sequence[int]) -> list[Any]:
         if any(m.compress_type != zipfile.ZIP_STORED or m.file_size > len(data) for m in archive.infolist()):
             raise ValueError("compressed or oversized members")
     out: list[Any] = []
-    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+    # Under NPY_LOCK: each member's header is parsed on access (see tpmflow.npy for why).
+    with NPY_LOCK, np.load(io.BytesIO(data), allow_pickle=False) as npz:
         plain = json.loads(str(npz["__json__"]))
         if len(plain) != len(indices):
             raise ValueError(f"{len(plain)} answers for {len(indices)} items")

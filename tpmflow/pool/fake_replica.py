@@ -65,6 +65,9 @@ class FakeReplica:
     host: str = "127.0.0.1"
     port: int = 0
     delay_s: float = 0.0  # every answer waits this long (a stand-in for engine time)
+    # While set and not open, answers wait for it (a plain answer before it is sent, a stream after
+    # its first chunk): a test decides when work "finishes", so its checks never race the clock.
+    gate: threading.Event | None = None
     stream_chunks: int = 4  # SSE chunks per streamed completion
     linger_s: float = 0.0  # how long a stream stays open after its "[DONE]"
     heartbeat_s: float = 0.5
@@ -185,7 +188,12 @@ class FakeReplica:
         if isinstance(body, dict) and body.get("stream"):
             await self._stream(send, body)
             return
+        await self._gated()
         await _respond(send, 200, orjson.dumps(self._answer(path, body)))
+
+    async def _gated(self) -> None:
+        while self.gate is not None and not self.gate.is_set():
+            await asyncio.sleep(0.01)
 
     def _answer(self, path: str, body: Any) -> dict[str, Any]:
         body = body if isinstance(body, dict) else {}
@@ -221,6 +229,8 @@ class FakeReplica:
             await send(
                 {"type": "http.response.body", "body": b"data: " + orjson.dumps(chunk) + b"\n\n", "more_body": True}
             )
+            if i == 0:
+                await self._gated()
             if self.delay_s:
                 await asyncio.sleep(self.delay_s / self.stream_chunks)
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": bool(self.linger_s)})

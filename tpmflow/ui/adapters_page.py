@@ -25,7 +25,6 @@ from starlette.routing import Route
 from tpmflow.adapters.base import ItemError
 from tpmflow.errors import InvalidRequest, TpmflowError
 from tpmflow.ui.molecules import MAX_MOLECULES, draw
-from tpmflow.ui.session import CSRF_HEADER, csrf_ok, session_cookie
 
 if TYPE_CHECKING:
     from tpmflow.access import Principal
@@ -54,18 +53,10 @@ class AdaptersPage:
         self.bench = bench
         self.sandboxed = asyncio.Semaphore(SANDBOXED_AT_ONCE)  # must not crowd out the API's own work
 
-    async def _caller(self, request: Request) -> Principal | JSONResponse:
-        """The signed-in principal of a script's request (cookie + the page's CSRF header), which
-        must hold ``embed``: what the adapters' own routes ask."""
-        session = await self.bench._session(request)
-        if session is None:
-            return _error(401, "Unauthorized", "sign in again")
-        token = request.cookies.get(session_cookie(request), "")
-        if not csrf_ok(self.bench.gw.secret, token, request.headers.get(CSRF_HEADER, "")):
-            return _error(403, "Forbidden", "that request did not come from a workbench page")
-        if not session[0].can("embed"):
-            return _error(403, "Forbidden", "the adapters need the embed permission")
-        return session[0]
+    async def _caller(self, request: Request) -> Principal:
+        """Who asks, as the adapters' own routes ask it (the gateway's intake: a bearer token, or the
+        session cookie with the page's CSRF header; ``embed`` held). Refusals raise typed errors."""
+        return await self.bench.gw.intake.authorise(request, "embed", "ui.adapters")
 
     async def show(self, request: Request) -> Response:
         session = await self.bench._session(request)
@@ -113,9 +104,7 @@ class AdaptersPage:
         raise InvalidRequest(f"no part {part!r} for adapter {adapter!r} in the pool's parts folder")
 
     async def draw(self, request: Request) -> Response:
-        caller = await self._caller(request)
-        if isinstance(caller, JSONResponse):
-            return caller
+        await self._caller(request)  # signed in (cookie + CSRF header, or a bearer token) with embed
         try:
             body = await request.json()
         except ValueError:
@@ -131,8 +120,6 @@ class AdaptersPage:
 
     async def upload(self, request: Request) -> Response:
         caller = await self._caller(request)
-        if isinstance(caller, JSONResponse):
-            return caller
         length = request.headers.get("content-length")
         if length is None or not length.isdigit():
             return _error(411, "InvalidRequest", "an upload needs its Content-Length")
