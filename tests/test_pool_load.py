@@ -81,9 +81,9 @@ def test_the_admission_queue_serves_interactive_before_queued_batch(pool: Any, s
     with side_gateway(cfg) as (gw, base, loop):
         forward = gw.forwarder.forward
 
-        async def recording(call: Any, method: str, path: str, data: bytes | None, *rest: Any) -> Any:
-            order.append(json.loads(data or b"{}")["prompt"])
-            return await forward(call, method, path, data, *rest)
+        async def recording(call: Any, method: str, path: str, data: bytes | None, body: Any = None) -> Any:
+            order.append((body if body is not None else json.loads(data or b"{}"))["prompt"])
+            return await forward(call, method, path, data, body)
 
         gw.forwarder.forward = recording
 
