@@ -201,14 +201,21 @@ def test_sessions_that_ended_over_a_day_ago_are_purged_at_the_next_sign_in(acces
     name = "p-" + uuid.uuid4().hex[:8]
     access.ensure_principal(name, "p", {"generate"})
     token = access.create_token(name)
-    old, fresh = access.create_session(token, 60), access.create_session(token, 60)
-    long_ago = time.time() - SESSION_KEPT_S - 60
-    with access.engine.begin() as conn:  # `old` expired a day and a minute ago
-        conn.execute(update(TokenRow).where(TokenRow.token_hash == hash_token(old)).values(expires=long_ago))
+    old, revoked, recent, fresh = (access.create_session(token, 60) for _ in range(4))
+    long_ago, an_hour_ago = time.time() - SESSION_KEPT_S - 60, time.time() - 3600
+    with access.engine.begin() as conn:
+        def age(session: str, **values: float) -> None:
+            conn.execute(update(TokenRow).where(TokenRow.token_hash == hash_token(session)).values(**values))
+
+        age(old, expires=long_ago)  # expired a day and a minute ago
+        age(revoked, revoked=long_ago)  # revoked as long ago (its expiry still ahead)
+        age(recent, expires=an_hour_ago)  # ended an hour ago: kept, it still says "session expired"
     with pytest.raises(Unauthorized, match="session expired"):
         access.authenticate(old)
     newest = access.create_session(token, 60)
     with access.engine.connect() as conn:
         kept = set(conn.scalars(select(TokenRow.token_hash).where(TokenRow.principal == name)))
-    assert kept == {hash_token(token), hash_token(fresh), hash_token(newest)}, "only the ended session went"
+    assert kept == {hash_token(t) for t in (token, recent, fresh, newest)}, "only the sessions ended a day ago went"
+    with pytest.raises(Unauthorized, match="session expired"):
+        access.authenticate(recent)
     assert access.authenticate(fresh).name == name

@@ -187,14 +187,16 @@ def test_a_gateway_killed_mid_request_leaves_an_unfinished_row_that_is_closed_as
 
     sender = threading.Thread(target=send)
     sender.start()
-    deadline = time.monotonic() + 60
-    while not access.ledger_rows(correlation_id="killed-mid-request"):  # written when the attempt is sent
-        assert time.monotonic() < deadline, "no row while the attempt runs"
-        time.sleep(0.1)
-    assert gw.proc is not None
-    os.killpg(gw.proc.pid, signal.SIGKILL)  # the whole gateway, every worker, at once
-    sender.join(timeout=60)
-    gate.set()
+    try:
+        deadline = time.monotonic() + 60
+        while not access.ledger_rows(correlation_id="killed-mid-request"):  # written when the attempt is sent
+            assert time.monotonic() < deadline, "no row while the attempt runs"
+            time.sleep(0.1)
+        assert gw.proc is not None
+        os.killpg(gw.proc.pid, signal.SIGKILL)  # the whole gateway, every worker, at once
+        sender.join(timeout=60)
+    finally:
+        gate.set()  # never leave the replicas' handlers waiting
     assert outcome and isinstance(outcome[0], httpx.HTTPError), "the client saw the gateway die"
     (row,) = access.ledger_rows(correlation_id="killed-mid-request")
     assert (row.status, row.error_type) == (0, "Unfinished")

@@ -61,21 +61,25 @@ def _engine(family: str) -> Iterator[Any]:
     """The family's offline engine with vLLM's engine core in this process
     (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, which also lets the CPU build run its one worker here):
     it starts in ~3 s instead of ~28 s, the two interpreters that would import vLLM again. What the
-    hooks see is the same model runner either way. The in-process core caches vLLM's environment
-    and freezes the garbage collector's heap (``gc.freeze``) and sets torch's threads; all are undone
-    after it, so its memory goes and later engines (in their own processes) read the environment
-    afresh. Not for the families in ``ENGINE_CORE_APART``."""
+    hooks see is the same model runner either way. The in-process core caches vLLM's environment,
+    freezes the garbage collector's heap (``gc.freeze``), replaces ``torch.set_num_threads`` with a
+    no-op and sets torch's threads: all are undone after it, so its memory goes and later engines
+    read the environment afresh. What stays: vLLM's CPU worker module, imported here, patches a few
+    CUDA-only torch entry points (``pin_memory``, ``torch.cuda.Event``...) that no CPU code of this
+    suite uses, and the global RNGs were reseeded. The families in ``ENGINE_CORE_APART`` always get
+    a process of their own, whatever the caller's environment says."""
     import gc
 
     import vllm.envs
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
     from tpmflow.models.offline_engine import open_offline_engine
     from tpmflow.models.tiny_families import build_tiny_family
 
-    before, threads = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING"), torch.get_num_threads()
-    if family not in ENGINE_CORE_APART:
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        vllm.envs.disable_envs_cache()
+    before = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if family in ENGINE_CORE_APART else "0"
+    vllm.envs.disable_envs_cache()
     llm = None
     try:
         llm = open_offline_engine(
@@ -88,12 +92,15 @@ def _engine(family: str) -> Iterator[Any]:
     finally:
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
+        elif family not in ENGINE_CORE_APART:  # a start that failed half-way: its process group
+            cleanup_dist_env_and_memory()
         del llm
         if before is None:
             os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
         else:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = before
         vllm.envs.disable_envs_cache()
+        torch.set_num_threads = set_num_threads
         torch.set_num_threads(threads)
         gc.unfreeze()
         gc.collect()

@@ -3,8 +3,10 @@
 NumPy parses each array's header with ``ast.literal_eval``. CPython 3.11's AST builder keeps its
 recursion depth in interpreter-wide state, so two threads parsing at once can fail with
 ``SystemError: AST constructor recursion depth mismatch`` (CPython gh-106905 and its kin; CI saw
-it when the sandbox decoded two children's answers together). Every ``.npy`` header tpmflow reads
-goes through :data:`NPY_LOCK`, which costs nothing measurable: a header is ~100 bytes.
+it when the sandbox decoded two children's answers together). Every ``.npy`` tpmflow reads goes
+through :data:`NPY_LOCK`. It is held for the whole read, a copy at memory speed (~20 ms for a
+96 MB payload): concurrent decodes of large arrays in one process take turns. The lock excludes
+only tpmflow's own readers; another library parsing Python at that moment could still collide.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import threading
 
 import numpy as np
 
-NPY_LOCK = threading.Lock()  # held while NumPy parses headers (np.load, and an .npz's members)
+NPY_LOCK = threading.Lock()  # held while NumPy reads .npy bytes (np.load, and an .npz's members)
 
 
 def load_npy(data: bytes) -> np.ndarray:
