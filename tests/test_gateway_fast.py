@@ -13,7 +13,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from tpmflow.access import AccessDB, LedgerWriter
 from tpmflow.config import GatewayConfig, PoolConfig, ServiceClass
 from tpmflow.gateway import Gateway
 from tpmflow.payload import PayloadStore, StoreConfig
-from tpmflow.pool.fake_replica import FakeReplica, Fault
+from tpmflow.pool.fake_replica import FakeReplica, Fault, holding
 from tpmflow.pool.launch import free_port
 from tpmflow.protocol import Headers, Routes
 
@@ -44,6 +44,16 @@ class Rig:
     def post(self, path: str, body: Any, **headers: str) -> httpx.Response:
         auth = {"Authorization": f"Bearer {self.token}", **headers}
         return httpx.post(self.url + path, json=body, timeout=60, headers=auth)
+
+    def stream(self, max_tokens: int = 4) -> AbstractContextManager[httpx.Response]:
+        """A streamed completion of ``max_tokens`` chunks, as ``with two.stream() as resp``."""
+        body = {"prompt": "x", "max_tokens": max_tokens, "stream": True}
+        auth = {"Authorization": f"Bearer {self.token}"}
+        return httpx.stream("POST", self.url + Routes.COMPLETIONS, json=body, headers=auth, timeout=60)
+
+    def held(self) -> AbstractContextManager[threading.Event]:
+        """Every replica holds its answers until the event is set (``fake_replica.holding``)."""
+        return holding(self.replicas)
 
     def rows(self, **where: Any) -> list[Any]:
         self.ledger.flush()
@@ -194,15 +204,11 @@ def test_requests_reusing_a_client_id_are_separate_rows(two: Rig) -> None:
 
 
 def test_a_row_is_open_while_its_attempt_runs_and_interrupted_rows_are_closed(two: Rig) -> None:
-    gate = threading.Event()  # the replica answers only once the test has looked
-    for fake in two.replicas:
-        fake.gate = gate
-
     async def slow() -> httpx.Response:
         async with httpx.AsyncClient(headers={"Authorization": f"Bearer {two.token}", Headers.REQUEST_ID: "slow"}) as h:
             return await h.post(two.url + Routes.COMPLETIONS, json={"prompt": "x", "max_tokens": 1}, timeout=60)
 
-    async def watch() -> list[Any]:
+    async def watch(gate: threading.Event) -> list[Any]:  # the replica answers once the test has looked
         task = asyncio.ensure_future(slow())
         during: list[Any] = []
         for _ in range(600):  # until the attempt's row is written (the gateway has forwarded it)
@@ -216,12 +222,8 @@ def test_a_row_is_open_while_its_attempt_runs_and_interrupted_rows_are_closed(tw
         await task
         return during
 
-    try:
-        during = asyncio.run(watch())
-    finally:
-        gate.set()
-        for fake in two.replicas:
-            fake.gate = None
+    with two.held() as gate:
+        during = asyncio.run(watch(gate))
     assert [(r.status, r.error_type) for r in during] == [(0, "Unfinished")]
     assert [(r.status, r.error_type) for r in two.rows(correlation_id="slow")] == [(200, None)]
     # A row a crashed gateway left open is closed by the next sweep once no request can still run.
@@ -315,12 +317,7 @@ def test_a_class_rate_limit_answers_429_with_retry_after(two: Rig) -> None:
 
 
 def test_a_stream_is_relayed_and_billed_from_its_last_usage(two: Rig) -> None:
-    with httpx.stream(
-        "POST",
-        two.url + Routes.COMPLETIONS,
-        json={"prompt": "x", "max_tokens": 4, "stream": True},
-        headers={"Authorization": f"Bearer {two.token}"},
-    ) as resp:
+    with two.stream() as resp:
         assert resp.status_code == 200
         lines = [line for line in resp.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]" and len(lines) == 5
@@ -372,12 +369,7 @@ def test_health_and_metrics_need_no_token(two: Rig) -> None:
 def test_a_client_closing_right_after_done_is_answered_not_a_hang_up(two: Rig) -> None:
     for fake in two.replicas:
         fake.linger_s = 1.0  # the replica closes its side late; the client leaves as soon as it has [DONE]
-    with httpx.stream(
-        "POST",
-        two.url + Routes.COMPLETIONS,
-        json={"prompt": "x", "max_tokens": 4, "stream": True},
-        headers={"Authorization": f"Bearer {two.token}"},
-    ) as resp:
+    with two.stream() as resp:
         for line in resp.iter_lines():
             if line == "data: [DONE]":
                 break
@@ -386,21 +378,10 @@ def test_a_client_closing_right_after_done_is_answered_not_a_hang_up(two: Rig) -
 
 
 def test_a_client_hanging_up_mid_stream_is_a_499_billed_for_what_it_got(two: Rig) -> None:
-    gate = threading.Event()  # the replica sends its first chunk, then holds the rest
-    for fake in two.replicas:
-        fake.gate = gate
-    try:
-        with httpx.stream(
-            "POST",
-            two.url + Routes.COMPLETIONS,
-            json={"prompt": "x", "max_tokens": 4, "stream": True},
-            headers={"Authorization": f"Bearer {two.token}"},
-            timeout=60,
-        ) as resp:
+    with two.held():  # the replica sends its first chunk, then holds the rest
+        with two.stream() as resp:
             next(line for line in resp.iter_lines() if line.startswith("data: {"))
         rows = two.finished(endpoint="completions")
-    finally:
-        gate.set()
     assert (rows[0].status, rows[0].error_type) == (499, "ClientDisconnected") and rows[0].output_tokens >= 1
 
 
@@ -415,36 +396,24 @@ def test_a_live_streams_reservation_is_renewed_and_survives_any_gateways_sweep(t
 
     two.gateway.cfg.costs = CostModel(su_per_prompt_token=0.001, su_per_output_token=0.003)
     two.access.allocations.create("chem", 10_000)
-    gate = threading.Event()  # the replica sends one chunk, then holds the stream open
-    for fake in two.replicas:
-        fake.gate = gate
 
     def reserved() -> float:
         (row,) = two.access.allocations.show("chem")
         return float(row["reserved_su"])
 
-    try:
-        with httpx.stream(
-            "POST",
-            two.url + Routes.COMPLETIONS,
-            json={"prompt": "x", "max_tokens": 4, "stream": True},
-            headers={"Authorization": f"Bearer {two.token}"},
-            timeout=60,
-        ) as resp:
-            lines = resp.iter_lines()
-            assert next(line for line in lines if line.startswith("data: {"))
-            held = reserved()
-            assert held > 0
-            later = time.time() + 3600
-            two.gateway.keep_reservations_now(now=later)
-            other = AccessDB(two.access.engine.url.render_as_string(hide_password=False))
-            assert not [r for r in other.allocations.sweep(now=later) if r["project"] == "chem"]
-            other.engine.dispose()
-            assert reserved() == held
-            gate.set()
-            assert [line for line in lines if line.startswith("data: ")][-1] == "data: [DONE]"
-    finally:
+    with two.held() as gate, two.stream() as resp:  # one chunk, then the replica holds it open
+        lines = resp.iter_lines()
+        assert next(line for line in lines if line.startswith("data: {"))
+        held = reserved()
+        assert held > 0
+        later = time.time() + 3600
+        two.gateway.keep_reservations_now(now=later)
+        other = AccessDB(two.access.engine.url.render_as_string(hide_password=False))
+        assert not [r for r in other.allocations.sweep(now=later) if r["project"] == "chem"]
+        other.engine.dispose()
+        assert reserved() == held
         gate.set()
+        assert [line for line in lines if line.startswith("data: ")][-1] == "data: [DONE]"
     (row,) = two.finished(endpoint="completions")
     assert (row.status, row.output_tokens) == (200, 4)
     # The row is written when the last chunk reaches the client; the settle follows on its own task.

@@ -18,7 +18,7 @@ from tpmflow.config import GatewayConfig, PoolConfig
 from tpmflow.gateway.shared_registry import SharedReplicaRegistry
 from tpmflow.gateway.workers import GatewayWorkers
 from tpmflow.payload import StoreConfig
-from tpmflow.pool.fake_replica import FakeReplica
+from tpmflow.pool.fake_replica import FakeReplica, holding
 from tpmflow.pool.launch import free_port
 from tpmflow.protocol import Routes
 from tpmflow.schema import ReplicaInfo
@@ -167,9 +167,6 @@ def test_a_gateway_killed_mid_request_leaves_an_unfinished_row_that_is_closed_as
     from tpmflow.access.ledger import close_unfinished
 
     gw, access, token, fakes = workers
-    gate = threading.Event()  # the request is still running when the gateway dies
-    for fake in fakes:
-        fake.gate = gate
     outcome: list[object] = []
 
     def send() -> None:
@@ -185,9 +182,9 @@ def test_a_gateway_killed_mid_request_leaves_an_unfinished_row_that_is_closed_as
         except httpx.HTTPError as exc:
             outcome.append(exc)
 
-    sender = threading.Thread(target=send)
-    sender.start()
-    try:
+    with holding(fakes):  # the request is still running when the gateway dies
+        sender = threading.Thread(target=send)
+        sender.start()
         deadline = time.monotonic() + 60
         while not access.ledger_rows(correlation_id="killed-mid-request"):  # written when the attempt is sent
             assert time.monotonic() < deadline, "no row while the attempt runs"
@@ -195,8 +192,6 @@ def test_a_gateway_killed_mid_request_leaves_an_unfinished_row_that_is_closed_as
         assert gw.proc is not None
         os.killpg(gw.proc.pid, signal.SIGKILL)  # the whole gateway, every worker, at once
         sender.join(timeout=60)
-    finally:
-        gate.set()  # never leave the replicas' handlers waiting
     assert outcome and isinstance(outcome[0], httpx.HTTPError), "the client saw the gateway die"
     (row,) = access.ledger_rows(correlation_id="killed-mid-request")
     assert (row.status, row.error_type) == (0, "Unfinished")

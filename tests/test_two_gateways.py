@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ import yaml
 from tpmflow import Client
 from tpmflow.access import AccessDB
 from tpmflow.access.ledger import UNFINISHED, close_unfinished
-from tpmflow.pool.fake_replica import FakeReplica
+from tpmflow.pool.fake_replica import FakeReplica, holding
 from tpmflow.pool.launch import free_port
 from tpmflow.protocol import SECRET_ENV, Routes
 
@@ -101,10 +100,7 @@ def test_a_gateway_killed_mid_request_loses_nothing_and_charges_once(two_gateway
     project = two_gateways["project"]
     n = 8
     fakes = two_gateways["fakes"]
-    gate = threading.Event()  # the replicas hold what they get until A is dead
-    for fake in fakes:
-        fake.gate = gate
-    try:
+    with holding(fakes) as gate:  # the replicas hold what they get until A is dead
         with Client(urls, two_gateways["token"], retries=0) as client, ThreadPoolExecutor(n) as threads:
             assert client.health()["status"] in ("ok", "degraded") and client.url == urls[0]
             answers = [threads.submit(client.generate, "CCO", max_tokens=2) for _ in range(n)]
@@ -115,10 +111,6 @@ def test_a_gateway_killed_mid_request_loses_nothing_and_charges_once(two_gateway
             os.killpg(procs[0].pid, signal.SIGKILL)
             gate.set()
             results = [a.result(timeout=120) for a in answers]
-    finally:
-        gate.set()
-        for fake in fakes:
-            fake.gate = None
     assert all(r.usage["completion_tokens"] == 2 for r in results)
     seen = sum(len(f.seen) for f in two_gateways["fakes"])
     assert seen == 2 * n, f"each request reached a replica through A, then once more through B ({seen})"

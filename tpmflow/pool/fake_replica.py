@@ -19,7 +19,8 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -295,3 +296,18 @@ if __name__ == "__main__":  # a fake replica for a gateway started elsewhere: en
         record=False,
     ).start()
     threading.Event().wait()
+
+
+@contextmanager
+def holding(replicas: list[FakeReplica]) -> Iterator[threading.Event]:
+    """Every replica of ``replicas`` holds its answers (a stream after its first chunk) until the
+    event is set: the test decides when work finishes. Set, and the replicas freed, on leaving."""
+    gate = threading.Event()
+    for fake in replicas:
+        fake.gate = gate
+    try:
+        yield gate
+    finally:
+        gate.set()
+        for fake in replicas:
+            fake.gate = None
